@@ -1,0 +1,324 @@
+"""Load and save PEFT-format LoRA adapters (safetensors by default), validate them against a base model."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from loraplex.adapters.spec import LoraSpec
+from loraplex.errors import AdapterError, PathNotAllowedError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+
+
+@dataclass
+class LoraModule:
+    """One target module's factors: ``delta = scaling * B @ A``."""
+
+    A: torch.Tensor  # [r, d_in]
+    B: torch.Tensor  # [d_out, r]
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dense ``scaling * B @ A`` of shape [d_out, d_in]."""
+        return self.scaling * (self.B.to(dtype) @ self.A.to(dtype))
+
+
+@dataclass
+class LoraAdapter:
+    """A named LoRA adapter in memory: per-module factors plus ``modules_to_save`` copies."""
+
+    name: str
+    spec: LoraSpec
+    modules: dict[str, LoraModule]
+    saved_modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    path: str | None = None
+
+    @property
+    def num_parameters(self) -> int:
+        n = sum(m.A.numel() + m.B.numel() for m in self.modules.values())
+        return n + sum(t.numel() for sd in self.saved_modules.values() for t in sd.values())
+
+    @property
+    def nbytes(self) -> int:
+        n = sum(m.A.nbytes + m.B.nbytes for m in self.modules.values())
+        return n + sum(t.nbytes for sd in self.saved_modules.values() for t in sd.values())
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "LoraAdapter":
+        """A copy with every tensor moved/cast."""
+        mods = {k: LoraModule(m.A.to(device=device, dtype=dtype), m.B.to(device=device, dtype=dtype), m.scaling)
+                for k, m in self.modules.items()}
+        saved = {k: {p: t.to(device=device, dtype=dtype if t.is_floating_point() else None) for p, t in sd.items()}
+                 for k, sd in self.saved_modules.items()}
+        return LoraAdapter(self.name, self.spec, mods, saved, self.path)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors under PEFT's file key names."""
+        out: dict[str, torch.Tensor] = {}
+        for mod, m in self.modules.items():
+            out[f"{_PREFIX}{mod}.lora_A.weight"] = m.A
+            out[f"{_PREFIX}{mod}.lora_B.weight"] = m.B
+        for mod, sd in self.saved_modules.items():
+            for p, t in sd.items():
+                out[f"{_PREFIX}{mod}.{p}"] = t
+        return out
+
+
+# --------------------------------------------------------------------------- locating files
+def resolve_adapter_path(path_or_id: str | os.PathLike, *, roots: Iterable[str | os.PathLike] | None = None,
+                         allow_hub: bool = True) -> Path:
+    """Local folder of an adapter: a path (confined to ``roots`` when given) or a Hugging Face hub id."""
+    p = Path(path_or_id).expanduser()
+    if roots is not None:
+        check_path_allowed(p, roots)
+    if p.exists():
+        if not p.is_dir():
+            raise AdapterError(f"{p}: an adapter is a folder holding {CONFIG_NAME}, not a file")
+        return p
+    text = str(path_or_id)
+    if allow_hub and roots is None and re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(text, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "*/" + CONFIG_NAME,
+                                                                 "*/" + WEIGHTS_NAME]))
+        except Exception as exc:  # offline, unknown repo, ...
+            raise AdapterError(f"adapter {text!r}: no such local folder, and the hub download failed: {exc}") from exc
+    raise AdapterError(f"adapter folder not found: {p}")
+
+
+def check_path_allowed(path: str | os.PathLike, roots: Iterable[str | os.PathLike]) -> Path:
+    """``path`` resolved, or :class:`PathNotAllowedError` when it is outside every root."""
+    real = Path(path).expanduser().resolve()
+    root_list = [Path(r).expanduser().resolve() for r in roots]
+    for root in root_list:
+        if real == root or root in real.parents:
+            return real
+    raise PathNotAllowedError(f"path {str(path)!r} is outside the allowed adapter roots: "
+                              f"{', '.join(map(str, root_list)) or '(none configured)'}")
+
+
+# --------------------------------------------------------------------------- loading
+def read_config(folder: Path) -> LoraSpec:
+    """Parse ``folder/adapter_config.json``."""
+    cfg_path = folder / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise AdapterError(f"{folder}: missing {CONFIG_NAME}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{cfg_path}: not valid JSON ({exc})") from exc
+    return LoraSpec.from_peft_config(cfg, source=str(cfg_path))
+
+
+def read_weights(folder: Path, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The adapter's tensors by file key; pickle files only with ``trust_pickle``."""
+    st = folder / WEIGHTS_NAME
+    if st.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(st))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            raise AdapterError(f"{st}: corrupt or unreadable safetensors file ({exc})") from exc
+    pkl = folder / PICKLE_NAME
+    if pkl.is_file():
+        if not trust_pickle:
+            raise AdapterError(f"{pkl}: only a pickle weights file is present; pickle can run arbitrary code, so "
+                               f"loraplex refuses it unless you pass trust_pickle=True (CLI: --trust-pickle), "
+                               f"or convert it to {WEIGHTS_NAME}")
+        try:
+            return torch.load(str(pkl), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise AdapterError(f"{pkl}: unreadable pickle weights ({exc})") from exc
+    raise AdapterError(f"{folder}: missing {WEIGHTS_NAME}")
+
+
+def adapter_from_state_dict(name: str, spec: LoraSpec, tensors: dict[str, torch.Tensor],
+                            source: str = "<memory>") -> LoraAdapter:
+    """Group PEFT file keys into per-module factors and ``modules_to_save`` copies."""
+    a: dict[str, torch.Tensor] = {}
+    b: dict[str, torch.Tensor] = {}
+    saved: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        k = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        m = _LORA_KEY.match(k)
+        if m:
+            (a if m["which"] == "A" else b)[m["module"]] = t
+            continue
+        if "lora_embedding_" in k or "lora_magnitude" in k:
+            raise AdapterError(f"{source}: tensor {key!r} is an embedding/DoRA LoRA, which loraplex does not handle")
+        owner = _saved_owner(k, spec.modules_to_save or [])
+        if owner is None:
+            raise AdapterError(f"{source}: unexpected tensor {key!r} (neither lora_A/lora_B nor in modules_to_save)")
+        mod, param = owner
+        saved.setdefault(mod, {})[param] = t
+    if set(a) != set(b):
+        odd = sorted(set(a) ^ set(b))
+        raise AdapterError(f"{source}: lora_A and lora_B do not pair up for modules {odd[:5]}")
+    modules: dict[str, LoraModule] = {}
+    for mod in sorted(a):
+        A, B = a[mod], b[mod]
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise AdapterError(f"{source}: module {mod!r}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
+                               f"are not [r, d_in] and [d_out, r]")
+        r = int(A.shape[0])
+        expected = spec.rank_for(mod)
+        if r != expected:
+            raise AdapterError(f"{source}: module {mod!r} has rank {r} but the config says {expected} "
+                               f"(r / rank_pattern)")
+        modules[mod] = LoraModule(A, B, spec.scaling_for(mod, r))
+    return LoraAdapter(name=name, spec=spec, modules=modules, saved_modules=saved, path=None)
+
+
+def _saved_owner(key: str, modules_to_save: list[str]) -> tuple[str, str] | None:
+    """(module path, param name) of a ``modules_to_save`` tensor key."""
+    for m in modules_to_save:
+        hit = re.match(rf"^(?P<mod>(?:.*\.)?{re.escape(m)})\.(?:modules_to_save\.[^.]+\.)?(?P<param>.+)$", key)
+        if hit:
+            return hit["mod"], hit["param"]
+    return None
+
+
+def load_adapter(path: str | os.PathLike, name: str | None = None, *, trust_pickle: bool = False,
+                 roots: Iterable[str | os.PathLike] | None = None, dtype: torch.dtype | None = None) -> LoraAdapter:
+    """Read a PEFT adapter folder (or hub id) into a :class:`LoraAdapter`."""
+    folder = resolve_adapter_path(path, roots=roots)
+    spec = read_config(folder)
+    tensors = read_weights(folder, trust_pickle=trust_pickle)
+    adapter = adapter_from_state_dict(name or folder.name, spec, tensors, source=str(folder))
+    adapter.path = str(folder)
+    return adapter.to(dtype=dtype) if dtype is not None else adapter
+
+
+def load_adapter_dir(path: str | os.PathLike, **kw: Any) -> dict[str, LoraAdapter]:
+    """All adapters of a folder: the folder itself if it is one, else each subfolder holding a config."""
+    folder = Path(path)
+    if (folder / CONFIG_NAME).is_file():
+        return {folder.name: load_adapter(folder, **kw)}
+    if not folder.is_dir():
+        raise AdapterError(f"adapter folder not found: {folder}")
+    subs = sorted(p for p in folder.iterdir() if (p / CONFIG_NAME).is_file())
+    if not subs:
+        raise AdapterError(f"{folder}: no adapter here ({CONFIG_NAME} in it or in a subfolder)")
+    return {p.name: load_adapter(p, p.name, **kw) for p in subs}
+
+
+# --------------------------------------------------------------------------- saving
+def save_adapter(adapter: LoraAdapter, path: str | os.PathLike, *, extra_files: dict[str, str] | None = None) -> Path:
+    """Write ``adapter`` as a PEFT folder atomically (temp folder + rename); returns the folder."""
+    from safetensors.torch import save_file
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter.state_dict().items()}
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(adapter.spec.to_peft_config(), indent=2, sort_keys=True))
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
+        replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def save_adapters(adapters: dict[str, LoraAdapter], path: str | os.PathLike) -> Path:
+    """Write several adapters, one subfolder per name."""
+    root = Path(path)
+    for name, ad in adapters.items():
+        save_adapter(ad, root / name)
+    return root
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Move folder ``tmp`` to ``target``, replacing it; the old one survives until the new one is in place."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file through a temp file and rename."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- validation
+def module_dims(module: torch.nn.Module) -> tuple[int, int] | None:
+    """(d_in, d_out) of a Linear or GPT-2 Conv1D, else None."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return int(module.weight.shape[0]), int(module.nf)
+    return None
+
+
+def validate_against(adapter: LoraAdapter, model: torch.nn.Module) -> None:
+    """Check every targeted module exists in ``model`` with matching shapes; errors name adapter and module."""
+    mods = dict(model.named_modules())
+    where = f"adapter {adapter.name!r}" + (f" ({adapter.path})" if adapter.path else "")
+    base_name = type(model).__name__
+    for name, m in adapter.modules.items():
+        if name not in mods:
+            raise AdapterError(f"{where} targets module {name!r}, which the base model ({base_name}) does not have; "
+                               f"is this adapter for another base model "
+                               f"(it says {adapter.spec.base_model_name_or_path!r})?")
+        dims = module_dims(mods[name])
+        if dims is None:
+            raise AdapterError(f"{where}: module {name!r} is a {type(mods[name]).__name__}; loraplex adapts "
+                               f"Linear and Conv1D layers only")
+        d_in, d_out = dims
+        if m.A.shape[1] != d_in or m.B.shape[0] != d_out:
+            raise AdapterError(f"{where}: module {name!r} expects d_in={d_in}, d_out={d_out} but the adapter has "
+                               f"lora_A {tuple(m.A.shape)}, lora_B {tuple(m.B.shape)}: adapter for another base model?")
+    for name, sd in adapter.saved_modules.items():
+        if name not in mods:
+            raise AdapterError(f"{where}: modules_to_save entry {name!r} does not exist in the base model ({base_name})")
+        own = dict(mods[name].named_parameters())
+        own.update(dict(mods[name].named_buffers()))
+        for p, t in sd.items():
+            if p not in own:
+                raise AdapterError(f"{where}: {name}.{p} is not a parameter of the base model's {name!r}")
+            if tuple(own[p].shape) != tuple(t.shape):
+                # different label counts are legal for heads; only the input side must agree
+                if t.dim() == 2 and own[p].dim() == 2 and t.shape[1] == own[p].shape[1]:
+                    continue
+                if t.dim() == 1 and own[p].dim() == 1:
+                    continue
+                raise AdapterError(f"{where}: {name}.{p} has shape {tuple(t.shape)}, base model has "
+                                   f"{tuple(own[p].shape)}")

@@ -1,0 +1,156 @@
+"""Pure batched LoRA math: every row of a batch applies its own (weighted) set of adapter slots.
+
+Shapes: ``x`` is [N, L, d_in] (N rows, L tokens each), slot stacks are ``A`` [S, r, d_in], ``B`` [S, d_out, r],
+``scale`` [S] (alpha/r per slot, 0 for slot 0, the all-zero "no adapter" slot).
+A row's adapters are given as *pairs* (row, slot, weight); a plain row has one pair, a blend several.
+
+Reference semantics (what every kernel here must equal)::
+
+    out = zeros(N, L, d_out)
+    for row, slot, w in pairs:
+        out[row] += w * scale[slot] * (x[row] @ A[slot].T @ B[slot].T)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Pairs sorted by slot: ``rows[start:end]`` all use ``slot``; computed once per forward, on the host."""
+
+    rows: torch.Tensor  # [P] long, row of each pair, sorted by slot (stable)
+    weights: torch.Tensor  # [P] float, user weight of each pair (same order)
+    slots: torch.Tensor  # [P] long, slot of each pair (same order)
+    bounds: tuple[tuple[int, int, int], ...]  # (slot, start, end) per distinct non-zero slot
+    row_ranges: tuple[tuple[int, int, int], ...] | None  # (slot, row0, row1) when each segment is a run of
+    # consecutive rows with weight 1: then no gather/scatter is needed at all
+    n_rows: int
+
+    @property
+    def identity(self) -> bool:
+        """Every row uses exactly one adapter, in row order, weight 1."""
+        return self.row_ranges is not None and self.rows.numel() == self.n_rows
+
+
+def make_segments(pair_rows: torch.Tensor, pair_slots: torch.Tensor, pair_weights: torch.Tensor,
+                  n_rows: int, device: torch.device | str | None = None) -> Segments:
+    """Group (row, slot, weight) pairs (host tensors) by slot, dropping slot 0 and zero weights."""
+    keep = (pair_slots != 0) & (pair_weights != 0)
+    rows, slots, weights = pair_rows[keep], pair_slots[keep], pair_weights[keep]
+    order = torch.argsort(slots, stable=True)
+    rows, slots, weights = rows[order], slots[order], weights[order]
+    uniq, counts = torch.unique_consecutive(slots, return_counts=True)
+    bounds, start = [], 0
+    for s, c in zip(uniq.tolist(), counts.tolist()):
+        bounds.append((int(s), start, start + int(c)))
+        start += int(c)
+    row_ranges: tuple[tuple[int, int, int], ...] | None = None
+    if bool((weights == 1).all()):
+        ranges = []
+        for slot, s, e in bounds:
+            r0 = int(rows[s])
+            if not torch.equal(rows[s:e], torch.arange(r0, r0 + e - s)):
+                break
+            ranges.append((slot, r0, r0 + e - s))
+        else:
+            row_ranges = tuple(ranges)
+    if device is not None and torch.device(device).type != "cpu":
+        rows, weights, slots = (t.to(device, non_blocking=True) for t in (rows, weights, slots))
+    return Segments(rows, weights, slots, tuple(bounds), row_ranges, n_rows)
+
+
+def lora_sgmv(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, seg: Segments,
+              out: torch.Tensor | None = None, ranks: list[int] | None = None) -> torch.Tensor:
+    """Sort+segment LoRA: one (x A^T) B^T matmul pair per distinct adapter, added into ``out`` [N, L, d_out].
+
+    ``ranks[slot]`` (optional) is each slot's true rank: padded rank columns are skipped, a 0 skips the slot.
+    ``out`` is updated in place when given and autograd is off; otherwise a new tensor is returned.
+    """
+    n, length, _ = x.shape
+    d_out = B.shape[1]
+    inplace = out is not None and not torch.is_grad_enabled()
+    if seg.row_ranges is not None:
+        # each adapter's rows are consecutive, weight 1: slice rows instead of gathering them
+        if inplace:
+            for slot, r0, r1 in seg.row_ranges:
+                rk = A.shape[1] if ranks is None else ranks[slot]
+                if rk:
+                    v = torch.matmul(x[r0:r1], A[slot, :rk].t()).mul_(scale[slot])  # [n_s, L, r]
+                    out[r0:r1].add_(torch.matmul(v, B[slot, :, :rk].t()))  # [n_s, L, d_out]
+            return out
+        if seg.identity:
+            parts = [_segment(x[r0:r1], A, B, slot, scale[slot], ranks) for slot, r0, r1 in seg.row_ranges]
+            upd = torch.cat(parts, 0)  # [N, L, d_out]
+            return upd if out is None else out + upd
+    xs = x.index_select(0, seg.rows)  # [P, L, d_in]
+    w = seg.weights.to(x.dtype) * scale.index_select(0, seg.slots).to(x.dtype)  # [P]
+    parts = [_segment(xs[s:e], A, B, slot, w[s:e, None, None], ranks) for slot, s, e in seg.bounds]
+    upd = torch.cat(parts, 0) if parts else x.new_zeros(0, length, d_out)  # [P, L, d_out]
+    if inplace:
+        return out.index_add_(0, seg.rows, upd)
+    base = out if out is not None else x.new_zeros(n, length, d_out)
+    return base.index_add(0, seg.rows, upd)
+
+
+def _segment(xs: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slot: int, w: torch.Tensor,
+             ranks: list[int] | None) -> torch.Tensor:
+    """``w * xs A[slot]^T B[slot]^T`` for one segment ([n_s, L, d_in] -> [n_s, L, d_out])."""
+    rk = A.shape[1] if ranks is None else ranks[slot]
+    if rk == 0:
+        return xs.new_zeros(*xs.shape[:-1], B.shape[1])
+    v = torch.matmul(xs, A[slot, :rk].t()) * w  # [n_s, L, r]
+    return torch.matmul(v, B[slot, :, :rk].t())
+
+
+def lora_bgmv(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, seg: Segments,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """Gather+bmm LoRA: each pair gathers its slot's factors; best for small decode batches (L == 1)."""
+    n, length, _ = x.shape
+    d_out = B.shape[1]
+    if seg.rows.numel() == 0:
+        return out if out is not None else x.new_zeros(n, length, d_out)
+    xs = x if seg.identity else x.index_select(0, seg.rows)  # [P, L, d_in]
+    w = seg.weights.to(x.dtype) * scale.index_select(0, seg.slots).to(x.dtype)  # [P]
+    v = torch.bmm(xs, A.index_select(0, seg.slots).transpose(1, 2))  # [P, L, r]
+    v = v * w[:, None, None]
+    upd = torch.bmm(v, B.index_select(0, seg.slots).transpose(1, 2))  # [P, L, d_out]
+    if seg.identity:
+        if out is None:
+            return upd
+        return out.add_(upd) if not torch.is_grad_enabled() else out + upd
+    if out is not None and not torch.is_grad_enabled():
+        return out.index_add_(0, seg.rows, upd)
+    base = out if out is not None else x.new_zeros(n, length, d_out)
+    return base.index_add(0, seg.rows, upd)
+
+
+def lora_single(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float | torch.Tensor,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Every row uses one adapter: ``out + scaling * x A^T B^T`` with ``A`` [r, d_in], ``B`` [d_out, r]."""
+    v = torch.matmul(x, A.t())  # [..., r]
+    v = v * scaling
+    if out is not None and not torch.is_grad_enabled():
+        return out.add_(torch.matmul(v, B.t()))
+    upd = torch.matmul(v, B.t())  # [..., d_out]
+    return upd if out is None else out + upd
+
+
+def lora_reference(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
+                   pair_rows: list[int], pair_slots: list[int], pair_weights: list[float]) -> torch.Tensor:
+    """Plain per-pair loop (slow, for tests): the definition the kernels implement."""
+    n, length, _ = x.shape
+    out = x.new_zeros(n, length, B.shape[1])
+    for r, s, w in zip(pair_rows, pair_slots, pair_weights):
+        out[r] += w * scale[s] * (x[r] @ A[s].t() @ B[s].t())
+    return out
+
+
+def choose_kernel(n_pairs: int, tokens_per_row: int, n_segments: int) -> str:
+    """``"bgmv"`` for short rows (decode) with many distinct adapters, else ``"sgmv"``."""
+    if tokens_per_row <= 4 and n_segments > 2:
+        return "bgmv"
+    return "sgmv"
