@@ -80,7 +80,11 @@ def lora_sgmv(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Te
                 rk = A.shape[1] if ranks is None else ranks[slot]
                 if rk:
                     v = torch.matmul(x[r0:r1], A[slot, :rk].t()).mul_(scale[slot])  # [n_s, L, r]
-                    out[r0:r1].add_(torch.matmul(v, B[slot, :, :rk].t()))  # [n_s, L, d_out]
+                    o = out[r0:r1]
+                    if o.is_contiguous():  # rows of a contiguous [N, L, d_out] are contiguous
+                        o.view(-1, o.shape[-1]).addmm_(v.view(-1, rk), B[slot, :, :rk].t())
+                    else:
+                        o.add_(torch.matmul(v, B[slot, :, :rk].t()))  # [n_s, L, d_out]
             return out
         if seg.identity:
             parts = [_segment(x[r0:r1], A, B, slot, scale[slot], ranks) for slot, r0, r1 in seg.row_ranges]
@@ -131,10 +135,11 @@ def lora_bgmv(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Te
 def lora_single(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float | torch.Tensor,
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """Every row uses one adapter: ``out + scaling * x A^T B^T`` with ``A`` [r, d_in], ``B`` [d_out, r]."""
-    v = torch.matmul(x, A.t())  # [..., r]
-    v = v * scaling
-    if out is not None and not torch.is_grad_enabled():
-        return out.add_(torch.matmul(v, B.t()))
+    if out is not None and not torch.is_grad_enabled() and out.is_contiguous():
+        v = torch.matmul(x, A.t()).mul_(scaling)  # [..., r]
+        out.view(-1, out.shape[-1]).addmm_(v.view(-1, v.shape[-1]), B.t())  # no [..., d_out] temporary
+        return out
+    v = torch.matmul(x, A.t()) * scaling  # [..., r]
     upd = torch.matmul(v, B.t())  # [..., d_out]
     return upd if out is None else out + upd
 

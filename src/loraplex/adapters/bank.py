@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from loraplex.adapters.io import LoraAdapter, load_adapter, validate_against
+from loraplex.adapters.io import LoraAdapter, align_prefix, load_adapter, validate_against
 from loraplex.adapters.spec import resolve_all_linear
 from loraplex.errors import AdapterError, LoraplexError, UnknownAdapterError
 from loraplex.runtime import MultiLoraLinear, PlanState, SavedModuleSwitch, set_submodule
@@ -128,6 +128,9 @@ class AdapterBank:
             for sw in self.switches.values():
                 if sw.copy_for(name) is not None:
                     sw.set_copy(name, None)
+            handler = getattr(self.model, "loraplex_remove_saved", None)
+            if callable(handler):
+                handler(name)
             del self._cpu[name]
             self._paths.pop(name, None)
             self._cpu_lru.pop(name, None)
@@ -204,9 +207,12 @@ class AdapterBank:
     def _prepare(self, name: str, ad: LoraAdapter) -> LoraAdapter:
         """Validate against the model; CPU copy in the model dtype (pinned when the model is on CUDA)."""
         ad.name = name
+        base = self._base_model()
         if isinstance(ad.spec.target_modules, str) and ad.spec.target_modules.lower() == "all-linear":
-            ad.spec = resolve_all_linear(ad.spec, self._base_model())
-        validate_against(ad, self._base_model())
+            ad.spec = resolve_all_linear(ad.spec, base)
+        ad = align_prefix(ad, base)
+        ad.name = name
+        validate_against(ad, base, check_saved=self._saved_handler() is None)
         ad = ad.to("cpu", self.dtype)
         ad.name = name
         if self.device.type == "cuda":
@@ -225,13 +231,22 @@ class AdapterBank:
                 layer = MultiLoraLinear(base, mod, self.state, self.max_slots + 1, ad.modules[mod].rank)
                 set_submodule(self.model, mod, layer)
                 self.layers[mod] = layer
+        handler = self._saved_handler()
         for mod, sd in ad.saved_modules.items():
+            if handler is not None:
+                handler(ad, mod, sd)
+                continue
             if mod not in self.switches:
                 base = self.model.get_submodule(mod)
                 sw = SavedModuleSwitch(base, mod, self.state)
                 set_submodule(self.model, mod, sw)
                 self.switches[mod] = sw
             self.switches[mod].set_copy(ad.name, sd)
+
+    def _saved_handler(self):
+        """The model's own ``modules_to_save`` installer, when it has one (e.g. a multi-task head bank)."""
+        handler = getattr(self.model, "loraplex_install_saved", None)
+        return handler if callable(handler) else None
 
     def _free_slot(self) -> int:
         for s in range(1, self.max_slots + 1):

@@ -19,6 +19,7 @@ from loraplex.errors import AdapterError, PathNotAllowedError
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
+META_NAME = "loraplex_meta.json"  # optional: task, labels, parents (PEFT ignores it)
 _PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 
@@ -49,6 +50,7 @@ class LoraAdapter:
     modules: dict[str, LoraModule]
     saved_modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     path: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # loraplex_meta.json: task, labels, parents, ...
 
     @property
     def num_parameters(self) -> int:
@@ -66,7 +68,16 @@ class LoraAdapter:
                 for k, m in self.modules.items()}
         saved = {k: {p: t.to(device=device, dtype=dtype if t.is_floating_point() else None) for p, t in sd.items()}
                  for k, sd in self.saved_modules.items()}
-        return LoraAdapter(self.name, self.spec, mods, saved, self.path)
+        return LoraAdapter(self.name, self.spec, mods, saved, self.path, dict(self.meta))
+
+    def with_prefix(self, add: str = "", strip: str = "") -> "LoraAdapter":
+        """A copy whose module paths have ``strip`` removed from / ``add`` put in front of them."""
+        def fix(k: str) -> str:
+            if strip and k.startswith(strip):
+                k = k[len(strip):]
+            return add + k
+        return LoraAdapter(self.name, self.spec, {fix(k): m for k, m in self.modules.items()},
+                           {fix(k): sd for k, sd in self.saved_modules.items()}, self.path, dict(self.meta))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors under PEFT's file key names."""
@@ -205,6 +216,12 @@ def load_adapter(path: str | os.PathLike, name: str | None = None, *, trust_pick
     tensors = read_weights(folder, trust_pickle=trust_pickle)
     adapter = adapter_from_state_dict(name or folder.name, spec, tensors, source=str(folder))
     adapter.path = str(folder)
+    meta = folder / META_NAME
+    if meta.is_file():
+        try:
+            adapter.meta = json.loads(meta.read_text())
+        except json.JSONDecodeError as exc:
+            raise AdapterError(f"{meta}: not valid JSON ({exc})") from exc
     return adapter.to(dtype=dtype) if dtype is not None else adapter
 
 
@@ -233,6 +250,8 @@ def save_adapter(adapter: LoraAdapter, path: str | os.PathLike, *, extra_files: 
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter.state_dict().items()}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(adapter.spec.to_peft_config(), indent=2, sort_keys=True))
+        if adapter.meta:
+            (tmp / META_NAME).write_text(json.dumps(adapter.meta, indent=2, sort_keys=True))
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
         replace_dir(tmp, target)
@@ -288,7 +307,24 @@ def module_dims(module: torch.nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def validate_against(adapter: LoraAdapter, model: torch.nn.Module) -> None:
+def align_prefix(adapter: LoraAdapter, model: torch.nn.Module) -> LoraAdapter:
+    """Adapter whose module paths fit ``model``: adds or strips the model's ``base_model_prefix`` (e.g. ``bert.``)
+    when an adapter trained on ``BertForSequenceClassification`` meets a bare ``BertModel`` or the reverse."""
+    names = {n for n, _ in model.named_modules()}
+    keys = list(adapter.modules) or list(adapter.saved_modules)
+    if not keys or all(k in names for k in adapter.modules):
+        return adapter
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    candidates = [prefix] if prefix else []
+    candidates += sorted({k.split(".", 1)[0] for k in keys if "." in k})
+    for cand in candidates:
+        for fixed in (adapter.with_prefix(strip=cand + "."), adapter.with_prefix(add=cand + ".")):
+            if all(k in names for k in fixed.modules):
+                return fixed
+    return adapter
+
+
+def validate_against(adapter: LoraAdapter, model: torch.nn.Module, *, check_saved: bool = True) -> None:
     """Check every targeted module exists in ``model`` with matching shapes; errors name adapter and module."""
     mods = dict(model.named_modules())
     where = f"adapter {adapter.name!r}" + (f" ({adapter.path})" if adapter.path else "")
@@ -306,7 +342,7 @@ def validate_against(adapter: LoraAdapter, model: torch.nn.Module) -> None:
         if m.A.shape[1] != d_in or m.B.shape[0] != d_out:
             raise AdapterError(f"{where}: module {name!r} expects d_in={d_in}, d_out={d_out} but the adapter has "
                                f"lora_A {tuple(m.A.shape)}, lora_B {tuple(m.B.shape)}: adapter for another base model?")
-    for name, sd in adapter.saved_modules.items():
+    for name, sd in adapter.saved_modules.items() if check_saved else ():
         if name not in mods:
             raise AdapterError(f"{where}: modules_to_save entry {name!r} does not exist in the base model ({base_name})")
         own = dict(mods[name].named_parameters())
