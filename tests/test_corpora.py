@@ -489,7 +489,8 @@ def test_licences_families_balanced_and_from_rules(licences) -> None:
             assert set(r) == {"text", "label", "source"}
             assert r["source"].endswith("/copyright") and split_for(r["source"]) == split
             # the label is the family (by the id rules) of a licence body of that file holding the text
-            fams = {fam for fam, text in reader.licence_snippets(r["source"], corpora.LICENCE_CHUNKS) if text == r["text"]}
+            snippets = reader.licence_snippets(r["source"], corpora.LICENCE_CHUNKS)
+            fams = {fam for fam, text in snippets if text == r["text"]}
             assert fams == {r["label"]}, (r, fams)
 
 
@@ -509,10 +510,15 @@ def test_licences_texts_never_name_a_family(licences) -> None:
 def test_licences_deterministic_and_cached(licences, copyright_sources, tmp_path) -> None:
     again = corpora.build_licences(seed=0, sizes=LICENCE_SIZES, sources=copyright_sources, use_cache=False)
     assert again == licences
-    other = corpora.build_licences(seed=1, sizes=LICENCE_SIZES, sources=copyright_sources, use_cache=False)
+    reader = corpora._Reader()  # shared by the two builds below: parsing was checked just above
+    other = corpora.build_licences(
+        seed=1, sizes=LICENCE_SIZES, sources=copyright_sources, use_cache=False, _reader=reader
+    )
     for split in SPLITS:
         assert all(split_for(r["source"]) == split for r in other[split])
-    data = corpora.build_dataset("licences", cache_dir=tmp_path, sizes=LICENCE_SIZES, sources=copyright_sources)
+    data = corpora.build_dataset(
+        "licences", cache_dir=tmp_path, sizes=LICENCE_SIZES, sources=copyright_sources, _reader=reader
+    )
     manifest = json.loads((tmp_path / "licences" / "manifest.json").read_text())
     details = manifest["details"]
     assert details["families"] == sorted({r["label"] for r in data["train"]}, key=LICENCE_FAMILIES.index)

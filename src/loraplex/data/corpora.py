@@ -5,7 +5,7 @@ rebuilt from files already on the machine (the Python standard library, C header
 ``/usr/include``, shell scripts, Perl modules, licence texts and package documentation) and
 cached as JSONL + CSV under ``~/.cache/loraplex/data`` (or ``$LORAPLEX_CACHE/data``).
 
-Four datasets are provided (see :func:`describe_datasets` for the exact recipe of each):
+Five datasets are provided (see :func:`describe_datasets` for the exact recipe of each):
 
 * ``text_kind``      -- classify a snippet as ``python`` / ``c_header`` / ``shell`` / ``prose``.
 * ``code_language``  -- classify a code snippet by language (whichever of python / c / shell /
@@ -13,6 +13,8 @@ Four datasets are provided (see :func:`describe_datasets` for the exact recipe o
 * ``entities``       -- English prose with silver BIO entity tags from precise regexes
   (NUMBER, DATE, URL, EMAIL, VERSION, PATH).
 * ``domains``        -- causal-LM domain text (code / prose / shell) for domain adapters and a router.
+* ``licences``       -- classify a licence-text snippet by licence family (gpl / lgpl / bsd / mit /
+  ...), from Debian machine-readable copyright files, with the family names removed from the text.
 
 Train / validation / test are always drawn from *disjoint source files*: a hash of the file path
 decides the split of every snippet taken from that file, and every row records its ``source``.
@@ -50,9 +52,13 @@ __all__ = [
     "DATASET_NAMES",
     "DEFAULT_CLASS_SIZES",
     "DEFAULT_ENTITY_SIZES",
+    "DEFAULT_LICENCE_SIZES",
     "DOMAIN_LABELS",
     "ENTITY_LABELS",
     "ENTITY_PATTERNS",
+    "LICENCE_FAMILIES",
+    "LICENCE_ID_RULES",
+    "LICENCE_NAME_TOKENS",
     "SPLITS",
     "TEXT_KIND_LABELS",
     "DatasetBuildError",
@@ -65,6 +71,7 @@ __all__ = [
     "build_dataset",
     "build_domains",
     "build_entities",
+    "build_licences",
     "build_text_kind",
     "chunk_lines",
     "chunk_sentences",
@@ -74,8 +81,12 @@ __all__ = [
     "discover_sources",
     "entity_row",
     "is_english_prose",
+    "licence_family",
+    "licence_snippets",
+    "names_licence_family",
     "normalize_key",
     "parse_date",
+    "parse_dep5",
     "python_docstrings",
     "split_for",
     "tag_entities",
@@ -683,7 +694,7 @@ def parse_dep5(text: str) -> list[tuple[str, str]]:
 
 
 def licence_snippets(
-    body: str, *, min_chars: int = 60, max_chars: int = 400, max_sentences: int = 3
+    body: str, *, min_chars: int = 40, max_chars: int = 400, max_sentences: int = 3
 ) -> list[str]:
     """Snippets of 1-``max_sentences`` sentences (``min_chars..max_chars`` characters) of a licence body.
 
@@ -917,8 +928,9 @@ def _pick_files(
     """Up to ``limit`` accepted files from ``candidates``, chosen by a path hash (so spread evenly).
 
     Paths are resolved and de-duplicated, and copies (by default: same file name and size, e.g.
-    one header per architecture folder; else same ``copy_key(path, stat)``) are kept once.  The hash used is independent of the split hash,
-    so the cap does not bias which split files land in.  Returned sorted.
+    one header per architecture folder; else same ``copy_key(path, stat)``) are kept once.
+    The hash used is independent of the split hash, so the cap does not bias which split files
+    land in.  Returned sorted.
     """
     uniq: dict[str, None] = {}
     for c in candidates:
@@ -982,7 +994,8 @@ def discover_sources(max_files: int = 300, kinds: Sequence[str] | None = None) -
     ``README*``/``copyright`` files under ``/usr/share/doc``), ``docstring`` (the same
     Python files as ``python``; their docstrings are read as prose).  ``copyright`` (Debian
     ``/usr/share/doc/<package>/copyright`` files, identical copies kept once, for ``licences``)
-    is found only when named in ``kinds``.  The folders come from :data:`SOURCE_ROOTS`.  A kind with no files is returned with an empty ``files`` list.
+    is found only when named in ``kinds``.  The folders come from :data:`SOURCE_ROOTS`.  A kind
+    with no files is returned with an empty ``files`` list.
     Results are memoised per process.
     """
     kinds = tuple(kinds) if kinds is not None else ("python", "c_header", "shell", "perl", "prose", "docstring")
@@ -1748,7 +1761,33 @@ _DESCRIPTIONS: dict[str, str] = {
         "non-space characters, or 200-700 characters of prose in up to 10 sentences): Python stdlib code, licence/documentation prose and docstrings, and shell "
         "scripts. Default 300/50/100 rows per domain."
     ),
-    "licences": "**licences** (placeholder)",
+    "licences": (
+        "**licences** (labels: licence families `gpl`, `lgpl`, `agpl`, `bsd`, `mit`, `apache`, `boost`, "
+        "`public-domain`, `zlib`, `isc`, `cc0`, `mpl`, `artistic`, whichever have enough data here): "
+        "1-3 sentences (40-400 characters) of licence text from Debian machine-readable (DEP-5) "
+        "copyright files `/usr/share/doc/*/copyright` (files without a `Format:` header are skipped, "
+        "identical copies read once; up to 1000 files). Every `License:` field with a body (stand-alone "
+        "licence paragraphs, `Files:` paragraphs and the header) is read: the first line is the short "
+        "id, which gives the label, and the indented continuation lines (` .` = blank line) are the "
+        "text. Ids map to families by exact rules: `GPL`, `GPL-2+`, `GPLv3+`, `GPL-2.0-or-later` are "
+        "`gpl` (never LGPL/AGPL, which have their own families); `BSD`, `BSD-1-clause` to "
+        "`BSD-4-clause` are `bsd`; `MIT`, `Expat`, `X11` are `mit`; `Apache-2.0` is `apache`; `BSL-1.0` "
+        "is `boost`; `public-domain`/`PD`; `Zlib`; `ISC`; `CC0-1.0`; `MPL-2.0`; `Artistic`. Compound "
+        "ids (`A or B`, `A and B`, `A with X exception`) and other ids are skipped. **The label is "
+        "never spelled out in the text**: every sentence naming any family (`GPL`, `General Public`, "
+        "`Lesser`, `Library General`, `Affero`, `BSD`, `MIT`, `Expat`, `X11`, `Apache`, `Boost`, "
+        "`BSL`, `public domain`, `zlib`, `ISC`, `CC0`, `Creative Commons`, `MPL`, `Mozilla Public`, "
+        "`Artistic`; case-insensitive), so also `/usr/share/common-licenses/GPL-2` pointers and "
+        "licence URLs, is removed, as are copyright notices and comment marks (`#`, `*`, `//`), and "
+        "snippets are runs of the remaining consecutive sentences. A text found under two families "
+        "(mislabelled bodies exist) is dropped. The split is decided by the copyright file. A "
+        "family is kept if at least 8 copyright files have a body of it and it has at least 2 "
+        "distinct snippets in every split; building fails if fewer than 3 families qualify. "
+        "Default 200/40/80 rows per family, cut to the smallest family's count: licence bodies are "
+        "mostly the same boilerplate, so after deduplication this dataset is small (the manifest's "
+        "`details` record the families kept and dropped, the snippets available and the rows per "
+        "class)."
+    ),
 }
 
 _COMMON_DESCRIPTION = (
