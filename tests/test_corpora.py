@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
+import os
 import re
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from loraplex.data.corpora import (
     CODE_LANGUAGES,
     DOMAIN_LABELS,
     LICENCE_FAMILIES,
+    MAN_SECTIONS,
     ENTITY_LABELS,
     SPLITS,
     TEXT_KIND_LABELS,
@@ -27,14 +31,20 @@ from loraplex.data.corpora import (
     chunk_sentences,
     licence_family,
     licence_snippets,
+    man_escapes,
+    man_page_sections,
+    man_snippets,
     names_licence_family,
+    names_man_section,
     normalize_key,
     parse_date,
     parse_dep5,
     python_docstrings,
+    scrub_section_refs,
     split_for,
     tag_entities,
     tokenize_words,
+    troff_to_text,
 )
 
 MAX_FILES = 60
@@ -51,7 +61,8 @@ def sources() -> dict[str, SourceSet]:
 def datasets(sources, tmp_path_factory) -> dict[str, dict[str, list[dict]]]:
     cache = tmp_path_factory.mktemp("corpora_cache")
     return corpora.build_all(
-        cache_dir=cache, seed=0, sizes=SIZES, entity_sizes=ENTITY_SIZES, max_files=MAX_FILES, sources=sources
+        cache_dir=cache, seed=0, sizes=SIZES, entity_sizes=ENTITY_SIZES, max_files=MAX_FILES, sources=sources,
+        man_max_files=MAX_FILES,
     )
 
 
@@ -159,11 +170,12 @@ def test_bio_labels() -> None:
 
 # ------------------------------------------------------------------------------ datasets
 
-CLASS_DATASETS = ("text_kind", "code_language", "domains", "licences")
+CLASS_DATASETS = ("text_kind", "code_language", "domains", "licences", "man_sections")
 
 
 def test_sizes_and_labels(datasets) -> None:
-    assert set(datasets) == {"text_kind", "code_language", "entities", "domains", "licences"}
+    assert set(datasets) == set(corpora.DATASET_NAMES)
+    assert set(datasets) == {"text_kind", "code_language", "entities", "domains", "licences", "man_sections"}
     assert {r["label"] for r in datasets["text_kind"]["train"]} == set(TEXT_KIND_LABELS)
     assert {r["label"] for r in datasets["domains"]["train"]} == set(DOMAIN_LABELS)
     langs = {r["label"] for r in datasets["code_language"]["train"]}
@@ -181,7 +193,7 @@ def test_classes_balanced(datasets, name: str) -> None:
         assert len(set(counts.values())) == 1, (split, counts)
 
 
-@pytest.mark.parametrize("name", ["text_kind", "code_language", "entities", "domains", "licences"])
+@pytest.mark.parametrize("name", ["text_kind", "code_language", "entities", "domains", "licences", "man_sections"])
 def test_splits_are_file_disjoint(datasets, name: str) -> None:
     files = {split: {r["source"] for r in datasets[name][split]} for split in SPLITS}
     assert not files["train"] & files["test"]
@@ -193,7 +205,7 @@ def test_splits_are_file_disjoint(datasets, name: str) -> None:
             assert split_for(r["source"]) == split
 
 
-@pytest.mark.parametrize("name", ["text_kind", "code_language", "entities", "domains", "licences"])
+@pytest.mark.parametrize("name", ["text_kind", "code_language", "entities", "domains", "licences", "man_sections"])
 def test_no_text_repeats_across_or_within_splits(datasets, name: str) -> None:
     seen: dict[str, str] = {}
     for split in SPLITS:
@@ -557,3 +569,174 @@ def test_licences_error_when_too_few_families(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(corpora, "discover_sources", lambda *a, **k: none)
     with pytest.raises(DatasetBuildError, match=r"copyright.*/nowhere/doc"):
         corpora.build_licences(cache_dir=tmp_path, use_cache=False)
+
+
+# ------------------------------------------------------------------------------ man_sections
+
+
+def test_man_escapes_fonts_dashes_and_specials() -> None:
+    assert man_escapes(r"\fBbold\fR, \fIital\fP, \f(CWcode\fP, \f[B]br\f[]") == "bold, ital, code, br"
+    assert man_escapes(r"\-v \(em \e \&.x end") == "-v — \\ .x end"
+    assert man_escapes(r"a\(xxb") == "a b"  # unknown special characters become a space
+    assert man_escapes(r"\*(lqq\*(rq \s-1SMALL\s0 \(bu \[em] \\") == '"q" SMALL • — \\'
+    assert man_escapes("no escapes here") == "no escapes here"
+
+
+_MAN_PAGE = r""".\" Comment line: .SH NOT A HEADING (1)
+.TH LS 1 "2024-01-01" "GNU coreutils 9.1" "User Commands"
+.SH NAME
+ls \- list directory contents
+.SH SYNOPSIS
+.B ls
+[\fI\,OPTION\/\fR]... [\fI\,FILE\/\fR]...
+.SH DESCRIPTION
+List information about the
+.B files
+in a directory; see
+.BR stat (2)
+and
+.IR dir (1).
+.\" another comment
+.PP
+Mandatory arguments to long options are mandatory for short options too.
+.TP
+\fB\-a\fR, \fB\-\-all\fR
+do not ignore entries starting with a dot, see \fBglob\fP(7)
+.IP \(bu 2
+a bullet item that is long enough to make a third line of the snippet here
+.nf
+.B code line one
+  code line two
+.fi
+.SH "SEE ALSO"
+.BR dir (1)
+"""
+
+
+def test_troff_to_text_requests_headings_and_comments() -> None:
+    text = troff_to_text(_MAN_PAGE)
+    assert text == (
+        "NAME\nls - list directory contents\n\n"
+        "SYNOPSIS\nls [OPTION]... [FILE]...\n\n"
+        "DESCRIPTION\nList information about the files in a directory; see stat(2) and dir(1).\n\n"
+        "Mandatory arguments to long options are mandatory for short options too.\n\n"
+        "-a, --all\ndo not ignore entries starting with a dot, see glob(7)\n\n"
+        "• a bullet item that is long enough to make a third line of the snippet here\n"
+        "code line one\n  code line two\n\n"
+        "SEE ALSO\ndir(1)"
+    )
+    assert "Comment" not in text and "coreutils" not in text and "\\" not in text
+    # filled text is reflowed at 78 columns; .SH with a quoted argument gives the plain heading
+    long = ".SH DESCRIPTION\n" + "\n".join(f"word{i}" for i in range(60)) + "\n"
+    [(heading, lines)] = man_page_sections(long)
+    assert heading == "DESCRIPTION" and len(lines) > 1 and all(len(ln) <= 78 for ln in lines)
+    assert " ".join(lines) == " ".join(f"word{i}" for i in range(60))
+    # tables, macro definitions and conditional blocks are dropped whole
+    dropped = ".SH DESCRIPTION\n.de XX\nmacro body\n..\n.TS\nl l.\na\tb\n.TE\n.if n \\{\\\ninside\n.\\}\nkept\n"
+    assert man_page_sections(dropped) == [("DESCRIPTION", ["kept"])]
+
+
+def test_man_snippets_use_body_sections_without_section_numbers() -> None:
+    snippets = man_snippets(_MAN_PAGE)
+    assert snippets, troff_to_text(_MAN_PAGE)
+    joined = "\n".join(snippets)
+    assert "list directory contents" not in joined  # the NAME line is never used
+    assert "see stat and dir." in joined and "glob\n" in joined + "\n"
+    for sn in snippets:
+        assert not re.search(r"\(\s*[1-9]\w*\s*\)", sn) and not names_man_section(sn)
+        lines = [ln for ln in sn.split("\n") if ln.strip()]
+        assert 3 <= len(lines) <= 12 and len(sn) <= 400
+    assert scrub_section_refs("see ls(1), tzfile(5) data and printf (3p).") == "see ls, tzfile data and printf."
+    assert scrub_section_refs("exit(0) and f(2023)") == "exit(0) and f(2023)"
+    assert names_man_section("Section 7 of the manual") and names_man_section("try man 2 open")
+    assert not names_man_section("see section 3.2 of RFC 3484 and version 2")
+    # redirect (.so) and mdoc pages give nothing
+    assert man_snippets(".so man3/other.3\n") == []
+    assert man_snippets(".Dd March 1, 2020\n.Dt FOO 3\n.Sh DESCRIPTION\nText.\n") == []
+
+
+def _write_man_page(folder: Path, name: str, paragraphs: int = 3) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    body = "\n.PP\n".join(
+        f"The {name} page, paragraph {k}, explains option number {k} of {name} in some detail.\n"
+        f"It spans a few source lines so that the rendered text of {name} has several\n"
+        f"lines: this is line three of paragraph {k} and the {name} text goes on.\n"
+        f"A fourth line about {name} closes paragraph {k} of the page."
+        for k in range(paragraphs)
+    )
+    path = folder / f"{name}.gz"
+    with gzip.open(path, "wt") as fh:
+        fh.write(f'.TH {name} 1 "2024"\n.SH NAME\n{name} \\- demo\n.SH DESCRIPTION\n{body}\n')
+    return str(path)
+
+
+def test_pick_man_pages_skips_aliases_redirects_and_suffixed_sections(tmp_path) -> None:
+    man3 = tmp_path / "man3"
+    real = _write_man_page(man3, "alpha.3")
+    os.symlink(real, man3 / "alias.3.gz")  # an alias of alpha.3: read once
+    _write_man_page(man3, "Some::Module.3pm")  # Perl module pages are not section 3
+    with gzip.open(man3 / "redirect.3.gz", "wt") as fh:
+        fh.write('.\\" comment\n.so man3/alpha.3\n')
+    (man3 / "plain.3").write_text(".TH plain 3\n.SH DESCRIPTION\nText.\n")
+    assert corpora._pick_man_pages([str(man3)], "3", 50) == sorted([real, str(man3 / "plain.3")])
+    # one page family fills at most a tenth of the picks (at least 3)
+    man1 = tmp_path / "man1"
+    fam = [_write_man_page(man1, f"gcloud_cmd{i}.1", 1) for i in range(10)]
+    other = [_write_man_page(man1, f"tool{i}.1", 1) for i in range(2)]
+    picked = corpora._pick_man_pages([str(man1)], "1", 10)
+    assert len(set(picked) & set(fam)) == 3 and set(other) <= set(picked)
+
+
+def test_man_sections_labels_balanced_and_without_section_numbers(datasets) -> None:
+    data = datasets["man_sections"]
+    labels = {r["label"] for r in data["train"]}
+    assert len(labels) >= 3 and labels <= set(MAN_SECTIONS)
+    for split in SPLITS:
+        counts = Counter(r["label"] for r in data[split])
+        assert set(counts) == labels and len(set(counts.values())) == 1, (split, counts)
+        for r in data[split]:
+            assert set(r) == {"text", "label", "source"}
+            text, source = r["text"], r["source"]
+            # the page's own section decides the label; suffixed sections (3pm, 1ssl) never count
+            assert re.search(rf"\.{MAN_SECTIONS[r['label']]}(?:\.gz)?$", source), r
+            assert split_for(source) == split
+            # the section number never appears: no "(N)" / "name(N)" token, no "Section N"
+            assert not re.search(r"\(\s*[1-9][A-Za-z]*\s*\)", text), r
+            assert not names_man_section(text), r
+            assert len(text) <= 400 and 3 <= len([ln for ln in text.split("\n") if ln.strip()]) <= 12
+            assert not re.search(r"(?m)\\f[BIRP(\[]|^\.(?:SH|TH|B|BR|PP|TP|IP)\b", text), r
+
+
+def test_man_sections_deterministic_and_manifest(datasets, tmp_path) -> None:
+    again = corpora.build_man_sections(seed=0, sizes=SIZES, max_files=MAX_FILES, use_cache=False)
+    assert again == datasets["man_sections"]
+    data = corpora.build_dataset("man_sections", cache_dir=tmp_path, seed=0, sizes=SIZES, max_files=MAX_FILES)
+    assert data == again
+    details = json.loads((tmp_path / "man_sections" / "manifest.json").read_text())["details"]
+    assert details["sections"] == sorted({r["label"] for r in data["train"]}, key=list(MAN_SECTIONS).index)
+    assert details["requested_per_class"] == SIZES
+    for split in SPLITS:
+        assert details["rows_per_class"][split] * len(details["sections"]) == len(data[split])
+    assert set(details["dropped_sections"]) | set(details["sections"]) == set(MAN_SECTIONS)
+
+
+def test_man_sections_error_when_too_few_sections(tmp_path, monkeypatch) -> None:
+    pages = {n: sorted(_write_man_page(tmp_path / f"man{n}", f"page{n}x{i}.{n}") for i in range(60)) for n in "128"}
+
+    def fake(*kinds_with_pages: str) -> dict[str, SourceSet]:
+        return {
+            f"man{n}": SourceSet(f"man{n}", pages[n] if n in kinds_with_pages else [], [f"/nowhere/man{n}"])
+            for n in "123578"
+        }
+
+    monkeypatch.setattr(corpora, "discover_sources", lambda *a, **k: fake("1", "2"))
+    with pytest.raises(DatasetBuildError, match=r"at least 3 manual sections") as err:
+        corpora.build_man_sections(cache_dir=tmp_path, use_cache=False)
+    msg = str(err.value)
+    assert "library (man3): 0 page(s) < 40" in msg and "/nowhere/man3" in msg and "/nowhere/man8" in msg
+    # a third section with enough pages: it builds, with exactly those three labels, balanced
+    sizes = {"train": 10, "validation": 0, "test": 2}
+    data = corpora.build_man_sections(sources=fake("1", "2", "8"), sizes=sizes, use_cache=False)
+    assert {r["label"] for r in data["train"]} == {"user_commands", "system_calls", "admin_commands"}
+    assert Counter(r["label"] for r in data["test"]) == {"user_commands": 2, "system_calls": 2, "admin_commands": 2}
+    assert data["validation"] == []

@@ -2,10 +2,10 @@
 
 Nothing is downloaded and no third-party text is stored in this repository: every dataset is
 rebuilt from files already on the machine (the Python standard library, C headers under
-``/usr/include``, shell scripts, Perl modules, licence texts and package documentation) and
+``/usr/include``, shell scripts, Perl modules, licence texts, package documentation and man pages) and
 cached as JSONL + CSV under ``~/.cache/loraplex/data`` (or ``$LORAPLEX_CACHE/data``).
 
-Five datasets are provided (see :func:`describe_datasets` for the exact recipe of each):
+Six datasets are provided (see :func:`describe_datasets` for the exact recipe of each):
 
 * ``text_kind``      -- classify a snippet as ``python`` / ``c_header`` / ``shell`` / ``prose``.
 * ``code_language``  -- classify a code snippet by language (whichever of python / c / shell /
@@ -15,6 +15,9 @@ Five datasets are provided (see :func:`describe_datasets` for the exact recipe o
 * ``domains``        -- causal-LM domain text (code / prose / shell) for domain adapters and a router.
 * ``licences``       -- classify a licence-text snippet by licence family (gpl / lgpl / bsd / mit /
   ...), from Debian machine-readable copyright files, with the family names removed from the text.
+* ``man_sections``   -- classify man-page text (rendered from troff under ``/usr/share/man``) by its
+  manual section (user commands, system calls, library, file formats, overview, admin commands),
+  with the section number removed from the text.
 
 Train / validation / test are always drawn from *disjoint source files*: a hash of the file path
 decides the split of every snippet taken from that file, and every row records its ``source``.
@@ -59,6 +62,9 @@ __all__ = [
     "LICENCE_FAMILIES",
     "LICENCE_ID_RULES",
     "LICENCE_NAME_TOKENS",
+    "MAN_BODY_HEADINGS",
+    "MAN_KINDS",
+    "MAN_SECTIONS",
     "SPLITS",
     "TEXT_KIND_LABELS",
     "DatasetBuildError",
@@ -72,6 +78,7 @@ __all__ = [
     "build_domains",
     "build_entities",
     "build_licences",
+    "build_man_sections",
     "build_text_kind",
     "chunk_lines",
     "chunk_sentences",
@@ -83,14 +90,20 @@ __all__ = [
     "is_english_prose",
     "licence_family",
     "licence_snippets",
+    "man_escapes",
+    "man_page_sections",
+    "man_snippets",
     "names_licence_family",
+    "names_man_section",
     "normalize_key",
     "parse_date",
     "parse_dep5",
     "python_docstrings",
+    "scrub_section_refs",
     "split_for",
     "tag_entities",
     "tokenize_words",
+    "troff_to_text",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -111,7 +124,7 @@ DOMAIN_LABELS: tuple[str, ...] = ("code", "prose", "shell")
 #: Entity types of the ``entities`` dataset, in tagging priority order (earlier wins overlaps).
 ENTITY_LABELS: tuple[str, ...] = ("URL", "EMAIL", "PATH", "DATE", "VERSION", "NUMBER")
 #: Dataset names accepted by :func:`build_dataset`.
-DATASET_NAMES: tuple[str, ...] = ("text_kind", "code_language", "entities", "domains", "licences")
+DATASET_NAMES: tuple[str, ...] = ("text_kind", "code_language", "entities", "domains", "licences", "man_sections")
 
 #: Default rows *per class* per split for the classification datasets.
 DEFAULT_CLASS_SIZES: dict[str, int] = {"train": 300, "validation": 50, "test": 100}
@@ -126,6 +139,8 @@ _PICK_SALT = "loraplex-pick-v1"
 _MAX_FILE_BYTES = 200_000
 #: Debian copyright files can be large (one for Boost is about 2 MB); they are still read whole.
 _MAX_COPYRIGHT_BYTES = 8_000_000
+#: Man pages are read up to this many (uncompressed) bytes; larger pages (gcc, perl) are skipped.
+_MAX_MAN_BYTES = 1_000_000
 
 
 class DatasetBuildError(LoraplexError, ValueError):
@@ -722,6 +737,465 @@ def licence_snippets(
 
 
 # ---------------------------------------------------------------------------------------------
+# pure helpers: man pages (troff source) to plain text
+# ---------------------------------------------------------------------------------------------
+
+#: Labels of the ``man_sections`` dataset and the manual section (folder ``man<N>``) of each.
+MAN_SECTIONS: dict[str, str] = {
+    "user_commands": "1",
+    "system_calls": "2",
+    "library": "3",
+    "file_formats": "5",
+    "overview": "7",
+    "admin_commands": "8",
+}
+#: A ``.SH`` heading containing one of these words gives ``man_sections`` snippets.
+MAN_BODY_HEADINGS: tuple[str, ...] = ("SYNOPSIS", "DESCRIPTION", "OPTIONS")
+#: Column at which filled text is wrapped, as ``man`` does on an 80-column terminal.
+MAN_WIDTH = 78
+#: Snippets of a page come from about its first this many rendered body lines (long pages such as
+#: ``cmake-modules`` would otherwise take most of the build time; few snippets per page are used).
+MAN_MAX_BODY_LINES = 600
+
+#: ``\(xx`` / ``\[xx]`` special characters rendered as text; any other one becomes a space.
+_MAN_SPECIAL: dict[str, str] = {
+    "em": "—", "en": "–", "hy": "-", "mi": "-", "bu": "•", "lq": '"', "rq": '"', "oq": "'", "cq": "'",
+    "aq": "'", "dq": '"', "ga": "`", "aa": "'", "ti": "~", "ha": "^", "rs": "\\", "sl": "/", "pl": "+",
+    "eq": "=", "co": "©", "rg": "®", "tm": "™", "mu": "×", "de": "°", ">=": "≥", "<=": "≤", "->": "→",
+    "<-": "←", "+-": "±", "Fo": "«", "Fc": "»", "fo": "‹", "fc": "›", "ba": "|", "or": "|", "at": "@",
+    "sh": "#", "Do": "$", "lB": "[", "rB": "]", "lC": "{", "rC": "}", "la": "<", "ra": ">",
+}
+#: ``\*(xx`` / ``\*[xx]`` strings (defined by the man macros, pod2man and DocBook preambles).
+_MAN_STRINGS: dict[str, str] = {
+    "lq": '"', "rq": '"', 'L"': '"', 'R"': '"', "C`": '"', "C'": '"', "Aq": "'", "aq": "'", "Tm": "™",
+    "R": "®", "Lt": "<", "Gt": ">", "Am": "&", "Ba": "|", "Ne": "≠", "Le": "≤", "Ge": "≥", "Pi": "π",
+    "Ec": "", "Eo": "", "S": "",
+}
+#: One-character escapes (``\X``); an unknown one renders as the character itself.
+_MAN_CHARS: dict[str, str] = {
+    "-": "-", "e": "\\", "E": "\\", "\\": "\\", "&": "", "|": "", "^": "", " ": " ", "0": " ", "~": " ",
+    "c": "", ":": "", "%": "", "'": "'", "`": "`", ".": ".", "t": " ", "d": "", "u": "", "r": "",
+    "p": "", "/": "", ",": "", "a": "", "{": "", "}": "", "!": "", ")": "", "\n": "",
+}
+_MAN_ESC = re.compile(
+    r"\\(?:"
+    r"(?P<font>f(?:\[[^\]\n]*\]|\(..|.))"  # \fB \fI \fR \fP \f(CW \f[B]
+    r"|\((?P<sp2>..)"  # \(em
+    r"|\[(?P<spl>[^\]\n]*)\]"  # \[em] \[u00E9]
+    r"|\*(?P<str>\[[^\]\n]*\]|\(..|.)"  # \*(lq \*R \*[name]
+    r"|(?P<size>s(?:[+-]?\(\d\d|[+-]?\d|\[[^\]\n]*\]|'[^'\n]*'))"  # \s-1 \s0 \s(12
+    r"|(?P<reg>n[+-]?(?:\[[^\]\n]*\]|\(..|.))"  # number registers \n(.g
+    r"|N'(?P<num>\d+)'"  # \N'65'
+    r"|(?P<arg>[hvwolLDXZbRSxHCAB]'[^'\n]*')"  # motions, widths, overstrikes, device controls
+    r"|(?P<sel>[mMFYVkzg$](?:\[[^\]\n]*\]|\(..|.))"  # colours, families, marks, macro arguments
+    r"|(?P<char>.)"
+    r")",
+    re.S,
+)
+#: A comment (``\"`` or ``\#``) not preceded by an escaping backslash; group 1 is the text before it.
+_MAN_COMMENT = re.compile(r'^((?:[^\\]|\\[^"#])*)\\["#]')
+#: Request arguments: ``"quoted ""words"""`` or runs of non-space characters (escaped spaces kept).
+_MAN_ARG = re.compile(r'"((?:[^"]|"")*)"?|((?:\\.|[^\s\\]|\\)+)')
+#: A cross-reference to a manual section, ``(1)``, ``(3p)``, ``(1ssl)``, as in ``ls(1)``.
+_SECTION_REF = re.compile(r"( ?)\(\s*[1-9](?:[A-Za-z][\w+]*)?\s*\)( ?)")
+#: A manual section named in words: "Section 7 of the manual", "man 2 open", "man3/", "man7.org".
+_SECTION_WORDS = re.compile(r"\bsections?\s+[1-9][a-z]*\b(?!\.\d)|\bman\s?[1-9][a-z]*\b", re.I)
+
+_MAN_FONT_SPACED = frozenset({"B", "I", "SM", "SB"})
+_MAN_FONT_JOINED = frozenset({"BR", "BI", "IB", "IR", "RB", "RI"})
+_MAN_PARAGRAPH = frozenset({"PP", "P", "LP", "HP", "sp", "Sp"})
+_MAN_NOFILL = frozenset({"nf", "EX", "Vb"})
+_MAN_FILL = frozenset({"fi", "EE", "Ve"})
+#: Blocks dropped whole: tables, equations, pictures (to their end macro), macro definitions and
+#: ``.ig`` blocks (to ``..`` or the end name given).
+_MAN_BLOCKS = {"TS": "TE", "EQ": "EN", "PS": "PE", "de": "..", "de1": "..", "am": "..", "am1": "..", "ig": ".."}
+#: Man-macro requests whose arguments are not text (header/footer, index entries, layout).
+_MAN_DROP = frozenset({
+    "TH", "IX", "UC", "DT", "AT", "PD", "RS", "RE", "YS", "ME", "LO", "Dd", "Dt", "Os",
+    "INDENT", "UNINDENT", "LINKSTYLE",  # docutils (rst2man) and util-linux preambles
+})
+#: Requests and macros that end the current output line (without a blank line).
+_MAN_BREAK = frozenset({"br", "in", "ti", "ce", "bp", "RS", "RE", "INDENT", "UNINDENT"})
+#: Arguments that are only numbers or sizes (``3.5``, ``-4n``): layout, not text.
+_MAN_NUMERIC_ARGS = re.compile(r"^(?:\s*[-+]?(?:\d+\.?\d*|\.\d+)[a-z]?\s*)*$")
+
+
+def _man_esc_repl(m: re.Match[str]) -> str:
+    if m.group("font") is not None or m.group("size") is not None or m.group("reg") is not None:
+        return ""
+    if m.group("arg") is not None or m.group("sel") is not None:
+        return ""
+    name = m.group("sp2") if m.group("sp2") is not None else m.group("spl")
+    if name is not None:
+        if re.fullmatch(r"u[0-9A-Fa-f]{4,6}", name) and int(name[1:], 16) < 0x110000:
+            return chr(int(name[1:], 16))  # \[u00E9]
+        return _MAN_SPECIAL.get(name, " ")
+    s = m.group("str")
+    if s is not None:
+        key = s[1:-1] if s.startswith("[") else s[1:] if s.startswith("(") else s
+        return _MAN_STRINGS.get(key, "")
+    if m.group("num") is not None:
+        n = int(m.group("num"))
+        return chr(n) if 32 <= n < 0x110000 else ""
+    ch = m.group("char")
+    return _MAN_CHARS.get(ch, ch)
+
+
+def man_escapes(text: str) -> str:
+    """Plain text of one line of troff text: escapes rendered (``\\fB`` and other font changes and
+    size changes removed, ``\\-`` -> ``-``, ``\\(em`` -> ``—``, ``\\e`` -> ``\\``, ``\\&`` -> nothing,
+    a few common ``\\(xx`` characters and ``\\*(xx`` strings as text, other ``\\(xx`` -> a space)."""
+    return _MAN_ESC.sub(_man_esc_repl, text) if "\\" in text else text
+
+
+def _strip_man_comment(line: str) -> tuple[str, bool]:
+    """(``line`` without its ``\\"`` comment, whether it had one)."""
+    if '\\"' not in line and "\\#" not in line:
+        return line, False
+    m = _MAN_COMMENT.match(line)
+    return (m.group(1), True) if m else (line, False)
+
+
+def _man_args(rest: str) -> list[str]:
+    """Arguments of a request line (after its name), rendered by :func:`man_escapes`."""
+    if '"' not in rest and "\\" not in rest:
+        return rest.split()
+    out = []
+    for m in _MAN_ARG.finditer(rest):
+        out.append(man_escapes(m.group(1).replace('""', '"') if m.group(1) is not None else m.group(2)))
+    return out
+
+
+def _man_first_request(source: str) -> str | None:
+    """Name of the first request of a page (comments and blank lines skipped), or None."""
+    for line in source.split("\n"):
+        body, _ = _strip_man_comment(line)
+        if not body.strip():
+            continue
+        if body[:1] in (".", "'"):
+            parts = body[1:].split(None, 1)
+            if parts:
+                return parts[0]
+            continue
+        return None
+    return None
+
+
+def is_man_redirect(source: str) -> bool:
+    """True for a redirect-only page (its first request is ``.so other/page.N``)."""
+    return _man_first_request(source) == "so"
+
+
+def is_mdoc(source: str) -> bool:
+    """True for a page written with the BSD ``mdoc`` macros (``.Dd``/``.Dt``), which are not rendered."""
+    return re.search(r"^\.\s*D[dt]\b", source[:20000], re.M) is not None
+
+
+_WRAP_RES: dict[int, re.Pattern[str]] = {}
+
+
+def _wrap_re(width: int) -> re.Pattern[str]:
+    """Pattern whose matches are the lines of single-spaced text greedily wrapped at ``width``."""
+    if width not in _WRAP_RES:
+        _WRAP_RES[width] = re.compile(rf"(.{{1,{width}}})(?: |$)|(\S+)(?: |$)")
+    return _WRAP_RES[width]
+
+
+class _ManRenderer:
+    """Renders ``man``-macro troff source into (heading, lines) sections; see :func:`man_page_sections`."""
+
+    def __init__(self, width: int, wanted: Callable[[str], bool] | None = None) -> None:
+        self.width = width
+        self.wanted = wanted
+        self.active = wanted is None or wanted("")  # is the current section rendered?
+        self.done_lines = 0  # lines of rendered sections before the current one
+        self.sections: list[tuple[str, list[str]]] = [("", [])]
+        self.fill = True
+        self.cur = ""
+        self.join_next = False
+        self.pending: str | None = None  # "heading" (bare .SH) or "tag" (.TP)
+
+    # -- output
+    def _lines(self) -> list[str]:
+        return self.sections[-1][1]
+
+    def flush(self) -> None:
+        text = " ".join(self.cur.split())
+        self.cur = ""
+        self.join_next = False
+        if not text:
+            return
+        if len(text) <= self.width:
+            self._lines().append(text)
+            return
+        # greedy wrap: as many words as fit; a word longer than the width gets a line of its own
+        self._lines().extend(m.group(1) or m.group(2) for m in _wrap_re(self.width).finditer(text))
+
+    def para(self) -> None:
+        self.flush()
+        lines = self._lines()
+        if lines and lines[-1] != "":
+            lines.append("")
+
+    def heading(self, text: str) -> None:
+        self.flush()
+        while self._lines() and self._lines()[-1] == "":
+            self._lines().pop()
+        heading = " ".join(text.split())
+        if self.active:
+            self.done_lines += len(self._lines())
+        self.sections.append((heading, []))
+        self.active = self.wanted is None or self.wanted(heading)
+        self.fill = True
+        self.pending = None
+
+    def text(self, text: str, join: bool = False, leading_space: bool = False) -> None:
+        """Add rendered text; ``join``: the source line ended with ``\\c`` (no space before the next)."""
+        if self.pending == "heading":
+            if text.strip():
+                self.heading(text)
+            return
+        if not self.active:
+            return
+        if not self.fill:
+            self.pending = None
+            if self.join_next:
+                self.cur += text
+            else:
+                self.flush()
+                self.cur = text
+            if join:
+                self.join_next = True
+                return
+            line = self.cur.rstrip()
+            self.cur = ""
+            self.join_next = False
+            self._lines().append(line.expandtabs(8))
+            return
+        if leading_space and not self.join_next:
+            self.flush()
+        if self.join_next:
+            self.cur += text.lstrip()
+        else:
+            self.cur += (" " if self.cur else "") + text.strip()
+        self.join_next = join
+        if self.pending == "tag" and not join and self.cur.strip():
+            self.pending = None
+            self.flush()
+
+    # -- input
+    def request(self, name: str, rest: str) -> None:
+        if name in ("SH", "Sh"):
+            args = _man_args(rest)
+            if args:
+                self.heading(" ".join(args))
+            else:
+                self.flush()
+                self.pending = "heading"
+            return
+        if name in _MAN_NOFILL or name in _MAN_FILL:
+            self.flush()
+            self.fill = name in _MAN_FILL
+            return
+        if (not self.active and self.pending != "heading") or name in _MAN_DROP or not name[:1].isupper():
+            if self.active:
+                if name in _MAN_BREAK:
+                    self.flush()
+                elif name in _MAN_PARAGRAPH:  # .sp, .Sp
+                    self.paragraph()
+            return  # troff requests (lower case: .ds, .nr, .ft, .in, .ad, ...) and layout macros
+        if name in _MAN_PARAGRAPH:
+            self.paragraph()
+        elif name in ("TP", "TQ"):
+            (self.para if name == "TP" else self.flush)()
+            self.pending = "tag"
+        elif name in ("SS", "Ss"):
+            self.para()
+            args = _man_args(rest)
+            if args:
+                self.text(" ".join(args))
+                self.flush()
+            else:
+                self.pending = "tag"
+        elif name in _MAN_FONT_SPACED or name in _MAN_FONT_JOINED:
+            joined = (" " if name in _MAN_FONT_SPACED else "").join(_man_args(rest))
+            if joined.strip():
+                self.text(joined)
+        elif name == "IP":
+            self.para()
+            args = _man_args(rest)
+            tag = args[0].strip() if args else ""
+            if tag:
+                self.text(tag)
+                if len(tag) > 4:  # a long tag stands on its own line; a bullet starts the paragraph
+                    self.flush()
+        else:
+            args = _man_args(rest)
+            if not args:
+                return
+            if name == "MR":
+                self.text(f"{args[0]}({args[1] if len(args) > 1 else ''}){''.join(args[2:])}")
+            elif name == "UE":
+                self.cur += "".join(args)
+            elif name == "OP":
+                self.text("[" + " ".join(args) + "]")
+            elif name == "SY":
+                self.flush()
+                self.text(" ".join(args))
+            elif not _MAN_NUMERIC_ARGS.match(" ".join(args)):
+                self.text(" ".join(args))  # other man macros (.UR, .MT, .ZN, ...): keep the arguments
+
+    def paragraph(self) -> None:
+        """A paragraph break (``.PP``, ``.sp``): a blank line; in no-fill mode always one more."""
+        if self.fill:
+            self.para()
+        else:
+            self.flush()
+            self._lines().append("")
+
+    def rendered_lines(self) -> int:
+        """Lines rendered so far in the sections that are rendered."""
+        return self.done_lines + (len(self._lines()) if self.active else 0)
+
+    def render(self, source: str, max_lines: int | None = None) -> list[tuple[str, list[str]]]:
+        skip_until: str | None = None  # end request of a dropped block ("." for "..", "TE", ...)
+        depth = 0  # nesting of a dropped conditional block \{ ... \}
+        carry = ""  # a line ending in an escaped newline continues on the next one
+        for n, raw in enumerate(source.replace("\r\n", "\n").split("\n")):
+            if max_lines is not None and not n % 32 and self.rendered_lines() >= max_lines:
+                break
+            if carry:
+                raw, carry = carry + raw, ""
+            if skip_until is not None:
+                s = raw.lstrip()
+                if s[:1] in (".", "'") and s[1:].split(None, 1)[:1] == [skip_until]:
+                    skip_until = None
+                continue
+            if depth > 0:
+                depth += raw.count("\\{") - raw.count("\\}")
+                continue
+            line, had_comment = _strip_man_comment(raw)
+            if not had_comment and line.endswith("\\") and (len(line) - len(line.rstrip("\\"))) % 2:
+                carry = line[:-1]
+                continue
+            if line[:1] in (".", "'"):
+                parts = line[1:].split(None, 1)
+                if not parts:
+                    continue
+                name, rest = parts[0], parts[1] if len(parts) > 1 else ""
+                if name in _MAN_BLOCKS:
+                    end = _MAN_BLOCKS[name]
+                    if end == "..":  # .de NAME [END] / .ig [END]: ends at ".." or ".END"
+                        words = rest.split()
+                        custom = words[0:1] if name == "ig" else words[1:2]
+                        end = custom[0] if custom else "."
+                    skip_until = end
+                    continue
+                if name in ("if", "ie", "el", "while"):
+                    depth = max(0, line.count("\\{") - line.count("\\}"))
+                    continue
+                self.request(name, rest)
+                continue
+            if not self.active and self.pending != "heading":
+                continue  # text of a section that is not rendered
+            if not line.strip():
+                if had_comment:
+                    continue  # a comment-only line is not a blank line
+                if self.fill:
+                    self.para()
+                else:
+                    self.text("")
+                continue
+            join = "\\c" in line and re.search(r"(?<!\\)(?:\\\\)*\\c\s*$", line) is not None
+            self.text(man_escapes(line), join=join, leading_space=line[:1] in (" ", "\t"))
+        self.flush()
+        out = []
+        for heading, body_lines in self.sections:
+            while body_lines and body_lines[-1] == "":
+                body_lines.pop()
+            while body_lines and body_lines[0] == "":
+                body_lines.pop(0)
+            if heading or body_lines:
+                out.append((heading, body_lines))
+        return out
+
+
+def man_page_sections(
+    source: str,
+    width: int = MAN_WIDTH,
+    wanted: Callable[[str], bool] | None = None,
+    max_lines: int | None = None,
+) -> list[tuple[str, list[str]]]:
+    """``(heading, lines)`` for every ``.SH`` section of a man page written in troff (``man`` macros).
+
+    A basic rendering, close to what ``man`` prints: comment lines (``.\\"``) and troff requests
+    (``.ds``, ``.nr``, ``.ft``, ``.if ... \\{ ... \\}``, macro definitions, tables) are dropped, as is
+    ``.TH`` (the header and footer line); ``.SH NAME`` starts the section headed ``NAME``;
+    font macros keep their arguments (``.B ls`` -> ``ls``, ``.BR a (1)`` -> ``a(1)``);
+    ``.PP``/``.TP``/``.IP``/``.sp`` break paragraphs (a ``.TP`` tag gets its own line, an ``.IP``
+    tag starts its paragraph); other man macros keep their arguments; escapes are rendered by
+    :func:`man_escapes`.  Filled text is reflowed and wrapped at ``width`` columns; ``.nf``/``.EX``
+    blocks keep their lines.  Paragraphs are separated by one blank line.  With ``wanted``, only
+    the sections whose heading it accepts get body lines (the others are parsed, not rendered);
+    with ``max_lines``, rendering stops soon after that many body lines.
+    """
+    return _ManRenderer(width, wanted).render(source, max_lines)
+
+
+def troff_to_text(source: str, width: int = MAN_WIDTH) -> str:
+    """Plain text of a man page (see :func:`man_page_sections`): each heading on its own line,
+    followed by its body; sections separated by a blank line."""
+    blocks = []
+    for heading, lines in man_page_sections(source, width):
+        blocks.append("\n".join(([heading] if heading else []) + lines))
+    return "\n\n".join(blocks)
+
+
+def scrub_section_refs(text: str) -> str:
+    """``text`` without manual-section cross-references: ``ls(1)`` -> ``ls``, ``(3p)`` removed."""
+
+    return _SECTION_REF.sub(r"\2", text)  # the reference and the space before it go
+
+
+def _is_body_heading(heading: str) -> bool:
+    return not set(re.findall(r"[A-Z]+", heading.upper())).isdisjoint(MAN_BODY_HEADINGS)
+
+
+def man_snippets(source: str, params: ChunkParams | None = None) -> list[str]:
+    """``man_sections`` snippets of one man page's troff source, in page order.
+
+    Redirect pages (``.so``) and ``mdoc`` pages give none.  Only the bodies of the sections whose
+    heading contains a word of :data:`MAN_BODY_HEADINGS` are used (never ``NAME``, whose line
+    names the section, nor the ``.TH`` header/footer), about their first :data:`MAN_MAX_BODY_LINES`
+    rendered lines.  Section cross-references are removed (:func:`scrub_section_refs`), the lines
+    are cut into runs of 3-12 consecutive non-blank lines of at most 400 characters (``params``,
+    default :data:`MAN_CHUNKS`) by :func:`chunk_lines`, and snippets that still name a section
+    (:func:`names_man_section`, e.g. "Section 2 of the manual") are dropped.
+    """
+    p = MAN_CHUNKS if params is None else params
+    if is_man_redirect(source) or is_mdoc(source):
+        return []
+    out: list[str] = []
+    for heading, lines in man_page_sections(source, wanted=_is_body_heading, max_lines=MAN_MAX_BODY_LINES):
+        if not _is_body_heading(heading):
+            continue
+        clean = [scrub_section_refs(ln).rstrip() for ln in lines]
+        out.extend(
+            sn
+            for sn in chunk_lines(clean, None, min_lines=p.min_lines, max_lines=p.max_lines,
+                                  max_chars=p.max_chars, min_chars=p.min_code_chars)
+            if not names_man_section(sn)
+        )
+    return out
+
+
+def names_man_section(text: str) -> bool:
+    """True when ``text`` names a manual section: a ``(N)`` reference (``ls(1)``, ``(3p)``) or words
+    such as "Section 7 of the manual", "man 2 open", "man3/" (N a digit 1-9; "section 3.2" is not)."""
+    return _SECTION_REF.search(text) is not None or _SECTION_WORDS.search(text) is not None
+
+
+# ---------------------------------------------------------------------------------------------
 # reading files into snippets (per file, memoised)
 # ---------------------------------------------------------------------------------------------
 
@@ -762,6 +1236,8 @@ CLASSIFY_CHUNKS = ChunkParams(min_lines=3, max_lines=12, max_chars=400, min_char
 ENTITY_CHUNKS = ChunkParams(min_lines=1, max_lines=1, max_chars=300, min_chars=30, max_sentences=3)
 #: One to three sentences of licence text for ``licences``.
 LICENCE_CHUNKS = ChunkParams(min_lines=1, max_lines=1, max_chars=400, min_chars=40, max_sentences=3)
+#: 3-12 consecutive rendered lines of a man page (at least 60 non-space characters) for ``man_sections``.
+MAN_CHUNKS = ChunkParams(min_lines=3, max_lines=12, max_chars=400, min_chars=60, min_code_chars=60)
 #: A few hundred characters for causal-LM domain text.
 DOMAIN_CHUNKS = ChunkParams(
     min_lines=5, max_lines=24, max_chars=700, min_chars=200, max_sentences=10, min_code_chars=150
@@ -778,6 +1254,7 @@ class _Reader:
         self._masks: dict[tuple[str, str], tuple[list[str], list[bool]]] = {}
         self._dep5: dict[str, list[tuple[str, str]]] = {}
         self._licence_memo: dict[tuple[str, ChunkParams], list[tuple[str, str]]] = {}
+        self._man_memo: dict[tuple[str, ChunkParams], list[str]] = {}
 
     def text(self, path: str) -> str | None:
         if path not in self._text:
@@ -803,6 +1280,14 @@ class _Reader:
                                            max_sentences=p.max_sentences)
             ]
         return self._licence_memo[key]
+
+    def man_snippets(self, path: str, p: ChunkParams = MAN_CHUNKS) -> list[str]:
+        """``man_sections`` snippets of a (possibly gzipped) man page, in page order (see :func:`man_snippets`)."""
+        key = (path, p)
+        if key not in self._man_memo:
+            text = _read_text(path, _MAX_MAN_BYTES)
+            self._man_memo[key] = [] if text is None else man_snippets(text, p)
+        return self._man_memo[key]
 
     def _python_info(self, path: str) -> tuple[list[int], list[str]] | None:
         """(0-based docstring line numbers, docstrings) of a Python file; None if unreadable."""
@@ -879,7 +1364,10 @@ SOURCE_ROOTS: dict[str, list[str]] = {
     "perl": ["/usr/share/perl*"],
     "prose": ["/usr/share/common-licenses", "/usr/share/doc"],
     "copyright": ["/usr/share/doc"],
+    **{f"man{n}": [f"/usr/share/man/man{n}"] for n in ("1", "2", "3", "5", "7", "8")},
 }
+#: Source kinds of the ``man_sections`` dataset: ``man<N>`` for every section in :data:`MAN_SECTIONS`.
+MAN_KINDS: tuple[str, ...] = ("man1", "man2", "man3", "man5", "man7", "man8")
 
 #: Stdlib folders skipped: third-party packages, test suites and codec tables (data, not code).
 _PRUNE_STDLIB = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "encodings"}
@@ -984,6 +1472,70 @@ def _content_key(path: str, st: os.stat_result) -> object:
         return (path,)
 
 
+def _man_family(path: str, root: str) -> str:
+    """Page family of a man page: its name up to the first ``-``, ``_`` or ``.`` (``gcloud``, ``git``),
+    or its folder when it lies outside ``root`` (pages linked in from a package's own man folder)."""
+    if os.path.dirname(path) != root.rstrip("/"):
+        return os.path.dirname(path)
+    return re.split(r"[-_.]", os.path.basename(path), maxsplit=1)[0].lower()
+
+
+def _man_page_ok(path: str) -> bool:
+    """A man page with content: readable, not a ``.so`` redirect, not written with ``mdoc`` macros."""
+    try:
+        if os.path.getsize(path) > _MAX_MAN_BYTES:
+            return False
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as fh:
+            head = fh.read(20_000)
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return False
+    if b"\x00" in head[:4096]:
+        return False
+    text = head.decode("utf-8", errors="replace")
+    return not is_man_redirect(text) and not is_mdoc(text)
+
+
+def _pick_man_pages(roots: Sequence[str], section: str, limit: int) -> list[str]:
+    """Up to ``limit`` man pages of ``section`` (files ``*.<section>`` or ``*.<section>.gz`` under
+    ``roots``), picked by a path hash, as resolved paths.
+
+    Symlinks are followed and every page is kept once (aliases such as ``man3/creat.3.gz`` ->
+    ``open.2.gz``-style links, or links into ``/etc/alternatives``, count as their target, which
+    must be a page of the same section); ``.so`` redirect pages and ``mdoc`` pages are skipped.
+    Suffixed sections (``3pm``, ``3perl``, ``1ssl``, ``3type``) are not part of ``section``.  One page
+    family (:func:`_man_family`, e.g. ``gcloud`` with thousands of generated pages) fills at most a
+    tenth of the pages (at least 3), so a section is not dominated by one package.
+    """
+    suffixes = (f".{section}", f".{section}.gz")
+    cands: list[tuple[str, str]] = []  # (path, its folder resolved)
+    for r in roots:
+        if not os.path.isdir(r):
+            continue
+        for d, names in _walk(r):
+            real_d = os.path.realpath(d)
+            cands.extend(
+                (f"{real_d}/{f}", real_d) for f in names if f.endswith(suffixes) and not f.startswith(suffixes)
+            )
+    per_family = max(3, -(-limit // 10))
+    families: Counter[str] = Counter()
+    seen: set[str] = set()
+    out: list[str] = []
+    for cand, folder in sorted(cands, key=lambda c: _hash_unit(_PICK_SALT, c[0])):
+        if len(out) >= limit:
+            break
+        real = os.path.realpath(cand) if os.path.islink(cand) else cand
+        if real in seen or not os.path.basename(real).endswith(suffixes) or not os.path.isfile(real):
+            continue
+        seen.add(real)
+        fam = _man_family(real, folder)
+        if families[fam] >= per_family or not _man_page_ok(real):
+            continue
+        families[fam] += 1
+        out.append(real)
+    return sorted(out)
+
+
 def discover_sources(max_files: int = 300, kinds: Sequence[str] | None = None) -> dict[str, SourceSet]:
     """Find source files on this machine, at most ``max_files`` per kind.
 
@@ -994,7 +1546,9 @@ def discover_sources(max_files: int = 300, kinds: Sequence[str] | None = None) -
     ``README*``/``copyright`` files under ``/usr/share/doc``), ``docstring`` (the same
     Python files as ``python``; their docstrings are read as prose).  ``copyright`` (Debian
     ``/usr/share/doc/<package>/copyright`` files, identical copies kept once, for ``licences``)
-    is found only when named in ``kinds``.  The folders come from :data:`SOURCE_ROOTS`.  A kind
+    is found only when named in ``kinds``, and so are the man-page kinds ``man1``, ``man2``, ``man3``,
+    ``man5``, ``man7``, ``man8`` (pages of that manual section under ``/usr/share/man/man<N>``, for
+    ``man_sections``; see :func:`_pick_man_pages`).  The folders come from :data:`SOURCE_ROOTS`.  A kind
     with no files is returned with an empty ``files`` list.
     Results are memoised per process.
     """
@@ -1072,6 +1626,11 @@ def discover_sources(max_files: int = 300, kinds: Sequence[str] | None = None) -
                 if os.path.isfile(p):
                     cands.append(p)
         found["copyright"] = SourceSet("copyright", _pick_files(cands, max_files, copy_key=_content_key), roots)
+
+    for kind in MAN_KINDS:
+        if kind in need:
+            roots = _expand_roots(kind)
+            found[kind] = SourceSet(kind, _pick_man_pages(roots, kind[3:], max_files), roots)
 
     result = {k: v for k, v in found.items() if k in kinds}
     _DISCOVERY_CACHE[key] = result
@@ -1668,12 +2227,101 @@ def build_licences(
     return _cached_build("licences", params, cache_dir, use_cache, build)
 
 
+def build_man_sections(
+    cache_dir: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    sizes: _Sizes = None,
+    *,
+    min_files: int = 40,
+    min_snippets: int = 2,
+    max_files: int = 300,
+    use_cache: bool = True,
+    sources: Mapping[str, SourceSet] | None = None,
+    _reader: _Reader | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """``man_sections``: split -> rows ``{text, label, source}``, label the manual section of the
+    man page the text comes from (:data:`MAN_SECTIONS`: ``user_commands`` = man1, ``system_calls``
+    = man2, ``library`` = man3, ``file_formats`` = man5, ``overview`` = man7, ``admin_commands`` =
+    man8), text 3-12 consecutive lines (at most 400 characters) of the page rendered to plain text.
+
+    Pages come from ``/usr/share/man/man<N>`` (the ``man<N>`` entries of ``sources`` when given, else
+    :func:`discover_sources` with ``max_files`` pages per section; see :func:`_pick_man_pages`), and
+    snippets from their SYNOPSIS / DESCRIPTION / OPTIONS bodies (:func:`man_snippets`), so the
+    section number never appears in the text: the NAME line, the ``.TH`` header/footer and every
+    ``name(N)`` / ``(N)`` cross-reference are left out.  ``source`` is the page, which decides the
+    split.  Repeats are kept once, test split first.  A section is used when at least ``min_files``
+    of its pages give snippets and it has at least ``min_snippets`` distinct snippets in every
+    requested split.  ``sizes`` is rows per section per split (default :data:`DEFAULT_CLASS_SIZES`),
+    shrunk to the smallest section's count when needed; the manifest's ``details`` record what was
+    kept, asked for and available.  Raises :class:`DatasetBuildError` when fewer than three
+    sections qualify, naming the folders searched.
+    """
+    sizes = dict(DEFAULT_CLASS_SIZES if sizes is None else sizes)
+    given = {k: sources[k] for k in MAN_KINDS if k in sources} if sources is not None else {}
+    params = _params(
+        "man_sections", seed, sizes, max_files, {"min_files": min_files, "min_snippets": min_snippets},
+        given or None,
+    )
+
+    def build() -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+        src = given or discover_sources(max_files, kinds=MAN_KINDS)
+        reader = _reader or _Reader()
+        raw: dict[str, dict[str, list[_Snippet]]] = {label: {s: [] for s in SPLITS} for label in MAN_SECTIONS}
+        pages: dict[str, int] = {}
+        for label, num in MAN_SECTIONS.items():
+            ss = src.get(f"man{num}")
+            used = 0
+            for path in ss.files if ss is not None else []:
+                snippets = reader.man_snippets(path, MAN_CHUNKS)
+                used += bool(snippets)
+                split = split_for(path)
+                raw[label][split].extend(_Snippet(text, path, i) for i, text in enumerate(snippets))
+            pages[label] = used
+        pools = _dedup_across(raw)
+        asked = [s for s in SPLITS if int(sizes.get(s, 0)) > 0]
+        avail = {label: {s: len(pools[label][s]) for s in SPLITS} for label in MAN_SECTIONS}
+        dropped: dict[str, str] = {}
+        for label in MAN_SECTIONS:
+            if pages[label] < min_files:
+                dropped[label] = f"{pages[label]} page(s) < {min_files}"
+            elif any(avail[label][s] < min_snippets for s in asked):
+                short = [f"{s} {avail[label][s]}" for s in asked if avail[label][s] < min_snippets]
+                dropped[label] = f"snippets {', '.join(short)} < {min_snippets}"
+        kept = [label for label in MAN_SECTIONS if label not in dropped]
+        searched = [d for k in MAN_KINDS for d in (src[k].searched if k in src else _expand_roots(k))]
+        if len(kept) < 3:
+            detail = "; ".join(f"{label} (man{num}): {dropped[label]}" for label, num in MAN_SECTIONS.items()
+                               if label in dropped)
+            raise DatasetBuildError(
+                f"man_sections: need at least 3 manual sections with >= {min_files} man pages giving "
+                f"snippets and >= {min_snippets} distinct snippets in each split, found {kept or 'none'}; "
+                f"{detail}; searched: {', '.join(searched) or '(nothing)'}"
+            )
+        rows = _balanced_rows({label: pools[label] for label in kept}, sizes, seed, "man_sections", "man_sections")
+        per_class = {s: len(rows[s]) // len(kept) for s in SPLITS}
+        info = _info(src, list(MAN_KINDS))
+        info["details"] = {
+            "sections": kept,
+            "section_numbers": {label: MAN_SECTIONS[label] for label in kept},
+            "requested_per_class": {s: int(sizes.get(s, 0)) for s in SPLITS},
+            "rows_per_class": per_class,
+            "shrunk": [s for s in SPLITS if per_class[s] < int(sizes.get(s, 0))],
+            "section_pages": pages,
+            "section_snippets": avail,
+            "dropped_sections": dropped,
+        }
+        return rows, info
+
+    return _cached_build("man_sections", params, cache_dir, use_cache, build)
+
+
 _BUILDERS: dict[str, Callable[..., dict[str, list[dict[str, Any]]]]] = {
     "text_kind": build_text_kind,
     "code_language": build_code_language,
     "entities": build_entities,
     "domains": build_domains,
     "licences": build_licences,
+    "man_sections": build_man_sections,
 }
 
 
@@ -1691,20 +2339,24 @@ def build_all(
     entity_sizes: _Sizes = None,
     domain_sizes: _Sizes = None,
     licence_sizes: _Sizes = None,
+    man_sizes: _Sizes = None,
     *,
     max_files: int = 300,
     licence_max_files: int = 1000,
+    man_max_files: int = 300,
     use_cache: bool = True,
     sources: Mapping[str, SourceSet] | None = None,
 ) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """Build (or read from cache) all five datasets: name -> split -> rows.
+    """Build (or read from cache) all six datasets: name -> split -> rows.
 
     ``sizes`` is per class for ``text_kind`` and ``code_language``, ``domain_sizes`` per
     domain (defaults to ``sizes``), ``licence_sizes`` per licence family (defaults to ``sizes``,
     else :data:`DEFAULT_LICENCE_SIZES`), ``entity_sizes`` total per split.  ``licences`` reads up
     to ``licence_max_files`` copyright files (or ``sources["copyright"]`` when present): it needs
-    all of them, as licence bodies repeat a lot.  Source discovery and file reading are shared
-    between the datasets.
+    all of them, as licence bodies repeat a lot.  ``man_sections`` reads up to ``man_max_files``
+    pages per manual section (or the ``man<N>`` entries of ``sources`` when present), ``man_sizes``
+    rows per section (defaults to ``sizes``, else :data:`DEFAULT_CLASS_SIZES`).  Source discovery
+    and file reading are shared between the datasets.
     """
     reader = _Reader()  # discovery is memoised per process; the reader shares parsed files
     common: dict[str, Any] = dict(
@@ -1718,6 +2370,10 @@ def build_all(
         "licences": build_licences(
             sizes=licence_sizes if licence_sizes is not None else sizes,
             **dict(common, max_files=licence_max_files),
+        ),
+        "man_sections": build_man_sections(
+            sizes=man_sizes if man_sizes is not None else sizes,
+            **dict(common, max_files=man_max_files),
         ),
     }
 
@@ -1787,6 +2443,36 @@ _DESCRIPTIONS: dict[str, str] = {
         "mostly the same boilerplate, so after deduplication this dataset is small (the manifest's "
         "`details` record the families kept and dropped, the snippets available and the rows per "
         "class)."
+    ),
+    "man_sections": (
+        "**man_sections** (labels: manual sections `user_commands` = man1, `system_calls` = man2, "
+        "`library` = man3, `file_formats` = man5, `overview` = man7, `admin_commands` = man8, whichever "
+        "have at least 40 usable pages here): 3-12 consecutive lines (at most 400 characters, at least "
+        "60 non-space characters) of a man page from `/usr/share/man/man<N>`, rendered from troff to "
+        "plain text the way `man` prints it, at a basic level: comment lines (`.\\\"`), the `.TH` "
+        "header/footer and troff requests (`.ds`, `.nr`, `.if` blocks, macro definitions, tables) are "
+        "dropped; `.SH DESCRIPTION` becomes the line `DESCRIPTION`; font macros keep their arguments "
+        "(`.B ls` -> `ls`, `.BR a (1)` -> `a(1)`) and so do other man macros unless the arguments are "
+        "only numbers; `.PP`/`.TP`/`.IP`/`.sp` break paragraphs (a `.TP` tag gets its own line); font "
+        "escapes (`\\fB`, `\\fI`, `\\fR`, `\\fP`, `\\f(CW`) are removed, `\\-` is `-`, `\\(em` is "
+        "`—`, `\\e` is `\\`, `\\&` is nothing, a few common `\\(xx` characters (bullets, quotes) are "
+        "themselves and other ones a space; filled text is reflowed to 78 columns, `.nf`/`.EX` blocks "
+        "keep their lines. Snippets come only from the SYNOPSIS, DESCRIPTION and OPTIONS bodies (about "
+        "their first 600 rendered lines per page). **The section number never appears in the text**: "
+        "the NAME line (which reads like `ls(1)`) and the header/footer are not used, every "
+        "cross-reference loses its section (`ls(1)` -> `ls`; any `(N)` or `(Nxx)` with N a digit 1-9, "
+        "such as `(3p)`, is removed) and snippets that still name a section in words (\"Section 7 of "
+        "the manual\", \"man 2 open\") are dropped. Only pages named `*.N` or `*.N.gz` count for "
+        "section N (Perl modules `*.3pm`/`*.3perl` and other suffixed sections such as `3type` or "
+        "`1ssl` are left out, so `library` is C library pages); symlinked aliases are read once, as "
+        "their target, and `.so` redirect pages and BSD `mdoc` pages are skipped. Up to 300 pages per "
+        "section are picked by a path hash, one page family (the name up to the first `-`/`_`/`.`, "
+        "e.g. the thousands of generated `gcloud` pages, or the folder of pages linked in from a "
+        "package's own man folder) filling at most a tenth of them. The split is decided by the page "
+        "file. Default 300/50/100 rows per section, cut to the smallest section's count if needed (the "
+        "manifest's `details` record the sections kept and dropped, the pages and snippets available "
+        "and the rows per class); building fails with an error naming the folders searched if fewer "
+        "than 3 sections qualify."
     ),
 }
 
