@@ -9,6 +9,13 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Many LoRA adapters on one base model: inspect, merge, train, predict, route, serve.")
 
+
+
+@app.callback()
+def _main() -> None:
+    """Keep sub-command names even when only one command is registered."""
+
+
 #: Modules that define ``register(app: typer.Typer) -> None``; a missing one is skipped.
 _COMMAND_MODULES = (
     "loraplex.adapters.cli",   # inspect

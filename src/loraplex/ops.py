@@ -32,8 +32,15 @@ class Segments:
 
     @property
     def identity(self) -> bool:
-        """Every row uses exactly one adapter, in row order, weight 1."""
-        return self.row_ranges is not None and self.rows.numel() == self.n_rows
+        """Every row uses exactly one adapter, in row order, weight 1.
+
+        ``row_ranges`` are sorted by slot, so the pairs are in row order only when the ranges also follow each
+        other (rows ``["b", "a"]`` with a in slot 1 give two runs but pair order [1, 0]: not the identity).
+        """
+        rr = self.row_ranges
+        if rr is None or self.rows.numel() != self.n_rows:
+            return False
+        return all(prev[2] == nxt[1] for prev, nxt in zip(rr, rr[1:])) and (not rr or rr[0][1] == 0)
 
 
 def make_segments(pair_rows: torch.Tensor, pair_slots: torch.Tensor, pair_weights: torch.Tensor,

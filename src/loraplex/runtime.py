@@ -125,6 +125,10 @@ class MultiLoraLinear(nn.Module):
         self.slot_rank: list[int] = [0] * n_slots
         self.dropout = 0.0
         self.kernel: str = "auto"  # "auto" | "sgmv" | "bgmv" (tests and benchmarks force one)
+        # trainers: differentiable (A [S, r_max, d_in], B [S, d_out, r_max]) stacks used instead of lora_A/lora_B,
+        # and per-row LoRA dropout probabilities [N] used (in training mode) instead of ``dropout``
+        self.train_stacks: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.row_dropout: torch.Tensor | None = None
 
     # ---------------------------------------------------------------- slot writes (bank only)
     @property
@@ -183,15 +187,19 @@ class MultiLoraLinear(nn.Module):
             return y
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # [N, L, d_in]
         y3 = y.reshape(y.shape[0], -1, y.shape[-1])  # [N, L, d_out] (a view)
-        if self.training and self.dropout > 0:
+        A, B = self.train_stacks if self.train_stacks is not None else (self.lora_A, self.lora_B)
+        if self.training and self.row_dropout is not None and self.row_dropout.shape[0] == x3.shape[0]:
+            keep = (1 - self.row_dropout).to(x3.dtype)[:, None, None]  # [N, 1, 1]
+            x3 = x3 * (torch.rand_like(x3) < keep).to(x3.dtype) / keep.clamp_min(1e-12)
+        elif self.training and self.dropout > 0:
             x3 = nn.functional.dropout(x3, self.dropout, training=True)
-        x3 = x3.to(self.lora_A.dtype)
+        x3 = x3.to(A.dtype)
         if plan.uniform_slot is not None:
             slot = plan.uniform_slot
             r = self.slot_rank[slot]
             if r == 0:
                 return y
-            out = ops.lora_single(x3, self.lora_A[slot, :r], self.lora_B[slot, :, :r], self.lora_scale[slot],
+            out = ops.lora_single(x3, A[slot, :r], B[slot, :, :r], self.lora_scale[slot],
                                   out=y3 if not torch.is_grad_enabled() else None)
         else:
             seg = plan.segments
@@ -200,10 +208,9 @@ class MultiLoraLinear(nn.Module):
                 kernel = ops.choose_kernel(seg.rows.numel(), x3.shape[1], len(seg.bounds))
             inplace = y3 if not torch.is_grad_enabled() else None
             if kernel == "bgmv":
-                out = ops.lora_bgmv(x3, self.lora_A, self.lora_B, self.lora_scale, seg, out=inplace)
+                out = ops.lora_bgmv(x3, A, B, self.lora_scale, seg, out=inplace)
             else:
-                out = ops.lora_sgmv(x3, self.lora_A, self.lora_B, self.lora_scale, seg, out=inplace,
-                                    ranks=self.slot_rank)
+                out = ops.lora_sgmv(x3, A, B, self.lora_scale, seg, out=inplace, ranks=self.slot_rank)
         if out is y3:
             return y
         return y + out.reshape(y.shape).to(y.dtype)

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from loraplex.adapters.io import LoraAdapter, align_prefix, load_adapter, validate_against
-from loraplex.adapters.spec import resolve_all_linear
 from loraplex.errors import AdapterError, LoraplexError, UnknownAdapterError
 from loraplex.runtime import MultiLoraLinear, PlanState, SavedModuleSwitch, set_submodule
 
@@ -80,8 +79,8 @@ class AdapterBank:
             if name not in self._cpu:
                 raise UnknownAdapterError(name, self.names)
             ad = self._cpu[name]
-            if ad is None:
-                ad = self._read(name, self._paths[name])
+            if ad is None:  # re-read and prepared exactly as at register (prefix alignment, dtype, pinning)
+                ad = self._prepare(name, self._read(name, self._paths[name]))
                 self._cpu[name] = ad
                 self.stats.disk_reloads += 1
             self._cpu_lru.move_to_end(name)
@@ -208,11 +207,11 @@ class AdapterBank:
         """Validate against the model; CPU copy in the model dtype (pinned when the model is on CUDA)."""
         ad.name = name
         base = self._base_model()
-        if isinstance(ad.spec.target_modules, str) and ad.spec.target_modules.lower() == "all-linear":
-            ad.spec = resolve_all_linear(ad.spec, base)
+        # the spec is kept as written (e.g. target_modules="all-linear") so saving gives back the same config;
+        # the modules served are the ones in the weights file, checked below
         ad = align_prefix(ad, base)
         ad.name = name
-        validate_against(ad, base, check_saved=self._saved_handler() is None)
+        validate_against(ad, base, check_saved=self._saved_handler() is None, model_name=type(self.model).__name__)
         ad = ad.to("cpu", self.dtype)
         ad.name = name
         if self.device.type == "cuda":

@@ -324,16 +324,18 @@ def align_prefix(adapter: LoraAdapter, model: torch.nn.Module) -> LoraAdapter:
     return adapter
 
 
-def validate_against(adapter: LoraAdapter, model: torch.nn.Module, *, check_saved: bool = True) -> None:
+def validate_against(adapter: LoraAdapter, model: torch.nn.Module, *, check_saved: bool = True,
+                     model_name: str | None = None) -> None:
     """Check every targeted module exists in ``model`` with matching shapes; errors name adapter and module."""
     mods = dict(model.named_modules())
     where = f"adapter {adapter.name!r}" + (f" ({adapter.path})" if adapter.path else "")
-    base_name = type(model).__name__
+    base_name = model_name or type(model).__name__  # the bank validates through a view: it names the real class
     for name, m in adapter.modules.items():
         if name not in mods:
+            said = adapter.spec.base_model_name_or_path
             raise AdapterError(f"{where} targets module {name!r}, which the base model ({base_name}) does not have; "
-                               f"is this adapter for another base model "
-                               f"(it says {adapter.spec.base_model_name_or_path!r})?")
+                               f"is this adapter for another base model"
+                               + (f" (it says {said!r})?" if said else "?"))
         dims = module_dims(mods[name])
         if dims is None:
             raise AdapterError(f"{where}: module {name!r} is a {type(mods[name]).__name__}; loraplex adapts "
