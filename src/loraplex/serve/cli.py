@@ -1,0 +1,170 @@
+"""``loraplex serve``: build the engine, model registry and app from command-line options (or a config), run uvicorn."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import typer
+
+from loraplex.errors import LoraplexError
+
+
+def _pairs(items: Sequence[str], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        if not eq or not name.strip() or not value.strip():
+            raise typer.BadParameter(f"{what} must look like NAME=VALUE, got {item!r}")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def parse_ab(items: Sequence[str]) -> dict[str, dict[str, float]]:
+    """``exp=a:0.5,b:0.5`` -> {exp: {a: 0.5, b: 0.5}}."""
+    out: dict[str, dict[str, float]] = {}
+    for name, arms in _pairs(items, "--ab").items():
+        split: dict[str, float] = {}
+        for arm in arms.split(","):
+            a, colon, w = arm.partition(":")
+            try:
+                split[a.strip()] = float(w) if colon else 1.0
+            except ValueError:
+                raise typer.BadParameter(f"--ab {name}: weight {w!r} of arm {a!r} is not a number") from None
+        out[name] = split
+    return out
+
+
+def build_server(*, base: str, adapters: Mapping[str, str] | None = None, adapters_dir: str | None = None,
+                 admin_token: str | None = None, adapter_roots: Sequence[str] = (),
+                 compositions: Mapping[str, str] | None = None,
+                 ab_splits: Mapping[str, Mapping[str, float]] | None = None, router: Any = None,
+                 router_dir: str | None = None, base_id: str | None = None, device: str | None = None,
+                 dtype: str | None = None, max_slots: int = 32, cpu_budget_mb: float | None = None,
+                 trust_pickle: bool = False,
+                 max_batch_size: int = 16, batch_window_ms: float = 5.0, max_queue: int = 256,
+                 max_prompt_tokens: int | None = None, max_tokens_cap: int | None = None, seed: int = 0) -> Any:
+    """(engine, registry, app) for a base model and adapters; shared by the CLI and the config hook.
+
+    ``router`` is a router object (see :class:`~loraplex.serve.registry.ModelRegistry`), or ``router_dir`` a saved
+    sequence router, served as model ``auto``. Admin loads are confined to ``adapter_roots`` (default:
+    ``adapters_dir``); without ``admin_token`` the admin endpoints are disabled."""
+    import torch
+
+    import loraplex
+    from loraplex.adapters.io import load_adapter_dir
+    from loraplex.serve.app import create_app
+    from loraplex.serve.engine import Engine
+    from loraplex.serve.registry import ModelRegistry
+
+    plex = loraplex.load(base, device=device, dtype=getattr(torch, dtype) if dtype else None, max_slots=max_slots,
+                         cpu_budget_bytes=int(cpu_budget_mb * 2**20) if cpu_budget_mb else None,
+                         trust_pickle=trust_pickle)
+    if adapters_dir:
+        for name, ad in load_adapter_dir(adapters_dir, trust_pickle=trust_pickle).items():
+            plex.add_adapter(name, ad)
+    for name, path in (adapters or {}).items():
+        plex.add_adapter(name, path)
+    if router_dir and router is None:  # a trained sequence router (loraplex route / train): serves model "auto"
+        from loraplex.compose.moe import RoutedModel
+        from loraplex.compose.router import load_router
+
+        router = RoutedModel(plex, load_router(router_dir, map_location=plex.bank.device))
+    engine = Engine(plex, max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, max_queue=max_queue,
+                    max_prompt_tokens=max_prompt_tokens, max_tokens_cap=max_tokens_cap)
+    bid = base_id or Path(str(base)).name or "base"
+    registry = ModelRegistry(plex, base_id=bid, compositions=compositions, ab_splits=ab_splits, router=router,
+                             seed=seed)
+    roots = list(adapter_roots) or ([adapters_dir] if adapters_dir else [])
+    app = create_app(engine, registry, admin_token=admin_token, adapter_roots=roots, base_id=bid)
+    return engine, registry, app
+
+
+def build_engine_from_config(path: str | os.PathLike) -> Any:
+    """(engine, registry, app) from a loraplex YAML config.
+
+    Hook for the config owner: ``loraplex.train.config`` must provide ``load_serve_config(path) -> dict`` whose
+    keys are :func:`build_server`'s arguments (base, adapters, compositions, ab_splits, admin_token, ...)."""
+    try:
+        config = importlib.import_module("loraplex.train.config")
+    except ModuleNotFoundError as exc:
+        if exc.name != "loraplex.train.config":
+            raise
+        raise NotImplementedError(
+            f"cannot serve {path}: YAML configs need loraplex.train.config, which is not installed in this build; "
+            f"use --base and --adapter/--adapters-dir instead") from None
+    loader = getattr(config, "load_serve_config", None)
+    if not callable(loader):
+        raise NotImplementedError(
+            f"cannot serve {path}: loraplex.train.config has no load_serve_config(path) yet; use --base and "
+            f"--adapter/--adapters-dir instead")
+    return build_server(**dict(loader(path)))
+
+
+def serve(
+    config: Optional[Path] = typer.Argument(None, help="A loraplex YAML config (instead of --base/--adapter)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model folder or hub id."),
+    adapter: list[str] = typer.Option([], "--adapter", help="NAME=PATH of an adapter folder (repeatable)."),
+    adapters_dir: Optional[str] = typer.Option(None, "--adapters-dir",
+                                               help="Folder whose subfolders are adapters (named after them)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
+    port: int = typer.Option(8000, "--port"),
+    admin_token: Optional[str] = typer.Option(None, "--admin-token", envvar="LORAPLEX_ADMIN_TOKEN",
+                                              help="Bearer token for /v1/load_lora_adapter and "
+                                                   "/v1/unload_lora_adapter (unset: admin endpoints disabled)."),
+    adapter_root: list[str] = typer.Option([], "--adapter-root",
+                                           help="Folder admin loads may read from (repeatable; default: "
+                                                "--adapters-dir)."),
+    composition: list[str] = typer.Option([], "--composition",
+                                          help="NAME=SPEC, e.g. mix='blend(a=0.7,b=0.3)' (repeatable)."),
+    ab: list[str] = typer.Option([], "--ab", help="A/B split NAME=ARM:W,ARM:W (repeatable)."),
+    router: Optional[str] = typer.Option(None, "--router", help="Router folder: enables model 'auto'."),
+    base_id: Optional[str] = typer.Option(None, "--base-id", help="Model id of the bare base model."),
+    max_batch_size: int = typer.Option(16, "--max-batch-size"),
+    batch_window_ms: float = typer.Option(5.0, "--batch-window-ms"),
+    max_queue: int = typer.Option(256, "--max-queue", help="Waiting requests before answering 429."),
+    max_prompt_tokens: Optional[int] = typer.Option(None, "--max-prompt-tokens"),
+    max_tokens_cap: Optional[int] = typer.Option(None, "--max-tokens-cap"),
+    max_slots: int = typer.Option(32, "--max-slots", help="Adapters resident on the device at once."),
+    cpu_budget_mb: Optional[float] = typer.Option(None, "--cpu-budget-mb",
+                                                  help="CPU-tier byte budget (LRU adapters re-read from disk)."),
+    device: Optional[str] = typer.Option(None, "--device"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16, float16."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow adapter_model.bin (pickle) files."),
+    log_level: str = typer.Option("info", "--log-level"),
+) -> None:
+    """Serve the base model and its adapters with an OpenAI-compatible API (mixed-adapter batching)."""
+    from loraplex.serve.server import serve as run
+
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if config is not None:
+            if base or adapter or adapters_dir:
+                raise typer.BadParameter("give either CONFIG or --base/--adapter/--adapters-dir, not both")
+            engine, _, app = build_engine_from_config(config)
+        else:
+            if not base:
+                raise typer.BadParameter("--base is required (or a CONFIG file)")
+            engine, _, app = build_server(
+                base=base, adapters=_pairs(adapter, "--adapter"), adapters_dir=adapters_dir, admin_token=admin_token,
+                adapter_roots=adapter_root, compositions=_pairs(composition, "--composition"), ab_splits=parse_ab(ab),
+                router_dir=router,
+                base_id=base_id, device=device, dtype=dtype, max_slots=max_slots, cpu_budget_mb=cpu_budget_mb,
+                trust_pickle=trust_pickle, max_batch_size=max_batch_size, batch_window_ms=batch_window_ms,
+                max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, max_tokens_cap=max_tokens_cap)
+    except (LoraplexError, NotImplementedError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if host not in ("127.0.0.1", "localhost", "::1") and not admin_token:
+        typer.echo(f"note: listening on {host} with admin endpoints disabled (no --admin-token)", err=True)
+    try:
+        run(app, host=host, port=port, log_level=log_level)
+    finally:
+        engine.close()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)

