@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -32,7 +33,8 @@ class Plex:
         self.bank = AdapterBank(model, max_slots=max_slots, cpu_budget_bytes=cpu_budget_bytes,
                                 trust_pickle=trust_pickle)
         self._active: RowChoice = None
-        self._disabled = 0
+        self._local = threading.local()  # per-thread "disabled" depth: a routing pass on one thread never
+        # switches adapters off for another thread's forward
 
     # ------------------------------------------------------------------ adapters
     @property
@@ -70,11 +72,11 @@ class Plex:
     @contextmanager
     def disabled(self) -> Iterator[None]:
         """Run the bare base model inside this block."""
-        self._disabled += 1
+        self._local.disabled = getattr(self._local, "disabled", 0) + 1
         try:
             yield
         finally:
-            self._disabled -= 1
+            self._local.disabled -= 1
 
     # ------------------------------------------------------------------ plans
     def _row(self, choice: RowChoice) -> RowSpec:
@@ -101,7 +103,7 @@ class Plex:
 
     def rows_for(self, adapters: RowChoice | Sequence[RowChoice] | None, n_rows: int) -> list[RowSpec]:
         """Per-row specs: one choice for all rows, or a list with one choice per row."""
-        if self._disabled:
+        if getattr(self._local, "disabled", 0):
             return [[] for _ in range(n_rows)]
         if adapters is None:
             return [self._row(self._active)] * n_rows
