@@ -1,17 +1,20 @@
 """Merge cost and accuracy: loraplex ``merge_adapters`` vs PEFT ``add_weighted_adapter`` on the same adapters.
 
-Llama-shaped random-init model (hidden 1024, intermediate 2752, 4 layers), 3 PEFT adapters of rank 16 on all 7
-linear targets, weights 0.5/0.3/0.2, density 0.5. For every combination type it prints, for loraplex and for PEFT:
-wall time, peak extra memory (process RSS above the level just before the call, sampled every 1 ms by a thread
-through psutil, with glibc told to return freed blocks >= 256 KiB to the OS at once so the peak is visible), the
-rank written, and the relative Frobenius error of the merged delta against the exact weighted sum of deltas
+Llama-shaped random-init model (default hidden 768, intermediate 2048, 2 layers: 14 target modules), 3 PEFT
+adapters of rank 16 on all 7 linear targets, weights 0.5/0.3/0.2 (not normalised), density 0.5. For every
+combination type it prints, for loraplex and for PEFT: peak extra memory (pass 1: process RSS above the level just
+before the call, sampled every 1 ms by a thread through psutil, with glibc told to return freed blocks >= 256 KiB to
+the OS at once so the peak is visible), wall time (pass 2: plain calls, glibc then told to keep freed blocks for
+reuse as its dynamic threshold would, no sampling thread), the rank
+written, and the relative Frobenius error of the merged delta against the exact weighted sum of deltas
 ``sum_i w_i s_i B_i A_i`` over all modules (``err vs sum``). For loraplex it also prints the truncation error
 against the method's own definition (``trunc err``: 0 for exact cat/linear; for ties/dare/magnitude the
 difference to the weighted sum is the method itself, not an error). Finally it shows what PEFT does with adapters of
 different ranks for its factor-wise types.
 
-    python benchmarks/merge.py            # full run (~2-3 min on 2 CPU cores)
-    python benchmarks/merge.py --quick    # small model, smoke test (~15 s)
+    python benchmarks/merge.py            # default size (~3-4 min on 2 busy CPU cores, one torch thread)
+    python benchmarks/merge.py --quick    # small model, smoke test (~30 s)
+    python benchmarks/merge.py --hidden 1024 --intermediate 2752 --layers 4   # bigger (PEFT's *_svd get slow)
 """
 
 from __future__ import annotations
@@ -52,8 +55,27 @@ def _malloc_release() -> None:
         pass
 
 
+def _malloc_keep() -> None:
+    """Make glibc keep freed blocks up to 32 MiB in its heap for reuse (what its dynamic threshold converges to),
+    so timings do not pay a page fault per fresh buffer."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1024 * 1024 * 1024)  # M_TRIM_THRESHOLD
+    except OSError:
+        pass
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """(result, seconds) of ``fn()``, with nothing else running in the process."""
+    gc.collect()
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
 def measure(fn: Callable[[], Any]) -> tuple[Any, float, float]:
-    """(result, seconds, peak extra RSS in MiB) of ``fn()``."""
+    """(result, seconds, peak extra RSS in MiB) of ``fn()``; the seconds include the sampling overhead."""
     gc.collect()
     proc = psutil.Process()
     base = proc.memory_info().rss
@@ -137,6 +159,10 @@ def peft_delta_fn(pm: PeftModel, adapter: str) -> Callable[[str], torch.Tensor]:
     return fn
 
 
+def peft_kwargs(method: str, density: float) -> dict[str, Any]:
+    return {"density": density} if method not in ("linear", "cat", "svd") else {}
+
+
 def peft_rank(pm: PeftModel, adapter: str) -> int:
     return int(pm.peft_config[adapter].r)
 
@@ -168,9 +194,9 @@ def mixed_rank_probe(root: Path) -> tuple[str, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="hidden 256, intermediate 688, 2 layers")
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--intermediate", type=int, default=2752)
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--intermediate", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--adapters", type=int, default=3)
     ap.add_argument("--density", type=float, default=0.5)
@@ -207,24 +233,40 @@ def main() -> None:
               f"targets; weights {weights}; density {args.density}; torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads (setup {setup_s:.1f} s)\n")
         rows = []
+        peak: dict[tuple[str, str], float] = {}
+        # pass 1: peak memory (RSS sampled every 1 ms; glibc returns freed blocks >= 256 KiB at once, set at start)
         for method in methods:
-            (merged, report), dt, mem = measure(lambda: merge_adapters(ads, names, weights, method,
-                                                                       density=args.density, normalize=False))
+            _, _, peak["ours", method] = measure(lambda: merge_adapters(ads, names, weights, method,
+                                                                        density=args.density, normalize=False))
+            if pm is not None and method in PEFT_TYPES:
+                tag = f"m_{method}"
+                try:
+                    _, _, peak["peft", method] = measure(lambda: pm.add_weighted_adapter(
+                        names, weights, tag, combination_type=method, **peft_kwargs(method, args.density)))
+                    pm.delete_adapter(tag)
+                except Exception:  # reported in pass 2
+                    pass
+            gc.collect()
+        # pass 2: time and accuracy, glibc keeping freed blocks for reuse, no sampling thread
+        _malloc_keep()
+        for method in methods:
+            (merged, report), dt = timed(lambda: merge_adapters(ads, names, weights, method,
+                                                                density=args.density, normalize=False))
             ours_err = meter.error(lambda mod: merged.modules[mod].scaling * (merged.modules[mod].B
                                                                               @ merged.modules[mod].A))
             ranks = sorted({m.rank for m in report.modules})
-            row = {"method": method, "ours_s": dt, "ours_mb": mem,
+            row = {"method": method, "ours_s": dt, "ours_mb": peak["ours", method],
                    "ours_rank": "/".join(map(str, ranks)), "ours_err": ours_err, "trunc": report.total_error,
                    "peft": None}
             del merged
             if pm is not None and method in PEFT_TYPES:
                 tag = f"m_{method}"
-                kw: dict[str, Any] = {"density": args.density} if method not in ("linear", "cat", "svd") else {}
                 try:
-                    _, pdt, pmem = measure(lambda: pm.add_weighted_adapter(names, weights, tag,
-                                                                           combination_type=method, **kw))
+                    _, pdt = timed(lambda: pm.add_weighted_adapter(names, weights, tag, combination_type=method,
+                                                                   **peft_kwargs(method, args.density)))
                     perr = meter.error(peft_delta_fn(pm, tag))
-                    row["peft"] = {"s": pdt, "mb": pmem, "rank": str(peft_rank(pm, tag)), "err": perr}
+                    row["peft"] = {"s": pdt, "mb": peak.get(("peft", method), float("nan")),
+                                   "rank": str(peft_rank(pm, tag)), "err": perr}
                     pm.delete_adapter(tag)
                 except Exception as exc:  # PEFT refusing a combination is a result too
                     row["peft"] = {"error": f"{type(exc).__name__}: {exc}"}

@@ -354,10 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--full-vocab", action="store_true", help="all 30522 tokenizer ids in the model (slower)")
     ap.add_argument("--json", default=None, help="also write the results as JSON here")
+    ap.add_argument("--seed", type=int, default=0, help="seed of data sampling, model init and training")
     args = ap.parse_args(argv)
-    s = QUICK if args.quick else FULL
-    if args.full_vocab:
-        s = dataclasses.replace(s, full_vocab=True)
+    s = dataclasses.replace(QUICK if args.quick else FULL, full_vocab=args.full_vocab, seed=args.seed)
     summary = run_example(s, args.out, threads=args.threads)
     print()
     print(summary["table"])

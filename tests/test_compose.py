@@ -57,14 +57,34 @@ def ids_of(n: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
+def hand_deltas(path) -> dict[str, torch.Tensor]:
+    """Dense deltas ``s * B @ A`` per module, read straight from a PEFT adapter folder (safetensors + config),
+    with PEFT's scaling ``alpha / r`` (rsLoRA: ``alpha / sqrt(r)``) -- independent of loraplex's loader and bank."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((Path(path) / "adapter_config.json").read_text())
+    assert not cfg.get("rank_pattern") and not cfg.get("alpha_pattern") and not cfg.get("fan_in_fan_out")
+    r, alpha = cfg["r"], cfg["lora_alpha"]
+    scale = alpha / r ** 0.5 if cfg.get("use_rslora") else alpha / r
+    state = load_file(str(Path(path) / "adapter_model.safetensors"))
+    out = {}
+    for key, a in state.items():
+        if key.endswith(".lora_A.weight"):
+            mod = key[len("base_model.model."):-len(".lora_A.weight")]
+            b = state[key.replace(".lora_A.", ".lora_B.")]
+            out[mod] = scale * (b.double() @ a.double()).float()
+    return out
+
+
 def dense_model(setup, plex, weights: dict[str, float]) -> torch.nn.Module:
-    """A copy of the base model with W + sum_i w_i D_i written into every adapted Linear (hand reference)."""
+    """A copy of the base model with W + sum_i w_i D_i written into every adapted Linear (hand reference: the
+    deltas come from the adapter files, not from loraplex)."""
     model = copy.deepcopy(setup[0])
-    for mod in plex.bank.layers:
-        lin = model.get_submodule(mod)
-        with torch.no_grad():
-            for name, w in weights.items():
-                lin.weight += w * plex.merged_delta(name, mod)
+    deltas = {name: hand_deltas(setup[1][name]) for name in weights}
+    for name, w in weights.items():
+        for mod, d in deltas[name].items():
+            with torch.no_grad():
+                model.get_submodule(mod).weight += w * d
     return model
 
 
@@ -188,11 +208,10 @@ def _two_step_reference(setup, plex, first: str, second: str) -> torch.nn.Module
     """Hand-written in-layer stack: step 1 ``h = D1 x``, step 2 ``y = W x + D2 h`` where both adapt a square layer;
     elsewhere ``y = W x + D1 x + D2 x`` (with whichever deltas exist)."""
     model = copy.deepcopy(setup[0])
-    a1, a2 = plex.get_adapter(first), plex.get_adapter(second)
+    a1, a2 = hand_deltas(setup[1][first]), hand_deltas(setup[1][second])
     for mod in plex.bank.layers:
         lin = model.get_submodule(mod)
-        d1 = a1.modules[mod].delta() if mod in a1.modules else None
-        d2 = a2.modules[mod].delta() if mod in a2.modules else None
+        d1, d2 = a1.get(mod), a2.get(mod)
         square = lin.in_features == lin.out_features
 
         def hook(m, args, y, d1=d1, d2=d2, square=square):
@@ -257,10 +276,15 @@ def test_top1_routed_logits_equal_own_adapter_row_by_row(setup):
     chosen = routing.top1
     assert len(set(chosen)) >= 2, chosen
     assert routing.choices() == chosen
+    with torch.no_grad():  # the choice is the router's argmax on the bare base model's mean-pooled last hidden state
+        hs = setup[0](input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        assert chosen == [rm.experts[i] for i in rm.router(hs.mean(1)).argmax(-1).tolist()]
     with torch.no_grad():
         for i, name in enumerate(chosen):
             own = plex(ids[i:i + 1], adapters=name).logits[0]
             assert torch.allclose(out.logits[i], own, atol=ATOL), (i, name)
+            by_hand = dense_model(setup, plex, {name: 1.0})(input_ids=ids[i:i + 1]).logits[0]
+            assert torch.allclose(out.logits[i], by_hand, atol=ATOL), (i, name)
         sel = rm.all_experts(ids, combine="select")
     assert torch.allclose(sel, out.logits, atol=ATOL)
 
@@ -275,11 +299,19 @@ def test_topk_and_soft_rows_are_renormalised_blends(setup):
     with torch.no_grad():
         out = rm(ids)
     routing = rm.last_routing
+    with torch.no_grad():  # routing probabilities by hand: softmax of the router on the pooled base hidden state
+        hs = setup[0](input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        p_hand = torch.softmax(r(hs.mean(1)), -1)
+    assert torch.allclose(routing.probs, p_hand, atol=1e-5)
     for row, choice in enumerate(routing.choices()):
         assert isinstance(choice, dict) and len(choice) == 2
-        assert abs(sum(choice.values()) - 1) < 1e-6
-        top2 = routing.probs[row].topk(2).indices.tolist()
-        assert list(choice) == [rm.experts[i] for i in top2]
+        p_sorted, order = p_hand[row].sort(descending=True)
+        assert list(choice) == [rm.experts[i] for i in order[:2].tolist()]
+        # renormalised: p_i / (p_1 + p_2), not the raw probabilities
+        want_w = (p_sorted[:2] / p_sorted[:2].sum()).tolist()
+        assert choice[rm.experts[order[0]]] == pytest.approx(want_w[0], abs=1e-6)
+        assert choice[rm.experts[order[1]]] == pytest.approx(want_w[1], abs=1e-6)
+        assert choice[rm.experts[order[0]]] > p_sorted[0] + 1e-4  # three experts: renormalising changes them
         with torch.no_grad():
             want = plex(ids[row:row + 1], adapters=choice).logits[0]
         assert torch.allclose(out.logits[row], want, atol=ATOL)
@@ -529,3 +561,100 @@ def test_noise_only_in_training_and_router_validation():
         Router(["a", "b"], 8, type="transformer")
     with pytest.raises(RouterError, match=r"features \[N, 8\]"):
         r(torch.randn(2, 5))
+
+
+# ------------------------------------------------------------------------------------------- more modes, by hand
+def test_all_experts_mode_is_one_expanded_batch(setup):
+    """'All experts in parallel': each row expanded to all K experts in ONE forward; outputs then selected (top-1),
+    weighted (routing probabilities) or returned as [N, K, ...]."""
+    plex = make_plex(setup)
+    ids = ids_of(5, 6, seed=12)
+    r = _router(["a", "b", "c"], 32, seed=3)
+    rm = RoutedModel(plex, r)
+    calls = []
+    h = plex.model.register_forward_hook(lambda m, a, o: calls.append(int(o.logits.shape[0])))
+    with torch.no_grad():
+        every = rm.all_experts(ids, combine="none")
+    h.remove()
+    assert calls == [5 * 3] and every.shape == (5, 3, 6, VOCAB)  # one forward over N x K rows
+    with torch.no_grad():
+        for i in range(5):
+            for k, name in enumerate("abc"):
+                want = dense_model(setup, plex, {name: 1.0})(input_ids=ids[i:i + 1]).logits[0]
+                assert torch.allclose(every[i, k], want, atol=ATOL), (i, name)
+        routing = rm.route(ids)
+        top = routing.probs.argmax(-1)
+        assert torch.allclose(rm.all_experts(ids, combine="select", routing=routing), every[torch.arange(5), top])
+        soft = RoutedModel(plex, r, mode="soft")
+        p = soft.route(ids).probs
+        weighted = soft.all_experts(ids, combine="weighted")
+    assert torch.allclose(weighted, sum(p[:, k, None, None] * every[:, k] for k in range(3)), atol=ATOL)
+    with pytest.raises(LoraplexError, match="combine must be"):
+        rm.all_experts(ids, combine="mean")
+
+
+def test_token_gated_mode_equals_per_token_hand_reference(setup):
+    """Per-token, per-layer gates (X-LoRA / MoLE): in every gated layer ``y = W x + sum_k g_k(x) D_k x`` with
+    ``g(x) = softmax(x W_l + b_l)`` -- checked against forward hooks written here, with random gate weights so every
+    token gets its own mixture."""
+    plex = make_plex(setup)
+    gm = GatedModel.new(plex, ["a", "b", "c"])
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for lin in gm.router.gates_by_layer.values():
+            lin.weight.normal_(0, 2.0)
+            lin.bias.normal_(0, 1.0)
+    ids = ids_of(3, 7, seed=13)
+    model = copy.deepcopy(setup[0])
+    deltas = [hand_deltas(setup[1][n]) for n in "abc"]
+    zero = {}
+    for mod in gm.router.layer_dims:
+        lin_gate = gm.router.gates_by_layer[gm.router._keys[mod]]
+        target = model.get_submodule(mod)
+        ds = [d.get(mod, torch.zeros_like(target.weight)) for d in deltas]
+
+        def hook(m, args, y, lin_gate=lin_gate, ds=ds):
+            x = args[0]
+            g = torch.softmax(x @ lin_gate.weight.t() + lin_gate.bias, -1)  # [N, L, K]
+            return y + sum(g[..., k:k + 1] * (x @ ds[k].t()) for k in range(3))
+
+        target.register_forward_hook(hook)
+    gm.record_gates = True
+    with torch.no_grad():
+        got = gm(ids).logits
+        want = model(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=ATOL), (got - want).abs().max()
+    g = next(iter(gm.last_gates.values()))
+    assert g.shape == (3, 7, 3) and (g.max(-1).values - g.min(-1).values).std() > 0  # gates differ per token
+    with torch.no_grad():
+        assert not torch.allclose(got, plex(ids, adapters={"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}).logits, atol=1e-4)
+
+
+def test_collapse_threshold_is_strictly_more_than_twice_fair():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # exactly 2x the fair share (1/4) is not collapse
+        assert L.warn_collapse([0.5, 0.25, 0.125, 0.125], list("abcd")) == []
+    with pytest.warns(RouterCollapseWarning, match="'a' takes 51%"):
+        L.warn_collapse([0.51, 0.25, 0.12, 0.12], list("abcd"))
+    with pytest.warns(RouterCollapseWarning, match="'d' receives no rows"):
+        L.warn_collapse([0.4, 0.3, 0.3, 0.0], list("abcd"))
+
+
+def test_routed_serving_warns_on_collapse_and_is_deterministic(setup):
+    plex = make_plex(setup)
+    ids = ids_of(6, 5, seed=14)
+    r = Router(["a", "b", "c"], 32, noise_std=5.0, dropout=0.5)
+    with torch.no_grad():
+        r.head[-1].bias.copy_(torch.tensor([50.0, 0.0, 0.0]))  # everything to 'a'
+    r.train()  # left in training mode: serving must still be noise- and dropout-free
+    rm = RoutedModel(plex, r, warn_on_collapse=True)
+    with pytest.warns(RouterCollapseWarning) as rec:
+        first = rm.route(ids)
+    msgs = [str(w.message) for w in rec]
+    assert any("'a' takes 100%" in m for m in msgs) and any("'b' receives no rows" in m for m in msgs)
+    assert r.training  # the router's mode is restored
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RouterCollapseWarning)
+        again = [rm.route(ids).logits for _ in range(3)]
+    assert all(torch.equal(first.logits, lg) for lg in again)
+    assert first.top1 == ["a"] * 6

@@ -174,7 +174,8 @@ CLASS_DATASETS = ("text_kind", "code_language", "domains", "licences", "man_sect
 
 
 def test_sizes_and_labels(datasets) -> None:
-    assert set(datasets) == set(corpora.DATASET_NAMES)
+    # build_all builds every dataset but man_languages (translated man pages are often not installed)
+    assert set(datasets) == set(corpora.DATASET_NAMES) - {"man_languages"}
     assert set(datasets) == {"text_kind", "code_language", "entities", "domains", "licences", "man_sections"}
     assert {r["label"] for r in datasets["text_kind"]["train"]} == set(TEXT_KIND_LABELS)
     assert {r["label"] for r in datasets["domains"]["train"]} == set(DOMAIN_LABELS)
@@ -580,6 +581,10 @@ def test_man_escapes_fonts_dashes_and_specials() -> None:
     assert man_escapes(r"a\(xxb") == "a b"  # unknown special characters become a space
     assert man_escapes(r"\*(lqq\*(rq \s-1SMALL\s0 \(bu \[em] \\") == '"q" SMALL • — \\'
     assert man_escapes("no escapes here") == "no escapes here"
+    # groff composed letters (translated pages use them): umlauts, acutes, cedilla, caron, ring, ß
+    assert man_escapes(r"zusammengeh\(:orend użytkownik\('ow \[:a]\(,c\(~a\(ss\(vs\(oa \(Bq") == (
+        "zusammengehörend użytkowników äçãßšå „"
+    )
 
 
 _MAN_PAGE = r""".\" Comment line: .SH NOT A HEADING (1)
@@ -740,3 +745,157 @@ def test_man_sections_error_when_too_few_sections(tmp_path, monkeypatch) -> None
     assert {r["label"] for r in data["train"]} == {"user_commands", "system_calls", "admin_commands"}
     assert Counter(r["label"] for r in data["test"]) == {"user_commands": 2, "system_calls": 2, "admin_commands": 2}
     assert data["validation"] == []
+
+
+# ------------------------------------------------------------------------------ man_languages
+
+_LANG_LINES = {
+    "de": ("Die Seite {n} beschreibt Absatz {k} und erklärt die Einstellung {k} ausführlich.",
+           "Diese Zeilen gehören zu {n} und werden beim Lesen der Datei geprüft.",
+           "Hier steht die dritte Zeile von Absatz {k}, und der Text über {n} geht weiter.",
+           "Eine vierte Zeile über {n} schließt Absatz {k} dieser Seite ab."),
+    "fr": ("La page {n} décrit le paragraphe {k} et explique l'option {k} en détail.",
+           "Ces lignes appartiennent à {n} et sont vérifiées pendant la lecture du fichier.",
+           "Voici la troisième ligne du paragraphe {k}, et le texte sur {n} continue.",
+           "Une quatrième ligne sur {n} termine le paragraphe {k} de cette page."),
+    "sv": ("Sidan {n} beskriver stycke {k} och förklarar flaggan {k} i detalj.",
+           "Dessa rader hör till {n} och kontrolleras när filen läses.",
+           "Här är den tredje raden i stycke {k}, och texten om {n} fortsätter.",
+           "En fjärde rad om {n} avslutar stycke {k} på denna sida."),
+    "pt": ("A página {n} descreve o parágrafo {k} e explica a opção {k} em detalhe.",
+           "Estas linhas pertencem a {n} e são verificadas durante a leitura do arquivo.",
+           "Aqui está a terceira linha do parágrafo {k}, e o texto sobre {n} continua.",
+           "Uma quarta linha sobre {n} termina o parágrafo {k} desta página."),
+}
+_FIRST_SECTION = (
+    "Kopfzeile {n} ERSTERABSCHNITT mit einer langen Zusammenfassung der Seite,\n"
+    "die über mehrere Zeilen geht und trotzdem nie in einem Schnipsel steht,\n"
+    "weil der erste Abschnitt nur den Namen und die Kurzbeschreibung enthält."
+)
+_ENGLISH_PARAGRAPH = (
+    "This paragraph of the page was not translated, so it is still written in English and\n"
+    "the reader sees the original text with all the words that the English page has,\n"
+    "which must never be given the label of the language of the page."
+)
+
+
+def _write_translated_page(folder: Path, lang: str, name: str, paragraphs: int = 2, english: bool = False) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    body = "\n.PP\n".join(
+        "\n".join(line.format(n=name, k=k) for line in _LANG_LINES[lang]) for k in range(paragraphs)
+    )
+    extra = f".SH EXTRA\n{_ENGLISH_PARAGRAPH}\n" if english else ""
+    path = folder / f"{name}.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as fh:
+        fh.write(f'.TH {name} 1 "2024" "Paket 1.0" "Handbuch"\n.SH NAME\n{_FIRST_SECTION.format(n=name)}\n'
+                 f".SH BESCHREIBUNG\n{body}\n{extra}")
+    return str(path)
+
+
+def test_looks_english_and_man_language_snippets() -> None:
+    assert corpora.looks_english("This option is the default and the program uses it when you run it.")
+    for other in ("Die Option ist in der Regel aktiv, wenn das Programm startet.",  # de
+                  "Deze optie is in de regel actief als het programma start.",  # nl: "is", "in", "de"
+                  "To jest domyślna opcja, a program jej używa.",  # pl: "to", "a"
+                  "Programul are această opțiune în mod implicit.",  # ro: "are"
+                  "Cette option est active par défaut, ou si le programme démarre."):
+        assert not corpora.looks_english(other), other
+    source = (
+        '.TH ls 1 "2024" "coreutils 9.1" "Benutzerbefehle"\n.SH BEZEICHNUNG\n' + _FIRST_SECTION.format(n="ls") + "\n"
+        ".SH BESCHREIBUNG\n" + "\n".join(ln.format(n="ls", k=1) for ln in _LANG_LINES["de"]) + "\n"
+        ".SH BEISPIEL\n.nf\n-- 1 2 3 --\n+----+----+\n| 12 | 34 |\n+----+----+\n= 56 = 78 =\n.fi\n"
+        ".SH FEHLER\n" + _ENGLISH_PARAGRAPH + "\n"
+    )
+    german = "\n".join(ln.format(n="ls", k=1) for ln in _LANG_LINES["de"])
+    heading, rendered = corpora.man_page_sections(source)[1]
+    assert heading == "BESCHREIBUNG" and normalize_key("\n".join(rendered)) == normalize_key(german)
+    # one snippet: the German body; not the first section, the symbol block or the English paragraph
+    assert corpora.man_language_snippets(source) == ["\n".join(rendered)]
+    assert corpora.man_language_snippets(".so man1/ls.1\n") == []
+    assert corpora.man_language_snippets(".Dd March 1, 2020\n.Dt FOO 1\n.Sh BESCHREIBUNG\n" + german) == []
+    # a snippet needs a word of 3+ Latin letters (Cyrillic text gives none)
+    cyrillic = ".SH ИМЯ\nимя\n.SH ОПИСАНИЕ\n" + "\n".join(["Это описание программы и её параметров."] * 4)
+    assert corpora.man_language_snippets(cyrillic) == []
+
+
+@pytest.fixture()
+def translated_tree(tmp_path) -> Path:
+    """A fake /usr/share/man with translated pages: 40 each in de, fr, sv; pt split over pt and pt_BR."""
+    root = tmp_path / "man"
+    for lang in ("de", "fr", "sv"):
+        for i in range(40):
+            _write_translated_page(root / lang / "man1", lang, f"prog{lang}{i}.1")
+    for i in range(30):
+        _write_translated_page(root / "pt" / "man1", "pt", f"progpt{i}.1")
+    for i in range(25, 45):  # progpt25..29 exist in pt too: a page name counts once per language
+        _write_translated_page(root / "pt_BR" / "man1", "pt", f"progpt{i}.1")
+    _write_translated_page(root / "de" / "man5", "de", "conf.5")
+    _write_translated_page(root / "de" / "man5", "de", "misplaced.1")  # man5 holds only *.5 pages
+    os.symlink(root / "de" / "man1" / "progde0.1.gz", root / "de" / "man1" / "alias.1.gz")
+    with gzip.open(root / "de" / "man1" / "redirect.1.gz", "wt") as fh:
+        fh.write(".so man1/progde1.1\n")
+    (root / "de" / "man1" / "bsd.1").write_text(".Dd March 1, 2020\n.Dt BSD 1\n.Sh BESCHREIBUNG\nText.\n")
+    _write_translated_page(root / "ja" / "man1", "de", "nonlatin.1")  # not a Latin-script language
+    _write_translated_page(root / "sr@latin" / "man1", "de", "modifier.1")  # folders with a modifier: out
+    _write_translated_page(root / "man1", "de", "english.1")  # the English pages are no language folder
+    return root
+
+
+def test_discover_man_languages_folders_aliases_and_pt_merge(translated_tree) -> None:
+    found = corpora.discover_man_languages(300, root=str(translated_tree))
+    assert sorted(found) == ["man_de", "man_fr", "man_pt", "man_sv"]
+    de = found["man_de"]
+    assert de.searched == [str(translated_tree / "de" / "man1"), str(translated_tree / "de" / "man5")]
+    names = sorted(os.path.basename(f) for f in de.files)
+    # alias read once (as its target), .so redirect, mdoc page and misplaced page skipped
+    assert names == sorted([f"progde{i}.1.gz" for i in range(40)] + ["conf.5.gz"])
+    pt = found["man_pt"].files
+    assert len(pt) == 45 and len({os.path.basename(f) for f in pt}) == 45
+    assert {os.path.basename(os.path.dirname(os.path.dirname(f))) for f in pt} == {"pt", "pt_BR"}
+    assert len(corpora.discover_man_languages(10, root=str(translated_tree))["man_fr"].files) == 10
+
+
+def test_man_languages_build_from_translated_tree(translated_tree, tmp_path) -> None:
+    sources = corpora.discover_man_languages(300, root=str(translated_tree))
+    sizes = {"train": 6, "validation": 0, "test": 2}
+    data = corpora.build_dataset("man_languages", cache_dir=tmp_path / "cache", sources=sources, sizes=sizes)
+    assert data["validation"] == []
+    for split in ("train", "test"):
+        counts = Counter(r["label"] for r in data[split])
+        assert counts == {lang: sizes[split] for lang in ("de", "fr", "pt", "sv")}, (split, counts)
+        for r in data[split]:
+            assert set(r) == {"text", "label", "source"} and split_for(r["source"]) == split
+            lang_folder = os.path.basename(os.path.dirname(os.path.dirname(r["source"])))
+            assert lang_folder.split("_")[0] == r["label"]
+            assert "ERSTERABSCHNITT" not in r["text"] and "Handbuch" not in r["text"]
+            # the text is one paragraph of the page's own body (reflowed to 78 columns)
+            name = os.path.basename(r["source"])[:-3]
+            assert normalize_key(r["text"]) in {
+                normalize_key(" ".join(ln.format(n=name, k=k) for ln in _LANG_LINES[r["label"]])) for k in range(2)
+            }, r
+            assert max(map(len, r["text"].split("\n"))) <= 78
+    keys = [normalize_key(r["text"]) for s in SPLITS for r in data[s]]
+    assert len(keys) == len(set(keys))
+    manifest = json.loads((tmp_path / "cache" / "man_languages" / "manifest.json").read_text())
+    details = manifest["details"]
+    assert details["languages"] == ["de", "fr", "pt", "sv"] and details["dropped_languages"] == {}
+    assert details["language_pages"] == {"de": 41, "fr": 40, "pt": 45, "sv": 40}
+    assert details["rows_per_class"] == sizes and details["shrunk"] == []
+    again = corpora.build_man_languages(sources=sources, sizes=sizes, use_cache=False)
+    assert again == data
+
+
+def test_man_languages_error_when_too_few_languages(translated_tree, tmp_path, monkeypatch) -> None:
+    sources = corpora.discover_man_languages(300, root=str(translated_tree))
+    two = {k: v for k, v in sources.items() if k in ("man_de", "man_fr")}
+    sv_train = [f for f in sources["man_sv"].files if split_for(f) == "train"][:2]
+    two["man_sv"] = SourceSet("man_sv", sv_train, ["/nowhere/sv/man1"])
+    monkeypatch.setattr(corpora, "discover_man_languages", lambda *a, **k: two)
+    with pytest.raises(DatasetBuildError, match=r"^man_languages: need at least 3 languages") as err:
+        corpora.build_man_languages(cache_dir=tmp_path, use_cache=False, sizes={"train": 2, "test": 1})
+    msg = str(err.value)
+    assert "found ['de', 'fr']" in msg and "sv: 2 page(s) < 40" in msg
+    assert "/nowhere/sv/man1" in msg and str(translated_tree / "de" / "man1") in msg
+    # with a lower page threshold the third language qualifies
+    data = corpora.build_man_languages(use_cache=False, sizes={"train": 1, "test": 0}, min_files=2, min_snippets=1)
+    assert Counter(r["label"] for r in data["train"]) == {"de": 1, "fr": 1, "sv": 1}

@@ -191,3 +191,40 @@ def test_route_cli_trains_and_saves(text_setup, tmp_path):
     bad = CliRunner().invoke(app, no_map)
     assert bad.exit_code == 2 and "label 'py' names no expert" in bad.output
     assert not (tmp_path / "r2").exists()
+
+
+def test_hashed_ngrams_are_deterministic_normalised_counts():
+    from loraplex.compose.features import hashed_ngrams
+
+    f = hashed_ngrams(["abab", "", "abab"], dim=64, orders=(1, 2))
+    assert f.shape == (3, 64)
+    assert torch.equal(f[0], f[2]) and torch.count_nonzero(f[1]) == 0
+    # "abab": unigrams a:2, b:2; bigrams ab:2, ba:1 -> counts before normalising (hash collisions add up)
+    import zlib
+
+    expect = torch.zeros(64)
+    for g, c in {"a": 2, "b": 2, "ab": 2, "ba": 1}.items():
+        expect[zlib.crc32(g.encode()) % 64] += c
+    assert torch.allclose(f[0], expect / expect.norm())
+
+
+def test_ngram_router_routes_raw_texts_and_round_trips(text_setup, tmp_path):
+    """An ``ngram`` router needs no routing pass; it keeps no standardisation (unseen buckets stay 0)."""
+    from loraplex.compose import save_router
+    from loraplex.compose.train_router import new_router
+
+    plex = plex_of(text_setup)
+    rows = texts(CODE, 40, 0) + texts(PROSE, 40, 1)
+    labels = ["code"] * 40 + ["prose"] * 40
+    router = new_router(plex, ["code", "prose"], pooling="ngram")
+    assert router.in_dim == 1 << 16 and router.uses_texts
+    res = fit_router(plex, router, texts=rows, labels=labels, config=RouterTrainConfig(epochs=20, lr=0.05))
+    assert res.final.accuracy == 1.0
+    assert torch.count_nonzero(router.feature_mean) == 0 and torch.all(router.feature_std == 1)
+    held = texts(CODE, 10, 5) + texts(PROSE, 10, 6)
+    rm = RoutedModel(plex, router)
+    assert rm.route(texts=held).choices() == ["code"] * 10 + ["prose"] * 10
+    save_router(router, tmp_path / "r", adapters=text_setup[3])
+    again = load_router(tmp_path / "r", expected=["code", "prose"])
+    assert again.pooling == "ngram" and RoutedModel(plex, again).route(texts=held).choices() == \
+        ["code"] * 10 + ["prose"] * 10

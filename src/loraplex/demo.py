@@ -1,6 +1,7 @@
 """``loraplex demo``: the multi-task encoder path end to end on the embedded MiniLM base.
 
-Builds three real datasets from text on this machine (code language, entities in prose, man-page sections),
+Builds three real datasets from text on this machine (the programming language of a code snippet, entities in
+English prose, the human language of a translated man page; man-page sections where no translations exist),
 trains one LoRA adapter + head per task in ONE joint job from a YAML config, trains a router over them, merges two
 of them, then evaluates base+head (a linear probe on the frozen base), each task's own adapter, the merged adapter
 (with each task's own head) and the routed model (``auto``) in mixed batches, and serves one ``auto`` request.
@@ -19,11 +20,12 @@ import typer
 import yaml
 
 TASKS = {  # adapter name -> (task, dataset builder name)
-    "language": ("classification", "code_language"),
+    "proglang": ("classification", "code_language"),
     "entities": ("token_classification", "entities"),
-    "manpage": ("classification", "man_sections"),
+    "humanlang": ("classification", "man_languages"),
 }
-MERGED = "language_manpage"
+FALLBACK = {"man_languages": "man_sections"}  # machines without translated man pages
+MERGED = "proglang_humanlang"
 
 
 def minilm_path() -> str:
@@ -46,7 +48,12 @@ def build_data(folder: Path, *, per_class: int, test_per_class: int, seed: int) 
             sizes = {"train": per_class, "validation": 10, "test": test_per_class}
         else:
             sizes = {"train": per_class * 4, "validation": 40, "test": test_per_class * 4}
-        data = corpora.build_dataset(ds, seed=seed, sizes=sizes)
+        try:
+            data = corpora.build_dataset(ds, seed=seed, sizes=sizes)
+        except corpora.DatasetBuildError:
+            if ds not in FALLBACK:
+                raise
+            data = corpora.build_dataset(FALLBACK[ds], seed=seed, sizes=sizes)
         paths = {}
         for split in ("train", "test"):
             rows = data[split]
@@ -62,7 +69,8 @@ def build_data(folder: Path, *, per_class: int, test_per_class: int, seed: int) 
     return out
 
 
-def write_config(path: Path, data: dict[str, dict[str, Path]], *, epochs: int, seed: int) -> Path:
+def write_config(path: Path, data: dict[str, dict[str, Path]], *, epochs: int, seed: int,
+                 learning_rate: float = 5e-3, max_length: int = 48) -> Path:
     """The demo's training config (Ludwig-shaped ``adapters:`` block)."""
     adapters = {}
     for name, (task, _) in TASKS.items():
@@ -75,11 +83,12 @@ def write_config(path: Path, data: dict[str, dict[str, Path]], *, epochs: int, s
         "output_dir": str(path.parent),
         "adapters": {
             "adapters": adapters,
-            "router": {"type": "linear", "top_k": 1, "pooling": "embedding", "load_balance": "switch",
-                       "train": {"epochs": 60, "learning_rate": 5e-3, "batch_size": 32}},
+            "router": {"type": "linear", "top_k": 1, "pooling": "ngram", "load_balance": "switch",
+                       "train": {"epochs": 30, "learning_rate": 5e-3, "batch_size": 32}},
             "active": "auto",
         },
-        "trainer": {"epochs": epochs, "learning_rate": 2e-3, "batch_size": 16, "max_length": 64, "seed": seed,
+        "trainer": {"epochs": epochs, "learning_rate": learning_rate, "batch_size": 16, "max_length": max_length,
+                    "seed": seed,
                     "checkpoint_every": 50, "joint": True},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +102,7 @@ def _encode(tok: Any, rows: list[dict[str, Any]], task: str, max_len: int) -> li
     for r in rows:
         if task == "classification":
             enc = tok(r["text"], truncation=True, max_length=max_len)
-            out.append({"ids": enc["input_ids"], "gold": r["label"]})
+            out.append({"ids": enc["input_ids"], "gold": r["label"], "text": r["text"]})
         else:
             words = r["words"] if isinstance(r["words"], list) else json.loads(r["words"])
             tags = r["tags"] if isinstance(r["tags"], list) else json.loads(r["tags"])
@@ -210,7 +219,8 @@ def with_head(merged: Any, donor: Any, name: str) -> Any:
 
 # ------------------------------------------------------------------------------------------------ the demo
 def run_demo(out_dir: str | os.PathLike = "runs/demo", *, per_class: int = 150, test_per_class: int = 40,
-             epochs: int = 3, seed: int = 0, serve: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+             epochs: int = 3, seed: int = 0, serve: bool = True, learning_rate: float = 5e-3, max_length: int = 48,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the whole demo; returns the result table as a dict (also written to ``<out_dir>/results.json``)."""
     from loraplex.adapters.io import load_adapter
     from loraplex.compose.moe import RoutedModel
@@ -225,7 +235,8 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", *, per_class: int = 150, 
     t0 = time.perf_counter()
     log(f"[1/6] building datasets from this machine's files into {out / 'data'}")
     data = build_data(out / "data", per_class=per_class, test_per_class=test_per_class, seed=seed)
-    cfg_path = write_config(out / "config.yaml", data, epochs=epochs, seed=seed)
+    cfg_path = write_config(out / "config.yaml", data, epochs=epochs, seed=seed, learning_rate=learning_rate,
+                            max_length=max_length)
     log(f"[2/6] training {len(TASKS)} adapters + heads jointly in mixed batches, then the router ({cfg_path})")
     t_train = time.perf_counter()
     result = train(cfg_path, progress=None, log=log)
@@ -238,10 +249,11 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", *, per_class: int = 150, 
     tests = {n: _encode(tok, _read(data[n]["test"]), TASKS[n][0], max_len) for n in TASKS}
     trains = {n: _encode(tok, _read(data[n]["train"]), TASKS[n][0], max_len) for n in TASKS}
 
-    log(f"[3/6] merging language + manpage (ties, density 0.7) into {MERGED!r}")
-    srcs = {n: plex.get_adapter(n) for n in ("language", "manpage")}
+    pair = [n for n in TASKS if n != "entities"]
+    log(f"[3/6] merging {' + '.join(pair)} (ties, density 0.7) into {MERGED!r}")
+    srcs = {n: plex.get_adapter(n) for n in pair}
     bare = {n: type(a)(a.name, a.spec.copy(modules_to_save=None), a.modules, {}, a.path, {}) for n, a in srcs.items()}
-    merged, report = merge_adapters(bare, ["language", "manpage"], [0.5, 0.5], "ties", density=0.7, name=MERGED)
+    merged, report = merge_adapters(bare, pair, [0.5, 0.5], "ties", density=0.7, name=MERGED)
     for n in srcs:
         plex.add_adapter(f"{MERGED}@{n}", with_head(merged, srcs[n], f"{MERGED}@{n}"))
         labels[f"{MERGED}@{n}"] = labels[n]
@@ -260,8 +272,7 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", *, per_class: int = 150, 
     def auto(task_name: str) -> Callable[[list[dict]], list[Any]]:
         def choose(chunk: list[dict]) -> list[Any]:
             nonlocal route_hits, route_n
-            texts = [tok.decode(e["ids"], skip_special_tokens=True) for e in chunk]
-            picks = routed.route(texts=texts).choices()
+            picks = routed.route(texts=[e["text"] for e in chunk]).choices()  # the raw input text, as served
             route_hits += sum(p == task_name for p in picks)
             route_n += len(picks)
             return picks
@@ -309,7 +320,7 @@ def _serve_once(plex: Any, routed: Any, examples: list[dict[str, Any]], tok: Any
     except ImportError:
         return None
     app = create_classify_app(plex, router=routed)
-    texts = [tok.decode(e["ids"], skip_special_tokens=True) for e in examples]
+    texts = [e["text"] for e in examples]
     with TestClient(app) as client:
         r = client.post("/v1/classify", json={"model": "auto", "input": texts})
         return r.json()
@@ -338,6 +349,9 @@ def register(app: typer.Typer) -> None:
     def demo_cmd(out_dir: str = typer.Option("runs/demo", help="output folder"),
                  per_class: int = typer.Option(150, help="training rows per class"),
                  epochs: int = typer.Option(3), seed: int = typer.Option(0),
+                 learning_rate: float = typer.Option(5e-3, "--learning-rate", help="adapters' learning rate"),
+                 max_length: int = typer.Option(48, "--max-length", help="tokens per text"),
                  no_serve: bool = typer.Option(False, "--no-serve", help="skip the HTTP classify request")) -> None:
         """Train, merge, route and evaluate three task adapters on the embedded MiniLM encoder."""
-        run_demo(out_dir, per_class=per_class, epochs=epochs, seed=seed, serve=not no_serve)
+        run_demo(out_dir, per_class=per_class, epochs=epochs, seed=seed, serve=not no_serve,
+                 learning_rate=learning_rate, max_length=max_length)

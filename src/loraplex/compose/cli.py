@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         router_type: str = typer.Option("linear", "--router-type", help="linear | mlp"),
         top_k: int = typer.Option(1, "--top-k", min=1),
         mode: Optional[str] = typer.Option(None, "--mode", help="top1 | topk | soft (default from --top-k)."),
-        pooling: str = typer.Option("mean", "--pooling", help="mean | first | last | embedding"),
+        pooling: str = typer.Option("mean", "--pooling", help="mean | first | last | embedding | ngram"),
         embedding_model: Optional[str] = typer.Option(None, "--embedding-model",
                                                       help="Encoder folder for --pooling embedding "
                                                            "(default: bundled MiniLM)."),
@@ -172,14 +172,14 @@ def run_route(*, base: str, adapters: dict[str, str], data: str, out: str, val_d
                         embedding_model=embedding_model, hidden_size=hidden_size, temperature=temperature,
                         noise_std=noise_std)
     router.to(plex.bank.device)
-    need_ids = pooling != "embedding" or objective != "supervised"
+    need_ids = pooling not in ("embedding", "ngram") or objective != "supervised"
     ids = mask = vids = vmask = None
     if need_ids:
         ids, mask = tokenize(plex.tokenizer, [t for t, _ in rows], max_length, plex.bank.device)
         if val_rows:
             vids, vmask = tokenize(plex.tokenizer, [t for t, _ in val_rows], max_length, plex.bank.device)
-    texts = [t for t, _ in rows] if pooling == "embedding" else None
-    vtexts = [t for t, _ in val_rows] if pooling == "embedding" else None
+    texts = [t for t, _ in rows] if pooling in ("embedding", "ngram") else None
+    vtexts = [t for t, _ in val_rows] if pooling in ("embedding", "ngram") else None
     cfg = RouterTrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, load_balance=load_balance,
                             load_balance_weight=load_balance_weight, z_loss_weight=z_loss_weight, seed=seed)
     val = {"input_ids": vids, "attention_mask": vmask, "texts": vtexts, "labels": val_labels} if val_rows else None

@@ -3,6 +3,8 @@
 * :func:`routing_pass` -- one forward of the base model (no adapters) over the batch, last hidden state pooled
   (mean over non-pad tokens, first or last token). The routing pass is the only extra forward of routed serving.
 * :class:`Embedder` -- a sentence-embedding encoder (default: the bundled MiniLM-L6), mean pooling, L2 normalised.
+* :func:`hashed_ngrams` -- character n-gram counts hashed into a fixed number of buckets (fastText-style), L2
+  normalised: no model at all, and it sees what a subword encoder drops (case, accents, whitespace, punctuation).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import inspect
 import os
 import threading
+import zlib
 from typing import Any, Sequence
 
 import torch
@@ -18,6 +21,9 @@ from loraplex.compose.functional import pool_hidden
 from loraplex.errors import LoraplexError
 
 MINILM = "minilm"
+NGRAM_DIM = 1 << 16  # default number of hash buckets of an ``ngram`` router
+NGRAM_ORDERS = (1, 2, 3, 4)
+NGRAM_MAX_CHARS = 1000
 
 
 def minilm_path() -> str:
@@ -183,3 +189,24 @@ def decode_texts(tokenizer: Any, input_ids: torch.Tensor, attention_mask: torch.
             ids = ids[attention_mask[i].bool()]
         rows.append(tokenizer.decode(ids.tolist(), skip_special_tokens=True))
     return rows
+
+
+def hashed_ngrams(texts: Sequence[str], dim: int = NGRAM_DIM, orders: Sequence[int] = NGRAM_ORDERS,
+                  max_chars: int = NGRAM_MAX_CHARS) -> torch.Tensor:
+    """[N, dim] float32: counts of each text's character n-grams (``orders``; first ``max_chars`` characters),
+    bucketed by CRC-32 of their UTF-8 bytes modulo ``dim``, L2 normalised (an empty text gives zeros).
+
+    Deterministic across processes and machines (no Python ``hash`` salt), so a saved router keeps its meaning."""
+    out = torch.zeros(len(texts), dim)
+    for i, text in enumerate(texts):
+        t = str(text)[:max_chars]
+        counts: dict[int, int] = {}
+        for n in orders:
+            for j in range(len(t) - n + 1):
+                h = zlib.crc32(t[j:j + n].encode("utf-8", "surrogatepass")) % dim
+                counts[h] = counts.get(h, 0) + 1
+        if counts:
+            idx = torch.tensor(list(counts.keys()), dtype=torch.long)
+            val = torch.tensor(list(counts.values()), dtype=torch.float32)
+            out[i].index_put_((idx,), val / val.norm())
+    return out

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from loraplex.compose import functional as F
-from loraplex.compose.features import decode_texts, get_embedder, routing_pass
+from loraplex.compose.features import decode_texts, get_embedder, hashed_ngrams, routing_pass
 from loraplex.compose.losses import load_shares, share_entropy, warn_collapse
 from loraplex.compose.plan import base_plan, check_experts, layer_hooks, weighted_plan
 from loraplex.compose.router import Router, TokenGatedRouter
@@ -118,27 +118,38 @@ class RoutedModel:
                  texts: Sequence[str] | None = None) -> torch.Tensor:
         """Router inputs [N, D]: the routing pass, or sentence embeddings of ``texts`` (decoded if not given)."""
         r = self.router
-        if r.uses_embedding:
+        if r.uses_texts:
             if texts is None:
                 if input_ids is None:
                     raise LoraplexError("routing needs input_ids or texts")
                 texts = decode_texts(self.plex.tokenizer, input_ids, attention_mask)
+            if r.pooling == "ngram":
+                return hashed_ngrams(list(texts), r.in_dim)
             emb = self._embedder or get_embedder(r.embedding_model)
             return emb.encode(list(texts))
         if input_ids is None:
             raise LoraplexError("a hidden-state router needs input_ids (it pools a routing pass of the base model)")
-        return routing_pass(self.plex, input_ids, attention_mask, "mean" if r.pooling == "embedding" else r.pooling,
+        return routing_pass(self.plex, input_ids, attention_mask, r.pooling,
                             r.hidden_layer)
 
     def route(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
               texts: Sequence[str] | None = None, features: torch.Tensor | None = None, grad: bool = False,
               top1_weight: str = "one") -> Routing:
-        """Routing decisions for a batch (no gradient unless ``grad``)."""
+        """Routing decisions for a batch (no gradient unless ``grad``).
+
+        Serving (``grad=False``) is deterministic: the router runs in eval mode (no dropout) and without noise even
+        if it was left in training mode; with ``grad`` the router's own mode decides (noise while training)."""
         feats = self.features(input_ids, attention_mask, texts) if features is None else features
         dev = self.router.feature_mean.device
-        with torch.set_grad_enabled(grad):
-            logits, gates = self.router.gates(feats.to(dev), mode=self.mode, top_k=self.top_k,
-                                              temperature=self.temperature, top1_weight=top1_weight)
+        was_training = self.router.training
+        if not grad and was_training:
+            self.router.eval()
+        try:
+            with torch.set_grad_enabled(grad):
+                logits, gates = self.router.gates(feats.to(dev), mode=self.mode, top_k=self.top_k,
+                                                  temperature=self.temperature, top1_weight=top1_weight)
+        finally:
+            self.router.train(was_training)
         routing = Routing(self.experts, logits, gates, self.mode or self.router.mode)
         if self.warn_on_collapse:
             warn_collapse(routing.shares(), self.experts, where="routed batch")

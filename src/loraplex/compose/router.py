@@ -36,7 +36,8 @@ ROUTER_JSON = "router.json"
 ROUTER_WEIGHTS = "router.safetensors"
 FORMAT = "loraplex-router"
 FORMAT_VERSION = 1
-SEQUENCE_POOLINGS = ("mean", "first", "last", "embedding")
+SEQUENCE_POOLINGS = ("mean", "first", "last", "embedding", "ngram")
+TEXT_POOLINGS = ("embedding", "ngram")  # features computed from the raw texts, not from a routing pass
 
 
 class RouterError(LoraplexError, ValueError):
@@ -125,9 +126,16 @@ class Router(nn.Module):
     def uses_embedding(self) -> bool:
         return self.pooling == "embedding"
 
+    @property
+    def uses_texts(self) -> bool:
+        """Whether the features come from the raw texts (sentence embedding or hashed n-grams)."""
+        return self.pooling in TEXT_POOLINGS
+
     @torch.no_grad()
     def fit_normalizer(self, features: torch.Tensor) -> None:
         """Standardise inputs with the mean/std of (training) ``features`` [N, in_dim] (saved with the router)."""
+        if self.pooling == "ngram":  # already L2 normalised; standardising sparse buckets blows up unseen ones
+            return
         f = features.float()
         self.feature_mean.copy_(f.mean(0))
         self.feature_std.copy_(f.std(0, unbiased=False).clamp_min(1e-6) if f.shape[0] > 1 else torch.ones_like(

@@ -327,6 +327,10 @@ def feature_dim(plex: Any, pooling: str = "mean", embedding_model: str | None = 
         from loraplex.compose.features import get_embedder
 
         return get_embedder(embedding_model).dim
+    if pooling == "ngram":
+        from loraplex.compose.features import NGRAM_DIM
+
+        return NGRAM_DIM
     cfg = getattr(plex.model, "config", None)
     dim = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or getattr(cfg, "d_model", None)
     if dim is None:

@@ -5,7 +5,7 @@ rebuilt from files already on the machine (the Python standard library, C header
 ``/usr/include``, shell scripts, Perl modules, licence texts, package documentation and man pages) and
 cached as JSONL + CSV under ``~/.cache/loraplex/data`` (or ``$LORAPLEX_CACHE/data``).
 
-Six datasets are provided (see :func:`describe_datasets` for the exact recipe of each):
+Seven datasets are provided (see :func:`describe_datasets` for the exact recipe of each):
 
 * ``text_kind``      -- classify a snippet as ``python`` / ``c_header`` / ``shell`` / ``prose``.
 * ``code_language``  -- classify a code snippet by language (whichever of python / c / shell /
@@ -18,6 +18,8 @@ Six datasets are provided (see :func:`describe_datasets` for the exact recipe of
 * ``man_sections``   -- classify man-page text (rendered from troff under ``/usr/share/man``) by its
   manual section (user commands, system calls, library, file formats, overview, admin commands),
   with the section number removed from the text.
+* ``man_languages``  -- classify a snippet of a translated man page (``/usr/share/man/<lang>``) by
+  its (Latin-script) human language: German, French, Swedish, Portuguese, ...
 
 Train / validation / test are always drawn from *disjoint source files*: a hash of the file path
 decides the split of every snippet taken from that file, and every row records its ``source``.
@@ -42,6 +44,7 @@ import re
 import sys
 import sysconfig
 import time
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +67,7 @@ __all__ = [
     "LICENCE_NAME_TOKENS",
     "MAN_BODY_HEADINGS",
     "MAN_KINDS",
+    "MAN_LANGUAGES",
     "MAN_SECTIONS",
     "SPLITS",
     "TEXT_KIND_LABELS",
@@ -78,6 +82,7 @@ __all__ = [
     "build_domains",
     "build_entities",
     "build_licences",
+    "build_man_languages",
     "build_man_sections",
     "build_text_kind",
     "chunk_lines",
@@ -85,12 +90,15 @@ __all__ = [
     "code_mask",
     "default_cache_dir",
     "describe_datasets",
+    "discover_man_languages",
     "discover_sources",
     "entity_row",
     "is_english_prose",
+    "looks_english",
     "licence_family",
     "licence_snippets",
     "man_escapes",
+    "man_language_snippets",
     "man_page_sections",
     "man_snippets",
     "names_licence_family",
@@ -124,7 +132,16 @@ DOMAIN_LABELS: tuple[str, ...] = ("code", "prose", "shell")
 #: Entity types of the ``entities`` dataset, in tagging priority order (earlier wins overlaps).
 ENTITY_LABELS: tuple[str, ...] = ("URL", "EMAIL", "PATH", "DATE", "VERSION", "NUMBER")
 #: Dataset names accepted by :func:`build_dataset`.
-DATASET_NAMES: tuple[str, ...] = ("text_kind", "code_language", "entities", "domains", "licences", "man_sections")
+DATASET_NAMES: tuple[str, ...] = (
+    "text_kind", "code_language", "entities", "domains", "licences", "man_sections", "man_languages"
+)
+#: Latin-script languages the ``man_languages`` dataset may use: the language part of a translated
+#: man-page folder (``/usr/share/man/<lang>[_TERRITORY]``; ``pt`` and ``pt_BR`` both count as ``pt``).
+MAN_LANGUAGES: tuple[str, ...] = (
+    "af", "ca", "cs", "cy", "da", "de", "eo", "es", "et", "eu", "fi", "fr", "ga", "gl", "hr", "hu", "id",
+    "is", "it", "lt", "lv", "ms", "nb", "nl", "nn", "no", "pl", "pt", "ro", "sk", "sl", "sq", "sv", "tr",
+    "vi",
+)
 
 #: Default rows *per class* per split for the classification datasets.
 DEFAULT_CLASS_SIZES: dict[str, int] = {"train": 300, "validation": 50, "test": 100}
@@ -764,7 +781,31 @@ _MAN_SPECIAL: dict[str, str] = {
     "eq": "=", "co": "©", "rg": "®", "tm": "™", "mu": "×", "de": "°", ">=": "≥", "<=": "≤", "->": "→",
     "<-": "←", "+-": "±", "Fo": "«", "Fc": "»", "fo": "‹", "fc": "›", "ba": "|", "or": "|", "at": "@",
     "sh": "#", "Do": "$", "lB": "[", "rB": "]", "lC": "{", "rC": "}", "la": "<", "ra": ">",
+    "Bq": "„", "bq": "‚",
 }
+#: Accents of groff's composed-letter escapes (``\(:o`` = ö, ``\('e`` = é, ``\(,c`` = ç, ``\(vs`` = š)
+#: as Unicode combining marks.
+_MAN_ACCENTS: dict[str, str] = {
+    ":": "\u0308", "'": "\u0301", "`": "\u0300", "^": "\u0302", "~": "\u0303", ",": "\u0327",
+    "v": "\u030c", "o": "\u030a", '"': "\u030b",
+}
+#: groff letters that are not an ASCII letter plus an accent.
+_MAN_LETTERS: dict[str, str] = {
+    "ss": "ß", "ae": "æ", "AE": "Æ", "oe": "œ", "OE": "Œ", "/o": "ø", "/O": "Ø", "/l": "ł", "/L": "Ł",
+    "-D": "Đ", "Sd": "ð", "TP": "Þ", "Tp": "þ", ".i": "ı", "IJ": "Ĳ", "ij": "ĳ",
+}
+
+
+def _man_letter(name: str) -> str | None:
+    """The letter named by a groff special character such as ``:o`` (ö), ``'e`` (é), ``ss`` (ß)."""
+    if name in _MAN_LETTERS:
+        return _MAN_LETTERS[name]
+    if len(name) == 2 and name[0] in _MAN_ACCENTS and name[1].isascii() and name[1].isalpha():
+        letter = unicodedata.normalize("NFC", name[1] + _MAN_ACCENTS[name[0]])
+        return letter if len(letter) == 1 else None
+    return None
+
+
 #: ``\*(xx`` / ``\*[xx]`` strings (defined by the man macros, pod2man and DocBook preambles).
 _MAN_STRINGS: dict[str, str] = {
     "lq": '"', "rq": '"', 'L"': '"', 'R"': '"', "C`": '"', "C'": '"', "Aq": "'", "aq": "'", "Tm": "™",
@@ -829,7 +870,10 @@ def _man_esc_repl(m: re.Match[str]) -> str:
     if name is not None:
         if re.fullmatch(r"u[0-9A-Fa-f]{4,6}", name) and int(name[1:], 16) < 0x110000:
             return chr(int(name[1:], 16))  # \[u00E9]
-        return _MAN_SPECIAL.get(name, " ")
+        if name in _MAN_SPECIAL:
+            return _MAN_SPECIAL[name]
+        letter = _man_letter(name)
+        return " " if letter is None else letter
     s = m.group("str")
     if s is not None:
         key = s[1:-1] if s.startswith("[") else s[1:] if s.startswith("(") else s
@@ -1195,6 +1239,60 @@ def names_man_section(text: str) -> bool:
     return _SECTION_REF.search(text) is not None or _SECTION_WORDS.search(text) is not None
 
 
+#: Letters of the Latin script (Basic Latin, Latin-1, Latin Extended-A/B, Latin Extended Additional).
+_LATIN = "A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f\u1e00-\u1eff"
+#: A whole word of at least three Latin letters.
+_LATIN_WORD = re.compile(rf"(?<![^\W\d_])[{_LATIN}]{{3,}}(?![^\W\d_])")
+_LETTER = re.compile(r"[^\W\d_]")
+_LETTER_WORD = re.compile(r"[^\W\d_]+")
+#: Frequent English words that are not words of the languages in :data:`MAN_LANGUAGES`
+#: (so not "in", "is", "a", "to", "on", "are", "of": Dutch, Polish, Romanian, ... use them).
+_ENGLISH_MARKERS = frozenset(
+    "the and with this that which you your from will when should must have has been these those "
+    "there their would can".split()
+)
+
+
+def looks_english(text: str) -> bool:
+    """True when ``text`` reads as English: at least two words, and 8% of its words, are frequent
+    English words (:data:`_ENGLISH_MARKERS`), as in untranslated paragraphs of a translated page."""
+    words = [w.lower() for w in _LETTER_WORD.findall(text)]
+    hits = sum(1 for w in words if w in _ENGLISH_MARKERS)
+    return hits >= 2 and hits >= 0.08 * len(words)
+
+
+def man_language_snippets(source: str, params: ChunkParams | None = None) -> list[str]:
+    """``man_languages`` snippets of one translated man page's troff source, in page order.
+
+    Redirect pages (``.so``) and ``mdoc`` pages give none.  The page is rendered by
+    :func:`man_page_sections` (about its first :data:`MAN_MAX_BODY_LINES` body lines, no ``.TH``
+    header/footer) and the bodies of every section except the first one (``NAME``, ``BEZEICHNUNG``,
+    ``NOM``: whatever its translated heading) are cut by :func:`chunk_lines` into runs of 3-12
+    consecutive non-blank lines of at most 400 characters (``params``, default :data:`MAN_CHUNKS`),
+    at least half of whose lines contain a letter.  Snippets without a word of at least three
+    Latin letters, and snippets that read as English (:func:`looks_english`: untranslated text),
+    are dropped.
+    """
+    p = MAN_CHUNKS if params is None else params
+    if is_man_redirect(source) or is_mdoc(source):
+        return []
+    out: list[str] = []
+    seen_heading = False
+    for heading, lines in man_page_sections(source, max_lines=MAN_MAX_BODY_LINES):
+        if not seen_heading:  # text before the first .SH, then the first .SH section itself
+            seen_heading = bool(heading)
+            continue
+        clean = [ln.rstrip() for ln in lines]
+        mask = [_LETTER.search(ln) is not None for ln in clean]
+        out.extend(
+            sn
+            for sn in chunk_lines(clean, mask, min_lines=p.min_lines, max_lines=p.max_lines,
+                                  max_chars=p.max_chars, min_chars=p.min_code_chars, min_code_lines=1)
+            if _LATIN_WORD.search(sn) and not looks_english(sn)
+        )
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # reading files into snippets (per file, memoised)
 # ---------------------------------------------------------------------------------------------
@@ -1255,6 +1353,7 @@ class _Reader:
         self._dep5: dict[str, list[tuple[str, str]]] = {}
         self._licence_memo: dict[tuple[str, ChunkParams], list[tuple[str, str]]] = {}
         self._man_memo: dict[tuple[str, ChunkParams], list[str]] = {}
+        self._man_lang_memo: dict[tuple[str, ChunkParams], list[str]] = {}
 
     def text(self, path: str) -> str | None:
         if path not in self._text:
@@ -1288,6 +1387,15 @@ class _Reader:
             text = _read_text(path, _MAX_MAN_BYTES)
             self._man_memo[key] = [] if text is None else man_snippets(text, p)
         return self._man_memo[key]
+
+    def man_language_snippets(self, path: str, p: ChunkParams = MAN_CHUNKS) -> list[str]:
+        """``man_languages`` snippets of a (possibly gzipped) translated man page (see
+        :func:`man_language_snippets`)."""
+        key = (path, p)
+        if key not in self._man_lang_memo:
+            text = _read_text(path, _MAX_MAN_BYTES)
+            self._man_lang_memo[key] = [] if text is None else man_language_snippets(text, p)
+        return self._man_lang_memo[key]
 
     def _python_info(self, path: str) -> tuple[list[int], list[str]] | None:
         """(0-based docstring line numbers, docstrings) of a Python file; None if unreadable."""
@@ -1365,6 +1473,7 @@ SOURCE_ROOTS: dict[str, list[str]] = {
     "prose": ["/usr/share/common-licenses", "/usr/share/doc"],
     "copyright": ["/usr/share/doc"],
     **{f"man{n}": [f"/usr/share/man/man{n}"] for n in ("1", "2", "3", "5", "7", "8")},
+    "man_languages": ["/usr/share/man"],
 }
 #: Source kinds of the ``man_sections`` dataset: ``man<N>`` for every section in :data:`MAN_SECTIONS`.
 MAN_KINDS: tuple[str, ...] = ("man1", "man2", "man3", "man5", "man7", "man8")
@@ -1496,44 +1605,97 @@ def _man_page_ok(path: str) -> bool:
     return not is_man_redirect(text) and not is_mdoc(text)
 
 
-def _pick_man_pages(roots: Sequence[str], section: str, limit: int) -> list[str]:
+def _pick_man_pages(
+    roots: Sequence[str], section: str | None, limit: int, *, unique_names: bool = False
+) -> list[str]:
     """Up to ``limit`` man pages of ``section`` (files ``*.<section>`` or ``*.<section>.gz`` under
-    ``roots``), picked by a path hash, as resolved paths.
+    ``roots``), picked by a path hash, as resolved paths.  With ``section=None`` every root is a
+    ``man<N>`` folder holding pages of its own section ``N`` (``de/man1/*.1.gz``, ``de/man5/*.5``).
 
     Symlinks are followed and every page is kept once (aliases such as ``man3/creat.3.gz`` ->
     ``open.2.gz``-style links, or links into ``/etc/alternatives``, count as their target, which
     must be a page of the same section); ``.so`` redirect pages and ``mdoc`` pages are skipped.
     Suffixed sections (``3pm``, ``3perl``, ``1ssl``, ``3type``) are not part of ``section``.  One page
     family (:func:`_man_family`, e.g. ``gcloud`` with thousands of generated pages) fills at most a
-    tenth of the pages (at least 3), so a section is not dominated by one package.
+    tenth of the pages (at least 3), so a section is not dominated by one package.  With
+    ``unique_names``, a page name (``ls.1``) is picked once over all roots (``pt`` and ``pt_BR``
+    translations of one page count as one).
     """
-    suffixes = (f".{section}", f".{section}.gz")
-    cands: list[tuple[str, str]] = []  # (path, its folder resolved)
+    cands: list[tuple[str, str, tuple[str, str]]] = []  # (path, its folder resolved, page suffixes)
     for r in roots:
         if not os.path.isdir(r):
             continue
+        sec = section if section is not None else re.sub(r"^man", "", os.path.basename(r.rstrip("/")))
+        suffixes = (f".{sec}", f".{sec}.gz")
         for d, names in _walk(r):
             real_d = os.path.realpath(d)
             cands.extend(
-                (f"{real_d}/{f}", real_d) for f in names if f.endswith(suffixes) and not f.startswith(suffixes)
+                (f"{real_d}/{f}", real_d, suffixes)
+                for f in names if f.endswith(suffixes) and not f.startswith(suffixes)
             )
     per_family = max(3, -(-limit // 10))
     families: Counter[str] = Counter()
     seen: set[str] = set()
+    names_seen: set[str] = set()
     out: list[str] = []
-    for cand, folder in sorted(cands, key=lambda c: _hash_unit(_PICK_SALT, c[0])):
+    for cand, folder, suffixes in sorted(cands, key=lambda c: _hash_unit(_PICK_SALT, c[0])):
         if len(out) >= limit:
             break
         real = os.path.realpath(cand) if os.path.islink(cand) else cand
         if real in seen or not os.path.basename(real).endswith(suffixes) or not os.path.isfile(real):
             continue
         seen.add(real)
+        name = os.path.basename(real).removesuffix(".gz")
+        if unique_names and name in names_seen:
+            continue
         fam = _man_family(real, folder)
         if families[fam] >= per_family or not _man_page_ok(real):
             continue
         families[fam] += 1
+        names_seen.add(name)
         out.append(real)
     return sorted(out)
+
+
+def _man_language_folders(root: str) -> dict[str, list[str]]:
+    """Language (:data:`MAN_LANGUAGES`) -> its translated man folders under ``root``
+    (``de``, ``pt`` + ``pt_BR``; folders with a codeset or modifier such as ``sr@latin`` are left out)."""
+    out: dict[str, list[str]] = defaultdict(list)
+    try:
+        entries = sorted(os.listdir(root))
+    except OSError:
+        return {}
+    for name in entries:
+        m = re.fullmatch(r"([a-z]{2,3})(?:_[A-Z]{2})?", name)
+        if m and m.group(1) in MAN_LANGUAGES and os.path.isdir(os.path.join(root, name)):
+            out[m.group(1)].append(os.path.join(root, name))
+    return dict(out)
+
+
+def discover_man_languages(max_files: int = 300, root: str | None = None) -> dict[str, SourceSet]:
+    """Translated man pages per language: ``man_<lang>`` -> up to ``max_files`` pages found under
+    ``root`` (default the ``man_languages`` entry of :data:`SOURCE_ROOTS`, ``/usr/share/man``) in
+    ``<lang>[_TERRITORY]/man<N>/*.N[.gz]``, picked by :func:`_pick_man_pages` (aliases read once,
+    ``.so`` redirects and ``mdoc`` pages skipped, one page family at most a tenth, one page name
+    once per language).  Only languages in :data:`MAN_LANGUAGES` (Latin script) are looked at.
+    Results are memoised per process.
+    """
+    roots = [root] if root is not None else _expand_roots("man_languages")
+    key = ("man_languages", max_files, tuple(roots))
+    if key not in _DISCOVERY_CACHE:
+        found: dict[str, SourceSet] = {}
+        for r in roots:
+            for lang, folders in sorted(_man_language_folders(r).items()):
+                sections = sorted(
+                    os.path.join(f, d) for f in folders for d in os.listdir(f)
+                    if re.fullmatch(r"man[1-9]", d) and os.path.isdir(os.path.join(f, d))
+                )
+                kind = f"man_{lang}"
+                if kind not in found:
+                    files = _pick_man_pages(sections, None, max_files, unique_names=True)
+                    found[kind] = SourceSet(kind, files, sections)
+        _DISCOVERY_CACHE[key] = found
+    return {k: SourceSet(v.kind, list(v.files), list(v.searched)) for k, v in _DISCOVERY_CACHE[key].items()}
 
 
 def discover_sources(max_files: int = 300, kinds: Sequence[str] | None = None) -> dict[str, SourceSet]:
@@ -2315,6 +2477,94 @@ def build_man_sections(
     return _cached_build("man_sections", params, cache_dir, use_cache, build)
 
 
+def build_man_languages(
+    cache_dir: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    sizes: _Sizes = None,
+    *,
+    min_files: int = 40,
+    min_snippets: int = 2,
+    max_files: int = 300,
+    use_cache: bool = True,
+    sources: Mapping[str, SourceSet] | None = None,
+    _reader: _Reader | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """``man_languages``: split -> rows ``{text, label, source}``, label the human language (a code
+    of :data:`MAN_LANGUAGES`: ``de``, ``fr``, ``sv``, ``pt``, ...) of a translated man page, text
+    3-12 consecutive lines (at most 400 characters) of the page rendered to plain text.
+
+    Pages come from ``/usr/share/man/<lang>[_TERRITORY]/man<N>`` (the ``man_<lang>`` entries of
+    ``sources`` when given, else :func:`discover_man_languages` with ``max_files`` pages per
+    language), snippets from the bodies of every section but the first (:func:`man_language_snippets`).
+    ``source`` is the page, which decides the split.  Repeats are kept once, test split first.  A
+    language is used when at least ``min_files`` of its pages give snippets and it has at least
+    ``min_snippets`` distinct snippets in every requested split.  ``sizes`` is rows per language per
+    split (default :data:`DEFAULT_CLASS_SIZES`), shrunk to the smallest language's count when
+    needed; the manifest's ``details`` record what was kept, asked for and available.  Raises
+    :class:`DatasetBuildError` when fewer than three languages qualify, naming the folders searched.
+    """
+    sizes = dict(DEFAULT_CLASS_SIZES if sizes is None else sizes)
+    prefix = "man_"
+    given = (
+        {k: sources[k] for k in sources if k.startswith(prefix) and k[len(prefix):] in MAN_LANGUAGES}
+        if sources is not None else {}
+    )
+    params = _params(
+        "man_languages", seed, sizes, max_files, {"min_files": min_files, "min_snippets": min_snippets},
+        given or None,
+    )
+
+    def build() -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+        src = given or discover_man_languages(max_files)
+        langs = sorted(k[len(prefix):] for k in src)
+        reader = _reader or _Reader()
+        raw: dict[str, dict[str, list[_Snippet]]] = {lang: {s: [] for s in SPLITS} for lang in langs}
+        pages: dict[str, int] = {}
+        for lang in langs:
+            used = 0
+            for path in src[prefix + lang].files:
+                snippets = reader.man_language_snippets(path, MAN_CHUNKS)
+                used += bool(snippets)
+                split = split_for(path)
+                raw[lang][split].extend(_Snippet(text, path, i) for i, text in enumerate(snippets))
+            pages[lang] = used
+        pools = _dedup_across(raw)
+        asked = [s for s in SPLITS if int(sizes.get(s, 0)) > 0]
+        avail = {lang: {s: len(pools[lang][s]) for s in SPLITS} for lang in langs}
+        dropped: dict[str, str] = {}
+        for lang in langs:
+            if pages[lang] < min_files:
+                dropped[lang] = f"{pages[lang]} page(s) < {min_files}"
+            elif any(avail[lang][s] < min_snippets for s in asked):
+                short = [f"{s} {avail[lang][s]}" for s in asked if avail[lang][s] < min_snippets]
+                dropped[lang] = f"snippets {', '.join(short)} < {min_snippets}"
+        kept = [lang for lang in langs if lang not in dropped]
+        if len(kept) < 3:
+            searched = [d for k in sorted(src) for d in src[k].searched] or _expand_roots("man_languages")
+            detail = "; ".join(f"{lang}: {dropped[lang]}" for lang in langs if lang in dropped)
+            raise DatasetBuildError(
+                f"man_languages: need at least 3 languages with >= {min_files} translated man pages giving "
+                f"snippets and >= {min_snippets} distinct snippets in each split, found {kept or 'none'}; "
+                f"{detail or 'no translated man pages in a Latin-script language'}; "
+                f"searched: {', '.join(searched) or '(nothing)'}"
+            )
+        rows = _balanced_rows({lang: pools[lang] for lang in kept}, sizes, seed, "man_languages", "man_languages")
+        per_class = {s: len(rows[s]) // len(kept) for s in SPLITS}
+        info = _info(src, sorted(src))
+        info["details"] = {
+            "languages": kept,
+            "requested_per_class": {s: int(sizes.get(s, 0)) for s in SPLITS},
+            "rows_per_class": per_class,
+            "shrunk": [s for s in SPLITS if per_class[s] < int(sizes.get(s, 0))],
+            "language_pages": pages,
+            "language_snippets": avail,
+            "dropped_languages": dropped,
+        }
+        return rows, info
+
+    return _cached_build("man_languages", params, cache_dir, use_cache, build)
+
+
 _BUILDERS: dict[str, Callable[..., dict[str, list[dict[str, Any]]]]] = {
     "text_kind": build_text_kind,
     "code_language": build_code_language,
@@ -2322,6 +2572,7 @@ _BUILDERS: dict[str, Callable[..., dict[str, list[dict[str, Any]]]]] = {
     "domains": build_domains,
     "licences": build_licences,
     "man_sections": build_man_sections,
+    "man_languages": build_man_languages,
 }
 
 
@@ -2347,7 +2598,8 @@ def build_all(
     use_cache: bool = True,
     sources: Mapping[str, SourceSet] | None = None,
 ) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """Build (or read from cache) all six datasets: name -> split -> rows.
+    """Build (or read from cache) the six datasets other than ``man_languages`` (which needs
+    translated man pages, often not installed; build it with :func:`build_dataset`): name -> split -> rows.
 
     ``sizes`` is per class for ``text_kind`` and ``code_language``, ``domain_sizes`` per
     domain (defaults to ``sizes``), ``licence_sizes`` per licence family (defaults to ``sizes``,
@@ -2473,6 +2725,30 @@ _DESCRIPTIONS: dict[str, str] = {
         "manifest's `details` record the sections kept and dropped, the pages and snippets available "
         "and the rows per class); building fails with an error naming the folders searched if fewer "
         "than 3 sections qualify."
+    ),
+    "man_languages": (
+        "**man_languages** (labels: the human language of a translated man page, as a language code: "
+        "whichever Latin-script languages (`de`, `fr`, `sv`, `pt`, `nl`, `it`, `pl`, `es`, `da`, `ro`, "
+        "`cs`, `hu`, `id`, `tr`, `fi`, `sl`, `hr`, ...) have at least 40 usable pages here; `pt` and "
+        "`pt_BR` are both `pt`, and non-Latin scripts such as `ru`, `uk`, `ja`, `ko`, `zh_CN` are left "
+        "out): 3-12 consecutive lines (at most 400 characters, at least 60 non-space characters) of a "
+        "page from `/usr/share/man/<lang>[_TERRITORY]/man<N>`, rendered from troff to plain text as "
+        "for `man_sections` (no `.TH` header/footer; groff composed letters such as `\\(:o`, `\\('e`, "
+        "`\\(,c`, `\\(ss` become `ö`, `é`, `ç`, `ß`). Headings are translated (`BESCHREIBUNG`, "
+        "`OPTIONEN`), so snippets come from the bodies of every section except the first (`NAME`, "
+        "`BEZEICHNUNG`, `NOM`: the page's one-line summary), about the first 600 rendered lines per "
+        "page. A snippet is kept when at least half of its lines contain a letter, it has a word of "
+        "at least 3 Latin letters and it does not read as English (at least 2 words, and 8% of its "
+        "words, among `the`, `and`, `with`, `this`, `that`, `which`, `you`, ...: untranslated "
+        "paragraphs). Pages are picked as for `man_sections` (up to 300 per language by a path hash, "
+        "symlinked aliases read once, `.so` redirect pages and `mdoc` pages skipped, one page family "
+        "at most a tenth of them) and one page name is read once per language (a page translated "
+        "both in `pt` and `pt_BR` counts once). The split is decided by the page file. Default "
+        "300/50/100 rows per language, cut to the smallest language's count if needed (the "
+        "manifest's `details` record the languages kept and dropped, the pages and snippets available "
+        "and the rows per class); building fails with an error naming the folders searched if fewer "
+        "than 3 languages qualify. `build_all` does not build this dataset; use "
+        "`build_dataset(\"man_languages\")`."
     ),
 }
 

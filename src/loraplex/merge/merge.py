@@ -307,7 +307,7 @@ def _merge_module(mod: str, shape: tuple[int, int], meth: M.MergeMethod, present
     norm = float(torch.linalg.matrix_norm(D))
     rank = svd_rank if svd_rank is not None else (None if svd_energy is not None else _default_rank(meth, ranks, p))
     A, B, err, how = M.refactorise(D, rank, energy=svd_energy, svd_method=svd_method, compute_dtype=compute_dtype,
-                                   module=mod)
+                                   module=mod, seed=seed)
     return A, B, err, how, kept, norm
 
 

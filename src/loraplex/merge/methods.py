@@ -269,16 +269,26 @@ def _rel_error(delta: torch.Tensor, B: torch.Tensor, A: torch.Tensor, norm: floa
     return float(torch.linalg.matrix_norm(resid)) / norm
 
 
+def seeded_svd_lowrank(D: torch.Tensor, q: int, niter: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """``torch.svd_lowrank(D, q, niter)`` with its random test matrix drawn from ``seed``: the same inputs give the
+    same factors on every call, and the caller's global RNG state is left as it was (``fork_rng``)."""
+    devices = [D.device] if D.device.type != "cpu" else []
+    with torch.random.fork_rng(devices=devices, device_type=D.device.type if devices else "cuda"):
+        torch.manual_seed(int(seed))
+        return torch.svd_lowrank(D, q=q, niter=niter)
+
+
 def refactorise(delta: torch.Tensor, rank: int | None = None, *, energy: float | None = None,
                 svd_method: SvdMethod = "auto", compute_dtype: torch.dtype = torch.float32,
-                module: str = "?") -> tuple[torch.Tensor, torch.Tensor, float, str]:
+                module: str = "?", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, float, str]:
     """Truncated SVD of a dense delta ``[d_out, d_in]`` into ``(A [k, d_in], B [d_out, k], rel_err, how)``.
 
     ``B = U_k sqrt(S_k)``, ``A = sqrt(S_k) Vh_k``, so ``B @ A ~= delta`` with scaling 1. ``rank`` fixes ``k``;
     ``energy`` picks the smallest ``k`` keeping that share of ``||delta||_F^2`` (full SVD). ``svd_method="auto"``
     uses ``torch.svd_lowrank(q=k+10, niter=4)`` when ``k + 10 <= min(d_out, d_in) // 2`` and
     ``torch.linalg.svd`` otherwise. ``rel_err`` is the actual ``||delta - B A||_F / ||delta||_F``, computed from the
-    returned factors (float32/64, before any cast). ``how`` names the path taken.
+    returned factors (float32/64, before any cast). ``how`` names the path taken. The randomised path draws its
+    test matrix from ``derive_seed(seed, module, "svd_lowrank")``, so results are reproducible.
     """
     d_out, d_in = delta.shape
     p = min(d_out, d_in)
@@ -295,7 +305,8 @@ def refactorise(delta: torch.Tensor, rank: int | None = None, *, energy: float |
     if use_low:
         assert rank is not None
         q = min(p, rank + LOWRANK_OVERSAMPLE)
-        U, S, V = torch.svd_lowrank(D, q=q, niter=LOWRANK_NITER)  # [d_out, q], [q], [d_in, q]
+        lr_seed = derive_seed(seed, module, "svd_lowrank")
+        U, S, V = seeded_svd_lowrank(D, q, LOWRANK_NITER, lr_seed)  # [d_out, q], [q], [d_in, q]
         k = rank
         Vh = V.mT
         how = "svd_lowrank"

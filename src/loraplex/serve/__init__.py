@@ -4,6 +4,9 @@
     engine = Engine(plex, max_batch_size=16, batch_window_ms=5)
     app = create_app(engine, ModelRegistry(plex, compositions={"mix": "blend(a=0.7,b=0.3)"}),
                      admin_token="...", adapter_roots=["/srv/adapters"])
+
+Encoders (adapters with task heads, :mod:`loraplex.tasks`): ``create_classify_app(plex, router=...)`` serves
+``/v1/classify`` and ``/v1/embeddings`` with the same batching, errors and metrics (:mod:`loraplex.serve.classify`).
 """
 
 from loraplex.serve.engine import (AdapterBusy, AdapterUnavailable, Delta, Engine, EngineClosed, EngineError, Final,
@@ -14,7 +17,7 @@ from loraplex.serve.sampling import SamplingParams
 __all__ = [
     "AdapterBusy", "AdapterUnavailable", "Delta", "Engine", "EngineClosed", "EngineError", "Final", "ModelRegistry",
     "QueueFull", "RequestHandle", "RequestTooLarge", "ResolveError", "Resolved", "SamplingParams", "ServerThread",
-    "create_app", "parse_spec",
+    "create_app", "create_classify_app", "parse_spec",
 ]
 
 
@@ -23,6 +26,10 @@ def __getattr__(name: str):  # the HTTP layer imports fastapi/uvicorn: load it o
         from loraplex.serve.app import create_app
 
         return create_app
+    if name == "create_classify_app":
+        from loraplex.serve.classify import create_classify_app
+
+        return create_classify_app
     if name == "ServerThread":
         from loraplex.serve.server import ServerThread
 

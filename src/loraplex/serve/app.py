@@ -115,20 +115,8 @@ class _Metered:
             self.metrics.requests.inc(endpoint=endpoint, status=status["code"])
 
 
-def create_app(engine: Engine, registry: ModelRegistry | None = None, *, admin_token: str | None = None,
-               adapter_roots: Sequence[str] = (), base_id: str = "base", max_choices: int = 16,
-               unload_timeout: float = 30.0, add_special_tokens: bool = True) -> FastAPI:
-    """The FastAPI app. ``registry`` defaults to one with just the base model and the registered adapters."""
-    registry = registry or ModelRegistry(engine.plex, base_id=base_id)
-    tokenizer = engine.tokenizer
-    vocab = int(getattr(getattr(engine.model, "config", None), "vocab_size", 0) or 0)
-    roots = [str(r) for r in adapter_roots]
-    metrics = engine.metrics
-
-    app = FastAPI(title="loraplex", description="OpenAI-compatible multi-LoRA server", docs_url=None,
-                  redoc_url=None)
-    app.state.engine, app.state.registry = engine, registry
-    app.add_middleware(_Metered, metrics=metrics)
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer every error in OpenAI's shape (shared by the completion and the classify apps)."""
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -145,6 +133,24 @@ def create_app(engine: Engine, registry: ModelRegistry | None = None, *, admin_t
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return ApiError(exc.status_code, str(exc.detail), "not_found" if exc.status_code == 404 else None).response()
+
+
+def create_app(engine: Engine, registry: ModelRegistry | None = None, *, admin_token: str | None = None,
+               adapter_roots: Sequence[str] = (), base_id: str = "base", max_choices: int = 16,
+               unload_timeout: float = 30.0, add_special_tokens: bool = True) -> FastAPI:
+    """The FastAPI app. ``registry`` defaults to one with just the base model and the registered adapters."""
+    registry = registry or ModelRegistry(engine.plex, base_id=base_id)
+    tokenizer = engine.tokenizer
+    vocab = int(getattr(getattr(engine.model, "config", None), "vocab_size", 0) or 0)
+    roots = [str(r) for r in adapter_roots]
+    metrics = engine.metrics
+
+    app = FastAPI(title="loraplex", description="OpenAI-compatible multi-LoRA server", docs_url=None,
+                  redoc_url=None)
+    app.state.engine, app.state.registry = engine, registry
+    app.add_middleware(_Metered, metrics=metrics)
+
+    install_error_handlers(app)
 
     # ------------------------------------------------------------------ helpers
     def encode(text: str, special: bool) -> list[int]:
@@ -469,4 +475,12 @@ async def _sse(handles: list[RequestHandle], kind: str, rid: str, created: int, 
                 h.cancel()
 
 
-__all__ = ["ApiError", "api_error", "create_app"]
+def create_classify_app(plex: Any, **kwargs: Any) -> FastAPI:
+    """The encoder app (``/v1/classify``, ``/v1/embeddings``); see
+    :func:`loraplex.serve.classify.create_classify_app`."""
+    from loraplex.serve.classify import create_classify_app as make
+
+    return make(plex, **kwargs)
+
+
+__all__ = ["ApiError", "api_error", "create_app", "create_classify_app", "install_error_handlers"]

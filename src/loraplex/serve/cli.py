@@ -88,6 +88,10 @@ def build_engine_from_config(path: str | os.PathLike) -> Any:
 
     Hook for the config owner: ``loraplex.train.config`` must provide ``load_serve_config(path) -> dict`` whose
     keys are :func:`build_server`'s arguments (base, adapters, compositions, ab_splits, admin_token, ...)."""
+    from loraplex.serve.classify import build_classify_from_config, config_is_encoder
+
+    if config_is_encoder(path):  # a multi-task encoder: the classify/embeddings server over its trained output
+        return build_classify_from_config(path)
     try:
         config = importlib.import_module("loraplex.train.config")
     except ModuleNotFoundError as exc:
@@ -135,11 +139,34 @@ def serve(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16, float16."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow adapter_model.bin (pickle) files."),
     log_level: str = typer.Option("info", "--log-level"),
+    ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve: replicas load adapters on demand from "
+                                                  "--adapters-dir (the shared adapter store). Needs loraplex[ray]."),
+    replicas: int = typer.Option(2, "--replicas", min=1, help="With --ray: engine replicas."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address",
+                                              help="With --ray: join this Ray cluster (auto, HOST:6379, "
+                                                   "ray://HOST:10001) instead of starting one on loopback."),
+    max_adapters_per_replica: int = typer.Option(8, "--max-adapters-per-replica", min=1,
+                                                 help="With --ray: adapter sets a replica keeps (LRU past it)."),
+    replica_gpus: float = typer.Option(0.0, "--replica-gpus", help="With --ray: GPUs per replica (e.g. 1)."),
 ) -> None:
-    """Serve the base model and its adapters with an OpenAI-compatible API (mixed-adapter batching)."""
+    """Serve the base model and its adapters with an OpenAI-compatible API (mixed-adapter batching).
+
+    An encoder base (e.g. MiniLM) whose adapters carry task heads, or a ``model_type: encoder`` config, is served
+    with /v1/classify and /v1/embeddings instead of the completion endpoints."""
     from loraplex.serve.server import serve as run
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if ray:  # scale-out: see loraplex.distributed
+        from loraplex.distributed.cli import serve_on_ray
+
+        serve_on_ray(config=config, base=base, adapters=_pairs(adapter, "--adapter"), adapters_dir=adapters_dir,
+                     host=host, port=port, compositions=_pairs(composition, "--composition"), ab_splits=parse_ab(ab),
+                     router_dir=router, base_id=base_id, replicas=replicas, ray_address=ray_address,
+                     max_adapters_per_replica=max_adapters_per_replica, replica_gpus=replica_gpus, device=device,
+                     dtype=dtype, max_slots=max_slots, trust_pickle=trust_pickle, max_batch_size=max_batch_size,
+                     batch_window_ms=batch_window_ms, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
+                     max_tokens_cap=max_tokens_cap)
+        return
     try:
         if config is not None:
             if base or adapter or adapters_dir:
@@ -148,13 +175,22 @@ def serve(
         else:
             if not base:
                 raise typer.BadParameter("--base is required (or a CONFIG file)")
-            engine, _, app = build_server(
-                base=base, adapters=_pairs(adapter, "--adapter"), adapters_dir=adapters_dir, admin_token=admin_token,
-                adapter_roots=adapter_root, compositions=_pairs(composition, "--composition"), ab_splits=parse_ab(ab),
-                router_dir=router,
-                base_id=base_id, device=device, dtype=dtype, max_slots=max_slots, cpu_budget_mb=cpu_budget_mb,
-                trust_pickle=trust_pickle, max_batch_size=max_batch_size, batch_window_ms=batch_window_ms,
-                max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, max_tokens_cap=max_tokens_cap)
+            from loraplex.serve.classify import build_classify_server, is_encoder_base
+
+            if is_encoder_base(base):  # adapters carry task heads: /v1/classify and /v1/embeddings
+                engine, _, app = build_classify_server(
+                    base=base, adapters=_pairs(adapter, "--adapter"), adapters_dir=adapters_dir, router_dir=router,
+                    base_id=base_id, compositions=_pairs(composition, "--composition"), device=device,
+                    max_slots=max_slots, trust_pickle=trust_pickle, max_batch_size=max_batch_size,
+                    batch_window_ms=batch_window_ms, max_queue=max_queue, max_length=max_prompt_tokens)
+            else:
+                engine, _, app = build_server(
+                    base=base, adapters=_pairs(adapter, "--adapter"), adapters_dir=adapters_dir,
+                    admin_token=admin_token, adapter_roots=adapter_root,
+                    compositions=_pairs(composition, "--composition"), ab_splits=parse_ab(ab), router_dir=router,
+                    base_id=base_id, device=device, dtype=dtype, max_slots=max_slots, cpu_budget_mb=cpu_budget_mb,
+                    trust_pickle=trust_pickle, max_batch_size=max_batch_size, batch_window_ms=batch_window_ms,
+                    max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, max_tokens_cap=max_tokens_cap)
     except (LoraplexError, NotImplementedError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

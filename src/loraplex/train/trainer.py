@@ -81,6 +81,7 @@ class TrainResult:
     eval_losses: dict[str, float] = field(default_factory=dict)
     tokens: int = 0  # real (non-pad) tokens through the base model
     train_seconds: float = 0.0  # time in the training loops (model loading and saving excluded)
+    train_cpu_seconds: float = 0.0  # process CPU time in the training loops (all threads; robust on a shared machine)
     merges: list[str] = field(default_factory=list)  # merges (re)built
     router: str | None = None  # router folder, when (re)built
     resumed_from: str | None = None
@@ -474,9 +475,10 @@ class Trainer:
         try:
             for layer in layers:
                 layer.train(True)
-            t_total, dt = self._loop(runs, slots, start, tokens, key)
+            t_total, dt, cpu = self._loop(runs, slots, start, tokens, key)
             result.tokens += t_total
             result.train_seconds += dt
+            result.train_cpu_seconds += cpu
         finally:
             for layer in layers:
                 layer.train_stacks = None
@@ -498,7 +500,8 @@ class Trainer:
         self._write_state(result, partial=True)
 
     def _loop(self, runs: list[AdapterRun], slots: dict[str, int], start: int, tokens: int,
-              key: dict[str, Any]) -> tuple[int, float]:
+              key: dict[str, Any]) -> tuple[int, float, float]:
+        """Micro-steps ``start``.. of the group; returns (tokens, wall seconds, process CPU seconds)."""
         tr = self.config.trainer
         n_micro = max(r.n_micro for r in runs)
         every = tr.checkpoint_every
@@ -506,6 +509,7 @@ class Trainer:
         runs = sorted(runs, key=lambda r: slots[r.name])  # rows in slot order
         bar = _progress(total=n_micro, initial=start, desc=", ".join(r.name for r in runs), enabled=self.progress)
         t0 = time.perf_counter()
+        c0 = time.process_time()
         counted = 0
         try:
             for t in range(start, n_micro):
@@ -533,7 +537,7 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-        return counted, time.perf_counter() - t0
+        return counted, time.perf_counter() - t0, time.process_time() - c0
 
     # -------------------------------------------------------------- steps
     def _install_stacks(self, runs: Sequence[AdapterRun], slots: dict[str, int]) -> None:

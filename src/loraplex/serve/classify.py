@@ -1,0 +1,355 @@
+"""The encoder HTTP API: ``POST /v1/classify`` and ``POST /v1/embeddings`` over a multi-task encoder Plex.
+
+``/v1/classify`` -- body ``{"model": adapter | composition spec | "auto", "input": str | [str], "top_k"?,
+"truncate"?}``. Each input runs with the named adapter and its head (``auto``: the router picks per input) and
+gets, for sequence tasks, ``label``, ``score`` and ``scores`` ({label: probability}, best first, ``top_k`` of them),
+for token tasks ``entities`` ``[{label, text, start, end, score}]`` with character offsets into the input.
+``x_loraplex.served_by`` lists, per input, the adapters that served it.
+
+``/v1/embeddings`` -- OpenAI's shape; ``model`` is the base model's id or an adapter (or spec, or ``auto``);
+embeddings are the encoder's last hidden state mean-pooled over the real tokens and L2-normalised.
+
+Rows of concurrent requests (different adapters included) are batched by an
+:class:`~loraplex.serve.encode.EncoderBatcher`: one mixed-adapter forward per batch. Errors use OpenAI's shape;
+``/v1/models``, ``/health`` and ``/metrics`` as in the completion server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator, Literal, Mapping, Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import Field
+
+from loraplex.errors import LoraplexError, UnknownAdapterError
+from loraplex.serve.app import ApiError, _json_body, _Metered, _parse, api_error, install_error_handlers
+from loraplex.serve.encode import AUTO, EncoderBatcher, NoTaskHead, head_owner
+from loraplex.serve.labels import bio_entities, sequence_scores, text_words, word_tags
+from loraplex.serve.metrics import CONTENT_TYPE
+from loraplex.serve.registry import AUTO as AUTO_NAME
+from loraplex.serve.registry import ModelRegistry
+from loraplex.serve.schemas import _Body
+
+
+class ClassifyRequest(_Body):
+    model: str
+    input: str | list[str]
+    top_k: int | None = Field(default=None, ge=1)
+    truncate: bool = False
+    user: str | None = None
+
+
+class EmbeddingRequest(_Body):
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    truncate: bool = False
+    user: str | None = None
+
+
+def classify_error(exc: BaseException) -> ApiError:
+    """The HTTP answer to an exception of an encoder request."""
+    if isinstance(exc, NoTaskHead):
+        return ApiError(400, str(exc), "no_task_head", "model", adapters_with_heads=exc.with_heads)
+    return api_error(exc)
+
+
+def task_card(info: Any) -> dict[str, Any] | None:
+    """``{"task", "labels"}`` of a :class:`~loraplex.tasks.TaskInfo` (None: no head)."""
+    return None if info is None else {"task": info.task, "labels": list(info.labels)}
+
+
+def create_classify_app(plex: Any, *, router: Any = None, registry: ModelRegistry | None = None,
+                        batcher: EncoderBatcher | None = None, base_id: str = "base", max_batch_size: int = 32,
+                        batch_window_ms: float = 5.0, max_queue: int = 1024, max_length: int | None = None,
+                        max_inputs: int = 256, compositions: Mapping[str, str] | None = None) -> FastAPI:
+    """The FastAPI app over an encoder Plex (:func:`loraplex.tasks.load_encoder_plex`).
+
+    ``router``: serves model ``auto`` (a :class:`~loraplex.compose.moe.RoutedModel`, an object with
+    ``route_texts``, or a callable ``text -> (choice, served_by)``). ``max_length``: the most tokens per input
+    (default: the model's ``max_position_embeddings``); longer inputs are a 400 unless the request sets
+    ``truncate``. Without ``batcher`` the app starts its own (closed at the app's shutdown)."""
+    if router is None:
+        router = registry.router if registry is not None else batcher.router if batcher is not None else None
+    owned = batcher is None
+    if batcher is None:
+        batcher = EncoderBatcher(plex, router=router, max_batch_size=max_batch_size,
+                                 batch_window_ms=batch_window_ms, max_queue=max_queue)
+    elif batcher.router is None:
+        batcher.router = router
+    registry = registry or ModelRegistry(plex, base_id=base_id, compositions=compositions, router=router)
+    tokenizer = plex.tokenizer
+    if tokenizer is None:
+        raise LoraplexError("the encoder server needs the base model's tokenizer (plex.tokenizer is None)")
+    cfg = getattr(plex.model, "config", None)
+    limit = int(max_length or getattr(cfg, "max_position_embeddings", 0) or 512)
+    vocab = int(getattr(cfg, "vocab_size", 0) or 0)
+    hidden = int(getattr(cfg, "hidden_size", 0) or 0)
+    metrics = batcher.metrics
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owned:
+            batcher.close()
+
+    app = FastAPI(title="loraplex-encoder", description="Multi-task encoder: classify, extract, embed",
+                  docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.batcher, app.state.registry = batcher, registry
+    app.add_middleware(_Metered, metrics=metrics)
+    install_error_handlers(app)
+
+    @app.exception_handler(NoTaskHead)
+    async def _no_head(_: Request, exc: NoTaskHead) -> JSONResponse:
+        return classify_error(exc).response()
+
+    # ------------------------------------------------------------------ helpers
+    def inputs_of(value: Any, what: str) -> list[Any]:
+        items = [value] if isinstance(value, str) else list(value)
+        if not items:
+            raise ApiError(400, f"{what} must not be empty", "invalid_request", "input")
+        if len(items) > max_inputs:
+            raise ApiError(400, f"{len(items)} inputs in one request; this server accepts at most {max_inputs}",
+                           "too_many_inputs", "input")
+        return items
+
+    def encode(text: str, i: int, truncate: bool) -> tuple[list[int], list[tuple[int, int]]]:
+        enc = tokenizer(text, return_offsets_mapping=True, truncation=truncate, max_length=limit if truncate else None)
+        ids = list(enc["input_ids"])
+        if len(ids) > limit:
+            raise ApiError(400, f"input[{i}] has {len(ids)} tokens; this server accepts at most {limit} tokens per "
+                                f"input (max_length); send \"truncate\": true to cut longer inputs",
+                           "context_length_exceeded", "input")
+        return ids, [tuple(o) for o in enc["offset_mapping"]]
+
+    def resolve(model: str, need_head: bool) -> tuple[Any, list[str]]:
+        """(row choice or AUTO, served_by) of a model name; refuses a headless model for classification."""
+        if model.strip() == AUTO_NAME:
+            if router is None:
+                registry.resolve(AUTO_NAME)  # raises the registry's "no router" error
+            return AUTO, []
+        res = registry.resolve(model)
+        if need_head and head_owner(res.choice, batcher.heads) is None:
+            names = res.served_by
+            what = (f"adapter {names[0]!r}" if len(names) == 1 else f"model {model!r}" if names else
+                    f"the base model {model!r}")
+            raise classify_error(NoTaskHead(what, list(batcher.heads)))
+        return res.choice, list(res.served_by)
+
+    async def run(rows: list[tuple[list[int], Any, str, bool]]) -> list[Any]:
+        try:
+            futures = batcher.submit_many(rows)
+        except LoraplexError as exc:
+            raise classify_error(exc) from None
+        waits = [asyncio.wrap_future(f) for f in futures]
+        try:
+            return await asyncio.gather(*waits)
+        except LoraplexError as exc:
+            raise classify_error(exc) from None
+        finally:
+            for f in futures:
+                f.cancel()  # rows not started yet are skipped (a request fails as a whole)
+
+    def count(counter: Any, names: Sequence[str]) -> None:
+        for n in names or ["base"]:
+            counter.inc(adapter=n)
+
+    # ------------------------------------------------------------------ endpoints
+    @app.post("/v1/classify")
+    async def classify(request: Request) -> Any:
+        req = _parse(ClassifyRequest, await _json_body(request))
+        texts = inputs_of(req.input, "input")
+        choice, _ = resolve(req.model, need_head=True)
+        encoded = [encode(t, i, req.truncate) for i, t in enumerate(texts)]
+        results = await run([(ids, choice, t, True) for (ids, _), t in zip(encoded, texts)])
+        heads = batcher.heads
+        data, served, n_tokens = [], [], 0
+        for i, (text, (ids, offsets), res) in enumerate(zip(texts, encoded, results)):
+            n_tokens += len(ids)
+            info = heads.get(res.head)
+            if info is None or res.logits is None:  # the adapter was replaced by a headless one meanwhile
+                raise classify_error(NoTaskHead(f"adapter {res.head!r}", list(heads)))
+            item: dict[str, Any] = {"object": "classification", "index": i, "task": info.task, "head": res.head}
+            if info.task == "classification":
+                label, score, scores = sequence_scores(res.logits, info.labels, req.top_k)
+                item.update(label=label, score=score, scores=scores)
+            else:
+                words = text_words(text)
+                item["entities"] = bio_entities(text, words, word_tags(res.logits, offsets, words, info.labels))
+            item["served_by"] = res.served_by
+            data.append(item)
+            served.append(res.served_by)
+            count(metrics.classify_inputs, res.served_by)
+        for n in dict.fromkeys(n for s in served for n in (s or ["base"])):
+            metrics.classify_requests.inc(adapter=n)
+        return JSONResponse({"id": "classify-" + uuid.uuid4().hex, "object": "list", "created": int(time.time()),
+                             "model": req.model, "data": data,
+                             "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+                             "x_loraplex": {"served_by": served}})
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Any:
+        req = _parse(EmbeddingRequest, await _json_body(request))
+        if req.dimensions is not None and req.dimensions != hidden:
+            raise ApiError(400, f"dimensions={req.dimensions} is not supported: this model's embeddings have "
+                                f"{hidden} dimensions", "unsupported_parameter", "dimensions")
+        items = inputs_of(req.input, "input")
+        if all(isinstance(x, int) for x in items):  # one token id list
+            items = [items]
+        choice, _ = resolve(req.model, need_head=False)
+        rows = []
+        for i, x in enumerate(items):
+            if isinstance(x, str):
+                ids, text = encode(x, i, req.truncate)[0], x
+            else:
+                ids = [int(t) for t in x]
+                bad = [t for t in ids if t < 0 or (vocab and t >= vocab)]
+                if not ids or bad:
+                    raise ApiError(400, f"input[{i}]: " + (f"token id {bad[0]} is outside the vocabulary "
+                                                          f"(0..{vocab - 1})" if bad else "empty token list"),
+                                   "invalid_token", "input")
+                if len(ids) > limit:
+                    if not req.truncate:
+                        raise ApiError(400, f"input[{i}] has {len(ids)} tokens; this server accepts at most {limit} "
+                                            f"tokens per input (max_length); send \"truncate\": true to cut longer "
+                                            f"inputs", "context_length_exceeded", "input")
+                    ids = ids[:limit]
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+            rows.append((ids, choice, text, False))
+        results = await run(rows)
+        data = []
+        for i, res in enumerate(results):
+            vec = res.embedding.numpy().astype("<f4")
+            emb: Any = base64.b64encode(vec.tobytes()).decode() if req.encoding_format == "base64" else vec.tolist()
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        served = [r.served_by for r in results]
+        for n in dict.fromkeys(n for s in served for n in (s or ["base"])):
+            metrics.embedding_requests.inc(adapter=n)
+        n_tokens = sum(len(r[0]) for r in rows)
+        return JSONResponse({"object": "list", "data": data, "model": req.model,
+                             "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+                             "x_loraplex": {"served_by": served}})
+
+    def cards() -> list[dict[str, Any]]:
+        heads = batcher.heads
+        out = []
+        for card in registry.list_models():
+            if card["x_loraplex_kind"] in ("adapter", "merge"):
+                card["x_loraplex_task"] = task_card(heads.get(card["id"]))
+            out.append(card)
+        return out
+
+    @app.get("/v1/models")
+    async def models() -> Any:
+        return {"object": "list", "data": cards()}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_card(model_id: str) -> Any:
+        for card in cards():
+            if card["id"] == model_id:
+                return card
+        raise api_error(UnknownAdapterError(model_id, registry.known()))
+
+    @app.get("/health")
+    async def health() -> Any:
+        body = {"status": "ok" if batcher.alive else "unavailable", "queue_depth": batcher.queue_depth,
+                "running": batcher.running_count, "adapters": len(plex.adapters), "heads": len(batcher.heads),
+                "max_length": limit}
+        if not batcher.alive:
+            body["error"] = str(batcher.dead or "encoder worker stopped")
+        return JSONResponse(body, status_code=200 if batcher.alive else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Any:
+        return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+# --------------------------------------------------------------------------- building a server
+def is_encoder_base(path: str | os.PathLike) -> bool:
+    """Whether a model folder holds an encoder (no causal LM / seq2seq architecture), served by the classify app."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(path))
+    except Exception:  # noqa: BLE001 - not readable here: the generation server's loader reports why
+        return False
+    archs = cfg.architectures or []
+    generative = any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs)
+    return not (generative or getattr(cfg, "is_decoder", False) or getattr(cfg, "is_encoder_decoder", False))
+
+
+def build_classify_server(*, base: str, adapters: Mapping[str, str] | None = None, adapters_dir: str | None = None,
+                          router: Any = None, router_dir: str | None = None, base_id: str | None = None,
+                          compositions: Mapping[str, str] | None = None, device: str | None = None,
+                          max_slots: int = 32, trust_pickle: bool = False, max_batch_size: int = 32,
+                          batch_window_ms: float = 5.0, max_queue: int = 1024, max_length: int | None = None,
+                          plex: Any = None) -> tuple[EncoderBatcher, ModelRegistry, FastAPI]:
+    """(batcher, registry, app) for an encoder base and adapters with heads; ``router_dir``: a saved sequence
+    router, served as model ``auto``. An adapter whose labels do not fit its head fails here (AdapterError)."""
+    from loraplex.adapters.io import load_adapter_dir
+    from loraplex.tasks import load_encoder_plex
+
+    if plex is None:
+        plex = load_encoder_plex(base, device=device, max_slots=max_slots, trust_pickle=trust_pickle)
+    if adapters_dir:
+        for name, ad in load_adapter_dir(adapters_dir, trust_pickle=trust_pickle).items():
+            plex.add_adapter(name, ad)
+    for name, path in (adapters or {}).items():
+        plex.add_adapter(name, path)
+    if router_dir and router is None:
+        from loraplex.compose.moe import RoutedModel
+        from loraplex.compose.router import load_router
+
+        router = RoutedModel(plex, load_router(router_dir, map_location=plex.bank.device))
+    batcher = EncoderBatcher(plex, router=router, max_batch_size=max_batch_size, batch_window_ms=batch_window_ms,
+                             max_queue=max_queue)
+    bid = base_id or Path(str(base)).name or "base"
+    registry = ModelRegistry(plex, base_id=bid, compositions=compositions, router=router)
+    app = create_classify_app(plex, registry=registry, batcher=batcher, router=router, base_id=bid,
+                              max_length=max_length)
+    return batcher, registry, app
+
+
+def build_classify_from_config(path: str | os.PathLike, **kw: Any) -> tuple[EncoderBatcher, ModelRegistry, FastAPI]:
+    """(batcher, registry, app) from a ``model_type: encoder`` training config: the trained adapters (and merges)
+    of its ``output_dir``, and its trained router (``<output_dir>/router``) as model ``auto`` when present."""
+    from loraplex.train.config import load_config
+    from loraplex.train.predict import load_trained_plex
+    from loraplex.train.trainer import ROUTER_DIR
+
+    config = load_config(path)
+    if config.model_type != "encoder":
+        raise LoraplexError(f"{path}: model_type is {config.model_type!r}; the classify server needs "
+                            f"model_type: encoder")
+    out = Path(config.output_dir or "runs/train")
+    plex = load_trained_plex(config, out, device=kw.pop("device", None))
+    router_dir = out / ROUTER_DIR
+    return build_classify_server(base=str(config.base_model), plex=plex, base_id=kw.pop("base_id", None),
+                                 router_dir=str(router_dir) if (router_dir / "router.json").is_file() else None,
+                                 **kw)
+
+
+def config_is_encoder(path: str | os.PathLike) -> bool:
+    """Whether a YAML config says ``model_type: encoder`` (read without validating the rest)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and raw.get("model_type") == "encoder"
+
+
+__all__ = ["ClassifyRequest", "EmbeddingRequest", "build_classify_from_config", "build_classify_server",
+           "classify_error", "config_is_encoder", "create_classify_app", "is_encoder_base"]

@@ -1,0 +1,367 @@
+"""Dynamic batching for encoder requests (classify, embed): one mixed-adapter forward per batch.
+
+One worker thread owns the model. Requests put their rows (one per input text) in a bounded FIFO queue
+(full -> :class:`~loraplex.serve.engine.QueueFull`, HTTP 429). When idle, the worker waits for a row, then up to
+``batch_window_ms`` for more (up to ``max_batch_size`` rows), so rows of concurrent clients with different adapters
+share a batch. For the batch it
+
+1. routes the ``auto`` rows with ONE router call (the router's choice per row);
+2. checks every row's choice (unknown adapter, or no task head for a classify row: that row fails alone);
+3. runs ONE forward of the :class:`~loraplex.tasks.MultiTaskEncoder`, rows ordered by adapter slot so each adapter's
+   rows form one contiguous run, each row with its own adapter (or blend) and head;
+4. hands each row its logits, head and mean-pooled embedding.
+
+Changes to the adapter bank go through :meth:`EncoderBatcher.call_on_worker`, between two forwards.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from loraplex.errors import AdapterError, LoraplexError
+from loraplex.serve.engine import EngineClosed, QueueFull
+from loraplex.serve.metrics import Counter, ServeMetrics
+from loraplex.serve.registry import choice_names
+
+log = logging.getLogger("loraplex.serve")
+
+#: The row choice placeholder of rows the router decides.
+AUTO = object()
+
+
+class NoTaskHead(AdapterError):
+    """/v1/classify asked for an adapter (or the base model) that carries no task head."""
+
+    def __init__(self, what: str, with_heads: Sequence[str]) -> None:
+        self.what = what
+        self.with_heads = sorted(with_heads)
+        super().__init__(f"{what} has no task head (no 'classifier' in modules_to_save with a task in "
+                         f"loraplex_meta.json), so it cannot classify; adapters with heads: "
+                         f"{', '.join(self.with_heads) or '(none)'}")
+
+
+class EncoderMetrics(ServeMetrics):
+    """The server's metrics plus per-adapter counts of classify and embedding requests."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.classify_requests = Counter("loraplex_classify_requests_total",
+                                         "/v1/classify requests per adapter that served them (auto: the router's "
+                                         "choice; base: no adapter).", ("adapter",))
+        self.classify_inputs = Counter("loraplex_classify_inputs_total", "Texts classified per adapter.",
+                                       ("adapter",))
+        self.embedding_requests = Counter("loraplex_embedding_requests_total",
+                                          "/v1/embeddings requests per adapter (base: no adapter).", ("adapter",))
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for m in (self.classify_requests, self.classify_inputs, self.embedding_requests):
+            lines.extend(m.render())
+        return super().render() + "\n".join(lines) + "\n"
+
+
+@dataclass
+class Encoded:
+    """One row's result."""
+
+    choice: Any  # the row choice it ran with (auto: the router's)
+    served_by: list[str]  # adapters with a non-zero weight
+    head: str | None  # the adapter whose head produced ``logits``
+    logits: torch.Tensor | None  # [num_labels] or [L, num_labels] (float32, CPU)
+    embedding: torch.Tensor  # [H] mean-pooled, L2-normalised (float32, CPU)
+
+
+@dataclass
+class _Row:
+    ids: list[int]
+    choice: Any
+    text: str
+    need_head: bool
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    submitted: float = field(default_factory=time.monotonic)
+
+
+def served_names(choice: Any) -> list[str]:
+    """Adapters of a row choice with a non-zero weight."""
+    if choice is None or isinstance(choice, str):
+        return choice_names(choice)
+    items = list(choice.items()) if isinstance(choice, Mapping) else list(choice)
+    return [str(n) for n, w in items if float(w) != 0]
+
+
+def head_owner(choice: Any, with_heads: Mapping[str, Any]) -> str | None:
+    """The adapter whose head answers a row (the first with a head and a non-zero weight), as the model picks it."""
+    return next((n for n in served_names(choice) if n in with_heads), None)
+
+
+def route_rows(router: Any, plex: Any, texts: list[str], ids: torch.Tensor, mask: torch.Tensor) -> list[Any]:
+    """One row choice per text from a router: ``route_texts(texts)``, a RoutedModel (``route(ids, mask, texts=)``)
+    or a callable ``text -> (choice, served_by)``."""
+    if callable(getattr(router, "route_texts", None)):
+        return list(router.route_texts(texts))
+    if callable(getattr(router, "route", None)):
+        device = plex.bank.device
+        return list(router.route(ids.to(device), mask.to(device), texts=texts).choices())
+    return [router(t)[0] for t in texts]
+
+
+class EncoderBatcher:
+    """The worker that batches encoder rows across requests (see the module docstring)."""
+
+    def __init__(self, plex: Any, *, router: Any = None, max_batch_size: int = 32, batch_window_ms: float = 5.0,
+                 max_queue: int = 1024, metrics: EncoderMetrics | None = None, start: bool = True) -> None:
+        if max_batch_size < 1 or max_queue < 1:
+            raise ValueError("max_batch_size and max_queue must be >= 1")
+        self.plex = plex
+        self.model = plex.model
+        self.tokenizer = plex.tokenizer
+        self.router = router
+        self.max_batch_size = max_batch_size
+        self.batch_window = max(0.0, batch_window_ms / 1000.0)
+        self.max_queue = max_queue
+        self.pad_token_id = int(getattr(self.tokenizer, "pad_token_id", None) or 0)
+        self.metrics = metrics or EncoderMetrics()
+        self.metrics.attach_engine(self)
+        self._cv = threading.Condition()
+        self._pending: deque[_Row] = deque()
+        self._control: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
+        self._running = 0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.dead: BaseException | None = None
+        if start:
+            self.start()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._worker, name="loraplex-encoder", daemon=True)
+            self._thread.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the worker; queued rows fail with :class:`EngineClosed`."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        self._fail_pending(EngineClosed("the server is shutting down"))
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def running_count(self) -> int:
+        return self._running
+
+    @property
+    def heads(self) -> dict[str, Any]:
+        """Adapter -> :class:`~loraplex.tasks.TaskInfo` of the adapters with a task head."""
+        return dict(getattr(self.model, "tasks", {}) or {})
+
+    # ------------------------------------------------------------------ submitting
+    def submit_many(self, rows: Sequence[tuple[Sequence[int], Any, str, bool]]) -> list[concurrent.futures.Future]:
+        """Queue rows ``(token ids, choice | AUTO, text, needs a head)``: all are queued, or none (raises)."""
+        items = [_Row([int(t) for t in ids], choice, text, need) for ids, choice, text, need in rows]
+        with self._cv:
+            if self._stopping or self.dead is not None:
+                raise EngineClosed("the encoder worker is not running" + (f" ({self.dead})" if self.dead else ""))
+            if len(self._pending) + len(items) > self.max_queue:
+                self.metrics.rejected.inc(reason="queue_full")
+                raise QueueFull(f"the request queue is full ({self.max_queue} rows waiting); retry later")
+            self._pending.extend(items)
+            self._cv.notify_all()
+        return [r.future for r in items]
+
+    def encode(self, rows: Sequence[tuple[Sequence[int], Any, str, bool]], timeout: float | None = None
+               ) -> list[Encoded]:
+        """Submit and wait (blocking); raises the first row's error."""
+        return [f.result(timeout) for f in self.submit_many(rows)]
+
+    def call_on_worker(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
+        """Run ``fn`` on the worker thread between two forwards; its result (or exception)."""
+        if self._thread is None or not self._thread.is_alive() or threading.current_thread() is self._thread:
+            return fn()
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            self._control.append((fn, fut))
+            self._cv.notify_all()
+        return fut.result(timeout)
+
+    # ------------------------------------------------------------------ worker
+    def _worker(self) -> None:
+        torch.set_grad_enabled(False)
+        try:
+            while True:
+                self._run_control()
+                if self._stopping:
+                    break
+                batch = self._take()
+                if batch:
+                    self._running = len(batch)
+                    try:
+                        self._run(batch)
+                    except Exception as exc:  # noqa: BLE001 - reported to the rows, the server stays up
+                        log.exception("encoder batch failed")
+                        for r in batch:
+                            if not r.future.done():
+                                r.future.set_exception(exc)
+                    finally:
+                        self._running = 0
+        except BaseException as exc:  # a bug: make it visible to /health and every waiting client
+            log.exception("encoder worker crashed")
+            self.dead = exc
+        finally:
+            self._fail_pending(EngineClosed(f"the encoder stopped ({self.dead})" if self.dead else
+                                            "the encoder stopped"))
+
+    def _run_control(self) -> None:
+        while True:
+            with self._cv:
+                if not self._control:
+                    return
+                fn, fut = self._control.popleft()
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    fut.set_exception(exc)
+
+    def _take(self) -> list[_Row]:
+        """The next batch: wait for a row, then up to the batching window for more."""
+        with self._cv:
+            while not (self._stopping or self._control or self._pending):
+                self._cv.wait(1.0)
+            if self._stopping or self._control:
+                return []
+            if self.batch_window > 0:
+                deadline = time.monotonic() + self.batch_window
+                while len(self._pending) < self.max_batch_size and not (self._stopping or self._control):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cv.wait(left)
+            batch = []
+            while self._pending and len(batch) < self.max_batch_size:
+                r = self._pending.popleft()
+                if r.future.set_running_or_notify_cancel():  # a cancelled row (client gone) is skipped
+                    batch.append(r)
+            return batch
+
+    def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        n = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), n), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), n), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, :len(s)] = 1
+        return ids, mask
+
+    def _run(self, batch: list[_Row]) -> None:
+        """Route, check, one forward, hand out the results."""
+        auto = [r for r in batch if r.choice is AUTO]
+        if auto:
+            try:
+                if self.router is None:
+                    raise LoraplexError("model 'auto' needs a router, and no router is configured on this server")
+                ids, mask = self._pad([r.ids for r in auto])
+                choices = route_rows(self.router, self.plex, [r.text for r in auto], ids, mask)
+            except Exception as exc:  # noqa: BLE001 - the routed rows fail, the others run
+                for r in auto:
+                    r.future.set_exception(exc)
+                batch = [r for r in batch if r.choice is not AUTO]
+            else:
+                for r, c in zip(auto, choices):
+                    r.choice = None if isinstance(c, str) and c in ("base", "") else c
+        heads = self.heads
+        rows: list[_Row] = []
+        for r in batch:
+            try:
+                self.plex.rows_for([r.choice], 1)  # unknown adapters (e.g. unloaded meanwhile) fail this row only
+                if r.need_head and head_owner(r.choice, heads) is None:
+                    names = served_names(r.choice)
+                    raise NoTaskHead(f"adapter {names[0]!r}" if len(names) == 1 else
+                                     f"model {r.choice!r}" if names else "the base model", heads)
+            except LoraplexError as exc:
+                r.future.set_exception(exc)
+                continue
+            rows.append(r)
+        for part in self._slot_chunks(rows):
+            self._forward(part)
+
+    def _slot_chunks(self, rows: list[_Row]) -> list[list[_Row]]:
+        """Rows split so that no forward needs more adapters than the bank has device slots."""
+        limit = max(1, int(getattr(self.plex.bank, "max_slots", 0) or len(rows)))
+        parts: list[list[_Row]] = []
+        names: set[str] = set()
+        for r in rows:
+            mine = set(choice_names(r.choice))
+            if not parts or len(names | mine) > limit:
+                parts.append([])
+                names = set()
+            parts[-1].append(r)
+            names |= mine
+        return parts
+
+    def _forward(self, rows: list[_Row]) -> None:
+        """One mixed-adapter forward over ``rows`` (ordered by adapter slot); results to each row's future."""
+        names = sorted({n for r in rows for n in choice_names(r.choice)})
+        with self.plex.bank.hold(names) as slots:
+            rows = grouped(rows, slots)
+            ids, mask = self._pad([r.ids for r in rows])
+            device = self.plex.bank.device
+            out = self.plex(ids.to(device), attention_mask=mask.to(device), adapters=[r.choice for r in rows])
+        self.metrics.batch_size.observe(len(rows), phase="encode")
+        self.metrics.prompt_tokens.inc(int(mask.sum()))
+        emb = out.embeddings.float().cpu()
+        now = time.monotonic()
+        for j, r in enumerate(rows):
+            lg = out.logits[j]
+            if lg is not None:
+                lg = lg.float().cpu()
+                if lg.dim() == 2:
+                    lg = lg[:len(r.ids)]
+            r.future.set_result(Encoded(r.choice, served_names(r.choice), out.heads[j], lg, emb[j]))
+            self.metrics.request_latency.observe(now - r.submitted)
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        with self._cv:
+            pending = list(self._pending)
+            self._pending.clear()
+            control = list(self._control)
+            self._control.clear()
+        for _, fut in control:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(exc)
+        for r in pending:
+            if r.future.set_running_or_notify_cancel():
+                r.future.set_exception(exc)
+
+
+def grouped(rows: list[Any], slots: Mapping[str, int]) -> list[Any]:
+    """Rows (with a ``choice``) ordered base first, then by adapter slot (one contiguous run per adapter), blends
+    last; the order within a group is kept."""
+    def key(r: Any) -> tuple[int, int]:
+        if r.choice is None:
+            return (0, 0)
+        if isinstance(r.choice, str):
+            return (1, slots.get(r.choice, 0))
+        return (2, 0)
+    return sorted(rows, key=key)
+
+
+__all__ = ["AUTO", "Encoded", "EncoderBatcher", "EncoderMetrics", "NoTaskHead", "grouped", "head_owner", "route_rows",
+           "served_names"]
