@@ -115,10 +115,24 @@ def main() -> None:
             outs.append(plex(x[r:r + 1], adapters=mixed[r], **sub).logits)
         return outs
 
+    def forced(kernel):  # the mixed batch with one kernel forced in every layer (the automatic choice is "auto")
+        def call(x, **kw):
+            for layer in plex.bank.layers.values():
+                layer.kernel = kernel
+            try:
+                return plex(x, adapters=mixed, **kw)
+            finally:
+                for layer in plex.bank.layers.values():
+                    layer.kernel = "auto"
+        return call
+
     calls = {
         "base": lambda x, **kw: base(input_ids=x, **kw),
         "loraplex single": lambda x, **kw: plex(x, adapters=names[0], **kw),
         f"loraplex mixed ({args.adapters} adapters)": lambda x, **kw: plex(x, adapters=mixed, **kw),
+        "  mixed, sgmv forced": forced("sgmv"),
+        "  mixed, bgmv forced": forced("bgmv"),
+        "  mixed, segbmm forced": forced("segbmm"),
         "peft single": peft_single,
         f"peft mixed adapter_names ({args.adapters})": peft_mixed,
         "naive per-row loop (prefill only)": naive,
@@ -140,7 +154,7 @@ def main() -> None:
                 fns[label] = fn
             results[phase] = timeit_interleaved(fns, args.repeats if phase == "prefill" else args.repeats * 3)
     print()
-    print("| variant | prefill 16x64 (x base) | decode step 16x1 (x base) |")
+    print(f"| variant | prefill {args.batch}x{args.seq} (x base) | decode step {args.batch}x1 (x base) |")
     print("| --- | --- | --- |")
     for label in calls:
         pre = results["prefill"][label] / results["prefill"]["base"]

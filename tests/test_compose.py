@@ -93,7 +93,7 @@ def logits(out) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------- blend
-@pytest.mark.parametrize("kernel", ["auto", "sgmv", "bgmv"])
+@pytest.mark.parametrize("kernel", ["auto", "sgmv", "bgmv", "segbmm"])
 def test_blend_equals_exact_delta_sum(setup, kernel):
     plex = make_plex(setup)
     for layer in plex.bank.layers.values():
@@ -107,7 +107,7 @@ def test_blend_equals_exact_delta_sum(setup, kernel):
     assert torch.allclose(got, want, atol=ATOL), (got - want).abs().max()
 
 
-@pytest.mark.parametrize("kernel", ["sgmv", "bgmv"])
+@pytest.mark.parametrize("kernel", ["sgmv", "bgmv", "segbmm"])
 def test_per_row_blends_in_one_batch(setup, kernel):
     plex = make_plex(setup)
     for layer in plex.bank.layers.values():

@@ -198,7 +198,7 @@ def test_mixed_batch_with_padding_matches_peft(case: Case) -> None:
     _assert_rows(got, _peft_rows(case, ROWS, input_ids=ids, attention_mask=mask), ROWS, mask)
 
 
-@pytest.mark.parametrize("kernel", ["sgmv", "bgmv"])
+@pytest.mark.parametrize("kernel", ["sgmv", "bgmv", "segbmm"])
 def test_forced_kernels_match_peft(case: Case, kernel: str) -> None:
     plex = case.plex()
     assert plex.bank.layers
@@ -246,7 +246,7 @@ def test_blend_rows_match_hand_computed_reference(case: Case) -> None:
             if key not in want:
                 want[key] = out_of(case, _blend_model(case, weights)(input_ids=ids))
             want[i] = want[key][i]
-    for kernel in ("auto", "sgmv", "bgmv"):
+    for kernel in ("auto", "sgmv", "bgmv", "segbmm"):
         for layer in plex.bank.layers.values():
             layer.kernel = kernel
         with torch.no_grad():
@@ -309,7 +309,7 @@ def test_generate_with_blends(llama_case: Case) -> None:
             assert torch.equal(got[i], want), (i, choice)
 
 
-@pytest.mark.parametrize("kernel", ["sgmv", "bgmv"])
+@pytest.mark.parametrize("kernel", ["sgmv", "bgmv", "segbmm"])
 def test_generate_forced_kernel(llama_case: Case, kernel: str) -> None:
     case = llama_case
     plex = case.plex()
@@ -360,7 +360,7 @@ def test_autograd_trainable_slot_gets_grads(llama_case: Case) -> None:
     for layer in layers:
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
-    for kernel in ("auto", "sgmv", "bgmv"):
+    for kernel in ("auto", "sgmv", "bgmv", "segbmm"):
         for layer in layers:
             layer.kernel = kernel
             layer.lora_A.grad = layer.lora_B.grad = None
@@ -529,3 +529,30 @@ def test_ops_autograd_matches_reference() -> None:
         assert torch.allclose(grads[kind][0], grads["ref"][0], atol=1e-4, rtol=1e-5)
         assert torch.allclose(grads[kind][1], grads["ref"][1], atol=1e-4, rtol=1e-5)
     assert grads["sgmv"][0][0].abs().sum() == 0  # slot 0 (no adapter) gets no gradient
+
+
+@pytest.mark.parametrize("kernel", ["sgmv", "bgmv", "segbmm"])
+@pytest.mark.parametrize("length", [1, 5])
+def test_kernels_equal_plain_loop_with_uneven_segments_blends_and_grads(kernel: str, length: int) -> None:
+    """Each kernel (values and gradients) equals ops.lora_reference on an uneven layout with blends and base rows."""
+    g = torch.Generator().manual_seed(0)
+    n_slots, r, d_in, d_out = 5, 4, 12, 10
+    A = torch.randn(n_slots, r, d_in, generator=g, dtype=torch.float64)
+    B = torch.randn(n_slots, d_out, r, generator=g, dtype=torch.float64)
+    A[0], B[0] = 0, 0
+    scale = torch.tensor([0.0, 2.0, 0.5, 1.0, 3.0], dtype=torch.float64)
+    # rows: 0 -> slot 3; 1 -> base; 2 -> slot 1; 3 -> 0.7*s1 - 0.4*s4; 4 -> slot 3; 5 -> slot 3; 6 -> slot 2
+    pairs = [(0, 3, 1.0), (2, 1, 1.0), (3, 1, 0.7), (3, 4, -0.4), (4, 3, 1.0), (5, 3, 1.0), (6, 2, 1.0)]
+    rows, slots, weights = (torch.tensor(c) for c in zip(*pairs))
+    seg = ops.make_segments(rows, slots, weights.double(), 7)
+    x = torch.randn(7, length, d_in, generator=g, dtype=torch.float64, requires_grad=True)
+    fn = {"sgmv": ops.lora_sgmv, "bgmv": ops.lora_bgmv, "segbmm": ops.lora_segbmm}[kernel]
+    got = fn(x, A, B, scale, seg)
+    want = ops.lora_reference(x, A, B, scale, rows.tolist(), slots.tolist(), weights.tolist())
+    assert torch.allclose(got, want, atol=1e-12)
+    gx, = torch.autograd.grad(got.square().sum(), x)
+    wx, = torch.autograd.grad(want.square().sum(), x)
+    assert torch.allclose(gx, wx, atol=1e-10)
+    with torch.no_grad():  # the in-place path adds into ``out``
+        base = torch.randn(7, length, d_out, generator=g, dtype=torch.float64)
+        assert torch.allclose(fn(x, A, B, scale, seg, out=base.clone()), base + want, atol=1e-12)

@@ -29,6 +29,10 @@ class Segments:
     row_ranges: tuple[tuple[int, int, int], ...] | None  # (slot, row0, row1) when each segment is a run of
     # consecutive rows with weight 1: then no gather/scatter is needed at all
     n_rows: int
+    # the segments padded to one length m for a single bmm over distinct slots (``lora_segbmm``):
+    seg_slots: torch.Tensor | None = None  # [S] long, the distinct slots
+    pad_rows: torch.Tensor | None = None  # [S * m] long, row of each padded position (pads: row 0)
+    pad_weights: torch.Tensor | None = None  # [S * m] float, weight of each padded position (pads: 0)
 
     @property
     def identity(self) -> bool:
@@ -65,9 +69,24 @@ def make_segments(pair_rows: torch.Tensor, pair_slots: torch.Tensor, pair_weight
             ranges.append((slot, r0, r0 + e - s))
         else:
             row_ranges = tuple(ranges)
+    seg_slots, pad_rows, pad_weights = _pad_segments(rows, weights, bounds)
     if device is not None and torch.device(device).type != "cpu":
-        rows, weights, slots = (t.to(device, non_blocking=True) for t in (rows, weights, slots))
-    return Segments(rows, weights, slots, tuple(bounds), row_ranges, n_rows)
+        rows, weights, slots, seg_slots, pad_rows, pad_weights = (
+            t.to(device, non_blocking=True) for t in (rows, weights, slots, seg_slots, pad_rows, pad_weights))
+    return Segments(rows, weights, slots, tuple(bounds), row_ranges, n_rows, seg_slots, pad_rows, pad_weights)
+
+
+def _pad_segments(rows: torch.Tensor, weights: torch.Tensor, bounds: list[tuple[int, int, int]]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(distinct slots [S], padded rows [S*m], padded weights [S*m]): segment k fills positions k*m .. k*m+len-1."""
+    n_seg = len(bounds)
+    m = max((e - s for _, s, e in bounds), default=0)
+    pad_rows = torch.zeros(n_seg * m, dtype=torch.long)
+    pad_weights = torch.zeros(n_seg * m, dtype=weights.dtype)
+    for k, (_, s, e) in enumerate(bounds):
+        pad_rows[k * m:k * m + e - s] = rows[s:e]
+        pad_weights[k * m:k * m + e - s] = weights[s:e]
+    return torch.tensor([b[0] for b in bounds], dtype=torch.long), pad_rows, pad_weights
 
 
 def lora_sgmv(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, seg: Segments,
@@ -137,6 +156,29 @@ def lora_bgmv(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Te
         return out.index_add_(0, seg.rows, upd)
     base = out if out is not None else x.new_zeros(n, length, d_out)
     return base.index_add(0, seg.rows, upd)
+
+
+def lora_segbmm(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, seg: Segments,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Segments padded to one length, two ``bmm``s over the distinct slots: each adapter's factors are read once
+    (like sort+segment) in a fixed number of ops (like gather+bmm). Best for decode batches with many adapters;
+    padding costs compute proportional to the longest segment, so prefill uses :func:`lora_sgmv`."""
+    n, length, d_in = x.shape
+    d_out = B.shape[1]
+    if seg.seg_slots is None or seg.pad_rows is None or seg.pad_weights is None or seg.seg_slots.numel() == 0:
+        return out if out is not None else x.new_zeros(n, length, d_out)
+    n_seg = seg.seg_slots.numel()
+    m = seg.pad_rows.numel() // n_seg
+    xs = x.index_select(0, seg.pad_rows).view(n_seg, m * length, d_in)  # [S, m*L, d_in]
+    a = A.index_select(0, seg.seg_slots)  # [S, r, d_in]
+    b = B.index_select(0, seg.seg_slots)  # [S, d_out, r]
+    w = seg.pad_weights.to(x.dtype).view(n_seg, m) * scale.index_select(0, seg.seg_slots).to(x.dtype)[:, None]
+    v = torch.bmm(xs, a.transpose(1, 2)).view(n_seg, m, length, -1) * w[:, :, None, None]  # [S, m, L, r]
+    upd = torch.bmm(v.view(n_seg, m * length, -1), b.transpose(1, 2)).view(n_seg * m, length, d_out)  # [S*m, L, d_out]
+    if out is not None and not torch.is_grad_enabled():
+        return out.index_add_(0, seg.pad_rows, upd)
+    base = out if out is not None else x.new_zeros(n, length, d_out)
+    return base.index_add(0, seg.pad_rows, upd)
 
 
 def lora_single(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float | torch.Tensor,

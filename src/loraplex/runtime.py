@@ -124,7 +124,7 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("lora_scale", w.new_zeros(n_slots, dtype=torch.float32), persistent=False)  # [S]
         self.slot_rank: list[int] = [0] * n_slots
         self.dropout = 0.0
-        self.kernel: str = "auto"  # "auto" | "sgmv" | "bgmv" (tests and benchmarks force one)
+        self.kernel: str = "auto"  # "auto" | "sgmv" | "bgmv" | "segbmm" (tests and benchmarks force one)
         # trainers: differentiable (A [S, r_max, d_in], B [S, d_out, r_max]) stacks used instead of lora_A/lora_B,
         # and per-row LoRA dropout probabilities [N] used (in training mode) instead of ``dropout``
         self.train_stacks: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -209,6 +209,8 @@ class MultiLoraLinear(nn.Module):
             inplace = y3 if not torch.is_grad_enabled() else None
             if kernel == "bgmv":
                 out = ops.lora_bgmv(x3, A, B, self.lora_scale, seg, out=inplace)
+            elif kernel == "segbmm":
+                out = ops.lora_segbmm(x3, A, B, self.lora_scale, seg, out=inplace)
             else:
                 out = ops.lora_sgmv(x3, A, B, self.lora_scale, seg, out=inplace, ranks=self.slot_rank)
         if out is y3:
