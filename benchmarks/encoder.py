@@ -14,7 +14,7 @@ the server's batch path (:class:`loraplex.serve.encode.EncoderBatcher`: head che
 Then the HTTP server itself (``--http``): concurrent clients posting one-text /v1/classify requests, tasks mixed vs
 all on one adapter (requests/s; dynamic batching across clients).
 
-    flock /tmp/bench.lock python benchmarks/encoder.py              # ~1-2 min on 2 CPU cores
+    flock /tmp/bench.lock python benchmarks/encoder.py --threads 1  # ~3-5 min on 2 shared CPU cores
     flock /tmp/bench.lock python benchmarks/encoder.py --quick      # smoke test
 """
 
