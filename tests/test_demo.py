@@ -1,0 +1,44 @@
+"""``loraplex demo`` end to end at toy sizes: real data from this machine, joint training, merge, router, serving."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from loraplex.data.corpora import DatasetBuildError
+
+
+def test_demo_runs_end_to_end_and_writes_its_table(tmp_path):
+    from loraplex import demo
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    lines: list[str] = []
+    try:
+        summary = demo.run_demo(tmp_path / "demo", per_class=8, test_per_class=3, epochs=1, max_length=32,
+                                log=lines.append)
+    except DatasetBuildError as exc:  # a machine without the source files the datasets are cut from
+        pytest.skip(f"demo datasets cannot be built here: {exc}")
+    finally:
+        torch.set_num_threads(threads)
+    assert set(summary["tasks"]) == set(demo.TASKS)
+    for name, row in summary["tasks"].items():
+        for col in ("probe", "own", "auto"):
+            assert 0.0 <= row[col]["score"] <= 1.0, (name, col)
+        assert 0.0 <= row["routing_accuracy"] <= 1.0
+    merged = [n for n in demo.TASKS if n != "entities"]
+    assert all("merged" in summary["tasks"][n] for n in merged)
+    served = summary["served"]
+    assert served["model"] == "auto" and len(served["data"]) == len(demo.TASKS)
+    assert all(item["served_by"][0] in demo.TASKS for item in served["data"])
+    on_disk = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert on_disk["tasks"].keys() == summary["tasks"].keys()
+    table = (tmp_path / "demo" / "results.md").read_text()
+    assert table.startswith("| task (metric) | base + head | own adapter | merged (ties) | routed (auto) |")
+    assert all(f"| {n} (" in table for n in demo.TASKS)
+    for n in demo.TASKS:
+        assert (tmp_path / "demo" / "adapters" / n / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "demo" / "router" / "router.json").is_file()
+    assert any("served by" in line for line in lines)
