@@ -556,3 +556,23 @@ def test_kernels_equal_plain_loop_with_uneven_segments_blends_and_grads(kernel: 
     with torch.no_grad():  # the in-place path adds into ``out``
         base = torch.randn(7, length, d_out, generator=g, dtype=torch.float64)
         assert torch.allclose(fn(x, A, B, scale, seg, out=base.clone()), base + want, atol=1e-12)
+
+
+@pytest.mark.parametrize("slots", [[1, 1, 2, 2, 3, 3], [1, 1, 3, 3, 4, 4], [2, 2, 1, 1, 3, 3]])
+def test_segbmm_fast_layouts_equal_plain_loop(slots: list[int]) -> None:
+    """Equal consecutive segments (no gather) and consecutive slots (factor views), and the general fallbacks."""
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(5, 3, 8, generator=g, dtype=torch.float64)
+    B = torch.randn(5, 6, 3, generator=g, dtype=torch.float64)
+    scale = torch.tensor([0.0, 1.5, 0.5, 2.0, 1.0], dtype=torch.float64)
+    rows = list(range(len(slots)))
+    seg = ops.make_segments(torch.tensor(rows), torch.tensor(slots), torch.ones(len(slots), dtype=torch.float64),
+                            len(slots))
+    assert seg.pad_identity == (slots == sorted(slots))
+    assert (seg.slot_range is not None) == (sorted(set(slots)) == list(range(min(slots), max(slots) + 1)))
+    x = torch.randn(len(slots), 2, 8, generator=g, dtype=torch.float64)
+    want = ops.lora_reference(x, A, B, scale, rows, slots, [1.0] * len(slots))
+    assert torch.allclose(ops.lora_segbmm(x, A, B, scale, seg), want, atol=1e-12)
+    with torch.no_grad():
+        base = torch.randn(len(slots), 2, 6, generator=g, dtype=torch.float64)
+        assert torch.allclose(ops.lora_segbmm(x, A, B, scale, seg, out=base.clone()), base + want, atol=1e-12)
