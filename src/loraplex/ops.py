@@ -156,14 +156,7 @@ def lora_bgmv(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Te
     v = torch.bmm(xs, A.index_select(0, seg.slots).transpose(1, 2))  # [P, L, r]
     v = v * w[:, None, None]
     upd = torch.bmm(v, B.index_select(0, seg.slots).transpose(1, 2))  # [P, L, d_out]
-    if seg.identity:
-        if out is None:
-            return upd
-        return out.add_(upd) if not torch.is_grad_enabled() else out + upd
-    if out is not None and not torch.is_grad_enabled():
-        return out.index_add_(0, seg.rows, upd)
-    base = out if out is not None else x.new_zeros(n, length, d_out)
-    return base.index_add(0, seg.rows, upd)
+    return _add_rows(out, upd, None if seg.identity else seg.rows, n)
 
 
 def lora_segbmm(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, seg: Segments,
@@ -189,14 +182,21 @@ def lora_segbmm(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.
     else:
         v = v * (seg.pad_weights.to(x.dtype).view(n_seg, m) * sc.to(x.dtype)[:, None])[:, :, None, None]
     upd = torch.bmm(v.view(n_seg, m * length, -1), b.transpose(1, 2)).view(n_seg * m, length, d_out)  # [S*m, L, d_out]
-    if seg.pad_identity:
+    return _add_rows(out, upd, None if seg.pad_identity else seg.pad_rows, n)
+
+
+def _add_rows(out: torch.Tensor | None, upd: torch.Tensor, rows: torch.Tensor | None, n: int) -> torch.Tensor:
+    """``out`` [N, L, d_out] plus ``upd`` [P, L, d_out] added at ``rows`` [P] (None: P == N in row order); in place
+    when autograd is off, a new tensor otherwise (``out`` None: zeros)."""
+    inplace = out is not None and not torch.is_grad_enabled()
+    if rows is None:
         if out is None:
             return upd
-        return out.add_(upd) if not torch.is_grad_enabled() else out + upd
-    if out is not None and not torch.is_grad_enabled():
-        return out.index_add_(0, seg.pad_rows, upd)
-    base = out if out is not None else x.new_zeros(n, length, d_out)
-    return base.index_add(0, seg.pad_rows, upd)
+        return out.add_(upd) if inplace else out + upd
+    if inplace:
+        return out.index_add_(0, rows, upd)
+    base = out if out is not None else upd.new_zeros(n, *upd.shape[1:])
+    return base.index_add(0, rows, upd)
 
 
 def lora_single(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float | torch.Tensor,

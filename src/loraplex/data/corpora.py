@@ -2389,6 +2389,49 @@ def build_licences(
     return _cached_build("licences", params, cache_dir, use_cache, build)
 
 
+def _man_label_pools(
+    files: Mapping[str, Sequence[str]],
+    snippets_of: Callable[[str], list[str]],
+    sizes: Mapping[str, int],
+    min_files: int,
+    min_snippets: int,
+) -> tuple[dict[str, dict[str, list[_Snippet]]], dict[str, int], dict[str, dict[str, int]], dict[str, str], list[str]]:
+    """Snippet pools of man-page datasets: ``files`` label -> pages; returns (pools per label and split, pages
+    giving snippets per label, snippets available per label and split, dropped label -> reason, kept labels).
+
+    A page's snippets all go to its split (:func:`split_for`); repeats are kept once, test split first; a label is
+    dropped with fewer than ``min_files`` pages giving snippets or fewer than ``min_snippets`` in a requested split.
+    """
+    raw: dict[str, dict[str, list[_Snippet]]] = {label: {s: [] for s in SPLITS} for label in files}
+    pages: dict[str, int] = {}
+    for label, paths in files.items():
+        used = 0
+        for path in paths:
+            snippets = snippets_of(path)
+            used += bool(snippets)
+            raw[label][split_for(path)].extend(_Snippet(text, path, i) for i, text in enumerate(snippets))
+        pages[label] = used
+    pools = _dedup_across(raw)
+    asked = [s for s in SPLITS if int(sizes.get(s, 0)) > 0]
+    avail = {label: {s: len(pools[label][s]) for s in SPLITS} for label in files}
+    dropped: dict[str, str] = {}
+    for label in files:
+        if pages[label] < min_files:
+            dropped[label] = f"{pages[label]} page(s) < {min_files}"
+        elif any(avail[label][s] < min_snippets for s in asked):
+            short = [f"{s} {avail[label][s]}" for s in asked if avail[label][s] < min_snippets]
+            dropped[label] = f"snippets {', '.join(short)} < {min_snippets}"
+    return pools, pages, avail, dropped, [label for label in files if label not in dropped]
+
+
+def _class_counts(rows: Mapping[str, list[dict[str, Any]]], kept: Sequence[str], sizes: Mapping[str, int]
+                  ) -> dict[str, Any]:
+    """Manifest details of a balanced class dataset: rows per class asked for and written, splits shrunk."""
+    per_class = {s: len(rows[s]) // len(kept) for s in SPLITS}
+    return {"requested_per_class": {s: int(sizes.get(s, 0)) for s in SPLITS}, "rows_per_class": per_class,
+            "shrunk": [s for s in SPLITS if per_class[s] < int(sizes.get(s, 0))]}
+
+
 def build_man_sections(
     cache_dir: str | os.PathLike[str] | None = None,
     seed: int = 0,
@@ -2428,28 +2471,9 @@ def build_man_sections(
     def build() -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
         src = given or discover_sources(max_files, kinds=MAN_KINDS)
         reader = _reader or _Reader()
-        raw: dict[str, dict[str, list[_Snippet]]] = {label: {s: [] for s in SPLITS} for label in MAN_SECTIONS}
-        pages: dict[str, int] = {}
-        for label, num in MAN_SECTIONS.items():
-            ss = src.get(f"man{num}")
-            used = 0
-            for path in ss.files if ss is not None else []:
-                snippets = reader.man_snippets(path, MAN_CHUNKS)
-                used += bool(snippets)
-                split = split_for(path)
-                raw[label][split].extend(_Snippet(text, path, i) for i, text in enumerate(snippets))
-            pages[label] = used
-        pools = _dedup_across(raw)
-        asked = [s for s in SPLITS if int(sizes.get(s, 0)) > 0]
-        avail = {label: {s: len(pools[label][s]) for s in SPLITS} for label in MAN_SECTIONS}
-        dropped: dict[str, str] = {}
-        for label in MAN_SECTIONS:
-            if pages[label] < min_files:
-                dropped[label] = f"{pages[label]} page(s) < {min_files}"
-            elif any(avail[label][s] < min_snippets for s in asked):
-                short = [f"{s} {avail[label][s]}" for s in asked if avail[label][s] < min_snippets]
-                dropped[label] = f"snippets {', '.join(short)} < {min_snippets}"
-        kept = [label for label in MAN_SECTIONS if label not in dropped]
+        files = {label: (src[f"man{num}"].files if f"man{num}" in src else []) for label, num in MAN_SECTIONS.items()}
+        pools, pages, avail, dropped, kept = _man_label_pools(
+            files, lambda path: reader.man_snippets(path, MAN_CHUNKS), sizes, min_files, min_snippets)
         searched = [d for k in MAN_KINDS for d in (src[k].searched if k in src else _expand_roots(k))]
         if len(kept) < 3:
             detail = "; ".join(f"{label} (man{num}): {dropped[label]}" for label, num in MAN_SECTIONS.items()
@@ -2460,14 +2484,11 @@ def build_man_sections(
                 f"{detail}; searched: {', '.join(searched) or '(nothing)'}"
             )
         rows = _balanced_rows({label: pools[label] for label in kept}, sizes, seed, "man_sections", "man_sections")
-        per_class = {s: len(rows[s]) // len(kept) for s in SPLITS}
         info = _info(src, list(MAN_KINDS))
         info["details"] = {
             "sections": kept,
             "section_numbers": {label: MAN_SECTIONS[label] for label in kept},
-            "requested_per_class": {s: int(sizes.get(s, 0)) for s in SPLITS},
-            "rows_per_class": per_class,
-            "shrunk": [s for s in SPLITS if per_class[s] < int(sizes.get(s, 0))],
+            **_class_counts(rows, kept, sizes),
             "section_pages": pages,
             "section_snippets": avail,
             "dropped_sections": dropped,
@@ -2518,27 +2539,9 @@ def build_man_languages(
         src = given or discover_man_languages(max_files)
         langs = sorted(k[len(prefix):] for k in src)
         reader = _reader or _Reader()
-        raw: dict[str, dict[str, list[_Snippet]]] = {lang: {s: [] for s in SPLITS} for lang in langs}
-        pages: dict[str, int] = {}
-        for lang in langs:
-            used = 0
-            for path in src[prefix + lang].files:
-                snippets = reader.man_language_snippets(path, MAN_CHUNKS)
-                used += bool(snippets)
-                split = split_for(path)
-                raw[lang][split].extend(_Snippet(text, path, i) for i, text in enumerate(snippets))
-            pages[lang] = used
-        pools = _dedup_across(raw)
-        asked = [s for s in SPLITS if int(sizes.get(s, 0)) > 0]
-        avail = {lang: {s: len(pools[lang][s]) for s in SPLITS} for lang in langs}
-        dropped: dict[str, str] = {}
-        for lang in langs:
-            if pages[lang] < min_files:
-                dropped[lang] = f"{pages[lang]} page(s) < {min_files}"
-            elif any(avail[lang][s] < min_snippets for s in asked):
-                short = [f"{s} {avail[lang][s]}" for s in asked if avail[lang][s] < min_snippets]
-                dropped[lang] = f"snippets {', '.join(short)} < {min_snippets}"
-        kept = [lang for lang in langs if lang not in dropped]
+        pools, pages, avail, dropped, kept = _man_label_pools(
+            {lang: src[prefix + lang].files for lang in langs},
+            lambda path: reader.man_language_snippets(path, MAN_CHUNKS), sizes, min_files, min_snippets)
         if len(kept) < 3:
             searched = [d for k in sorted(src) for d in src[k].searched] or _expand_roots("man_languages")
             detail = "; ".join(f"{lang}: {dropped[lang]}" for lang in langs if lang in dropped)
@@ -2549,13 +2552,10 @@ def build_man_languages(
                 f"searched: {', '.join(searched) or '(nothing)'}"
             )
         rows = _balanced_rows({lang: pools[lang] for lang in kept}, sizes, seed, "man_languages", "man_languages")
-        per_class = {s: len(rows[s]) // len(kept) for s in SPLITS}
         info = _info(src, sorted(src))
         info["details"] = {
             "languages": kept,
-            "requested_per_class": {s: int(sizes.get(s, 0)) for s in SPLITS},
-            "rows_per_class": per_class,
-            "shrunk": [s for s in SPLITS if per_class[s] < int(sizes.get(s, 0))],
+            **_class_counts(rows, kept, sizes),
             "language_pages": pages,
             "language_snippets": avail,
             "dropped_languages": dropped,
