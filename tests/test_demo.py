@@ -10,14 +10,16 @@ import torch
 from loraplex.data.corpora import DatasetBuildError
 
 
-def test_demo_runs_end_to_end_and_writes_its_table(tmp_path):
+def test_demo_runs_end_to_end_and_writes_its_table(tmp_path, monkeypatch):
     from loraplex import demo
+
+    monkeypatch.chdir(tmp_path)  # a relative output folder, as `loraplex demo` uses by default
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     lines: list[str] = []
     try:
-        summary = demo.run_demo(tmp_path / "demo", per_class=8, test_per_class=3, epochs=1, max_length=32,
+        summary = demo.run_demo("demo", per_class=8, test_per_class=3, epochs=1, max_length=32,
                                 log=lines.append)
     except DatasetBuildError as exc:  # a machine without the source files the datasets are cut from
         pytest.skip(f"demo datasets cannot be built here: {exc}")

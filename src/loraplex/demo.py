@@ -231,7 +231,7 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", *, per_class: int = 80, t
     from loraplex.train.trainer import train
 
     torch.manual_seed(seed)
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # the config refers to data files by absolute path
     t0 = time.perf_counter()
     log(f"[1/6] building datasets from this machine's files into {out / 'data'}")
     data = build_data(out / "data", per_class=per_class, test_per_class=test_per_class, seed=seed)
