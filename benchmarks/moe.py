@@ -22,10 +22,6 @@ Prints a markdown table of tokens/s and the ratios routed/single and routed/loop
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no OpenMP spin-waiting on busy cores
-
 import argparse
 import copy
 import statistics
