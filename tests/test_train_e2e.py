@@ -239,6 +239,9 @@ def test_predict_errors_are_clean(project: dict[str, Any]) -> None:
     res = cli("predict", str(project["cfg"]), "--dataset", str(root / "test.csv"), "--adapter", "a",
               "--compose", "blend(a=1,b=1)")
     assert res.exit_code == 2 and "give --adapter or --compose, not both" in res.stderr
+    res = cli("predict", str(project["cfg"]), "--dataset", str(root / "test.csv"), "--compose",
+              "stack(a,b,mode=pipeline)")
+    assert res.exit_code == 2 and "is a pipeline" in res.stderr and "Traceback" not in res.output
 
 
 # ------------------------------------------------------------------------------------------------ joint == sequential

@@ -163,6 +163,11 @@ def make_runner(plex: Any, config: TrainConfig, choice: str, output_dir: Path) -
         raise LoraplexError(f"{choice!r} needs a trained router ({router_dir} does not exist): add an adapters.router "
                             f"block to the config and train")
     comp = build_composition(plex, node, routers=routers, tokenizer=plex.tokenizer)
+    from loraplex.compose.stack import Pipeline
+
+    if isinstance(comp, Pipeline):
+        raise LoraplexError(f"{choice!r} is a pipeline (text in, text out, one generation per stage); predict scores "
+                            f"one model's tokens. Run it from Python: build_composition(plex, spec).run(prompts)")
     router = getattr(comp, "router", None)
     names = list(getattr(router, "experts", None) or node.adapter_names())
     return Runner(plex, None, comp), names
