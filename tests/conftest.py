@@ -129,3 +129,12 @@ def peft_model(base: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Modul
     from peft import PeftModel
 
     return PeftModel.from_pretrained(copy.deepcopy(base), str(path)).eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread for the module (no OpenMP spin-waiting on oversubscribed CI cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

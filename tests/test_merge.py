@@ -54,13 +54,7 @@ _GPT2_SPECS = {
 
 
 # --------------------------------------------------------------------------- fixtures
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one intra-op thread is fastest and immune to oversubscribed CI cores; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
 
 
 def peft_deltas(base: torch.nn.Module, path: Path) -> dict[str, torch.Tensor]:

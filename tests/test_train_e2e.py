@@ -26,12 +26,7 @@ TARGETS_A = ["q_proj", "v_proj"]
 TARGETS_B = ["q_proj", "v_proj", "o_proj"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
 
 
 def cli(*args: str) -> Any:

@@ -23,12 +23,7 @@ from train_project import pairs, save_tiny_llama, write_csv, write_jsonl, write_
 STEPS = 24  # 24 rows / batch 4 x 4 epochs, per adapter
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
 
 
 def config(root: Path, **trainer: Any) -> Path:
