@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from timing import timeit_interleaved  # benchmarks/timing.py
 
 TASKS = {
     "intent": ("classification", ["billing", "travel", "support"]),
@@ -46,19 +47,6 @@ SENTENCES = [
     "Terrible experience: the package arrived broken and nobody answers the phone",
 ]
 
-
-def timeit_interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each ``fn()``, the variants interleaved round-robin so drift hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def texts_of(n: int, seq: int, tok) -> list[list[int]]:

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import tempfile
-import time
 
 import torch
+from timing import timeit_interleaved  # benchmarks/timing.py
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
@@ -24,19 +23,6 @@ import loraplex
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-
-def timeit_interleaved(fns: dict[str, object], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each ``fn()``, the variants interleaved round-robin so drift hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:

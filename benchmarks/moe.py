@@ -24,33 +24,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import tempfile
-import time
-from typing import Callable
 
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import loraplex
+from timing import timeit_interleaved  # benchmarks/timing.py
 from loraplex.compose import RoutedModel, Router
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-
-def timeit_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each ``fn()``, variants interleaved round-robin so machine drift hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -122,7 +107,7 @@ def main() -> None:
             "mixed": lambda: rm.generate(ids, routing=routing, **gen),
             "loop": lambda: [rm.generate(ids[i:i + 1], **gen) for i in range(loop_n)],
         }
-        t = timeit_interleaved(fns, args.repeats)
+        t = timeit_interleaved(fns, args.repeats, warmup=1)
         t["loop"] = t["loop"] * batch / loop_n  # per-row cost scaled to the whole batch
         tps = {k: batch * args.new / v for k, v in t.items()}
         rows.append((batch, len(set(chosen)), tps))
