@@ -44,3 +44,25 @@ def test_demo_runs_end_to_end_and_writes_its_table(tmp_path, monkeypatch):
         assert (tmp_path / "demo" / "adapters" / n / "adapter_model.safetensors").is_file()
     assert (tmp_path / "demo" / "router" / "router.json").is_file()
     assert any("served by" in line for line in lines)
+
+
+def test_demo_data_falls_back_to_man_sections_without_translated_pages(tmp_path, monkeypatch):
+    """A machine without translated man pages: the third task is built from man-page sections instead."""
+    from loraplex import demo
+    from loraplex.data import corpora
+
+    asked: list[str] = []
+
+    def fake_build(name, **kw):
+        asked.append(name)
+        if name == "man_languages":
+            raise corpora.DatasetBuildError("man_languages: no translated man pages here")
+        label = {"code_language": "python", "entities": None, "man_sections": "user_commands"}[name]
+        row = ({"text": "a b", "words": ["a", "b"], "tags": ["O", "O"]} if label is None
+               else {"text": f"{name} text", "label": label})
+        return {split: [dict(row)] for split in ("train", "validation", "test")}
+
+    monkeypatch.setattr(corpora, "build_dataset", fake_build)
+    paths = demo.build_data(tmp_path, per_class=1, test_per_class=1, seed=0)
+    assert asked == ["code_language", "entities", "man_languages", "man_sections"]
+    assert "man_sections text" in paths["humanlang"]["train"].read_text()
