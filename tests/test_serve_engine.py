@@ -392,3 +392,38 @@ def test_auto_with_a_routed_model_runs_on_the_worker(engine, plex):
         assert got.choice == want and set(got.served_by) == set(want)  # top-2: a blend of two experts
         ids = ids_of(plex, text)
         assert engine.generate(ids, got.choice, greedy(6), timeout=30).token_ids == reference(engine, want, ids, 6)
+
+
+def test_control_queue_runs_calls_on_the_worker_and_fails_them_at_shutdown():
+    import threading
+
+    from loraplex.serve.worker import ControlQueue
+
+    cv = threading.Condition()
+    q = ControlQueue(cv)
+    assert q.call(lambda: threading.current_thread().name, None) == threading.current_thread().name  # no worker
+    stop = threading.Event()
+
+    def work():
+        while not stop.is_set():
+            q.run_pending()
+            with cv:
+                cv.wait_for(lambda: bool(q) or stop.is_set(), 0.05)
+
+    worker = threading.Thread(target=work, name="the-worker")
+    worker.start()
+    try:
+        assert q.call(lambda: threading.current_thread().name, worker, timeout=5) == "the-worker"
+        with pytest.raises(ZeroDivisionError):
+            q.call(lambda: 1 / 0, worker, timeout=5)
+    finally:
+        stop.set()
+        with cv:
+            cv.notify_all()
+        worker.join(5)
+    import concurrent.futures
+
+    fut = concurrent.futures.Future()
+    q._items.append((lambda: "never", fut))
+    q.fail_all(RuntimeError("shutting down"))
+    assert not q and isinstance(fut.exception(0), RuntimeError)

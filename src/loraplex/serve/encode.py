@@ -30,6 +30,7 @@ from loraplex.errors import AdapterError, LoraplexError
 from loraplex.serve.engine import EngineClosed, QueueFull
 from loraplex.serve.metrics import Counter, ServeMetrics
 from loraplex.serve.registry import choice_names
+from loraplex.serve.worker import ControlQueue
 
 log = logging.getLogger("loraplex.serve")
 
@@ -132,7 +133,7 @@ class EncoderBatcher:
         self.metrics.attach_engine(self)
         self._cv = threading.Condition()
         self._pending: deque[_Row] = deque()
-        self._control: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
+        self._control = ControlQueue(self._cv)  # adapter loads/swaps, run by the worker between forwards
         self._running = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -193,20 +194,14 @@ class EncoderBatcher:
 
     def call_on_worker(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
         """Run ``fn`` on the worker thread between two forwards; its result (or exception)."""
-        if self._thread is None or not self._thread.is_alive() or threading.current_thread() is self._thread:
-            return fn()
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        with self._cv:
-            self._control.append((fn, fut))
-            self._cv.notify_all()
-        return fut.result(timeout)
+        return self._control.call(fn, self._thread, timeout)
 
     # ------------------------------------------------------------------ worker
     def _worker(self) -> None:
         torch.set_grad_enabled(False)
         try:
             while True:
-                self._run_control()
+                self._control.run_pending()
                 if self._stopping:
                     break
                 batch = self._take()
@@ -227,18 +222,6 @@ class EncoderBatcher:
         finally:
             self._fail_pending(EngineClosed(f"the encoder stopped ({self.dead})" if self.dead else
                                             "the encoder stopped"))
-
-    def _run_control(self) -> None:
-        while True:
-            with self._cv:
-                if not self._control:
-                    return
-                fn, fut = self._control.popleft()
-            if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(fn())
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                    fut.set_exception(exc)
 
     def _take(self) -> list[_Row]:
         """The next batch: wait for a row, then up to the batching window for more."""
@@ -341,11 +324,7 @@ class EncoderBatcher:
         with self._cv:
             pending = list(self._pending)
             self._pending.clear()
-            control = list(self._control)
-            self._control.clear()
-        for _, fut in control:
-            if fut.set_running_or_notify_cancel():
-                fut.set_exception(exc)
+        self._control.fail_all(exc)
         for r in pending:
             if r.future.set_running_or_notify_cancel():
                 r.future.set_exception(exc)

@@ -25,7 +25,6 @@ the running ones, swaps, and lets them through with the new weights.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import inspect
 import itertools
 import logging
@@ -44,6 +43,7 @@ from loraplex.serve import kv
 from loraplex.serve.detok import TextStream
 from loraplex.serve.metrics import ServeMetrics
 from loraplex.serve.sampling import SamplingParams, sample_rows
+from loraplex.serve.worker import ControlQueue
 
 log = logging.getLogger("loraplex.serve")
 
@@ -247,7 +247,7 @@ class Engine:
 
         self._cv = threading.Condition()
         self._pending: deque[_Row] = deque()
-        self._control: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
+        self._control = ControlQueue(self._cv)  # adapter loads/swaps, run by the worker between forwards
         self._draining: dict[str, str] = {}  # adapter -> "unload" | "replace"
         self._in_use: Counter[str] = Counter()  # admitted requests per adapter
         self._running: list[_Row] = []
@@ -363,13 +363,7 @@ class Engine:
     # ------------------------------------------------------------------ adapters (thread-safe)
     def call_on_worker(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
         """Run ``fn`` on the worker thread between two forwards; its result (or exception)."""
-        if self._thread is None or not self._thread.is_alive() or threading.current_thread() is self._thread:
-            return fn()
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        with self._cv:
-            self._control.append((fn, fut))
-            self._cv.notify_all()
-        return fut.result(timeout)
+        return self._control.call(fn, self._thread, timeout)
 
     def register_adapter(self, name: str, adapter: Any, *, replace: bool = False, timeout: float = 30.0) -> Any:
         """Register an adapter (a :class:`LoraAdapter`, best read from disk beforehand on the caller's thread).
@@ -419,7 +413,7 @@ class Engine:
         torch.set_grad_enabled(False)
         try:
             while True:
-                self._run_control()
+                self._control.run_pending()
                 if self._stopping:
                     break
                 rows = self._admit()
@@ -447,18 +441,6 @@ class Engine:
             for r in victims:
                 if not r.handle.done:
                     self._finish(r, "error", exc)
-
-    def _run_control(self) -> None:
-        while True:
-            with self._cv:
-                if not self._control:
-                    return
-                fn, fut = self._control.popleft()
-            if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(fn())
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                    fut.set_exception(exc)
 
     def _admissible(self, row: _Row) -> bool:
         return not any(self._draining.get(n) == "replace" for n in row.handle.adapter_names)
@@ -665,11 +647,7 @@ class Engine:
         with self._cv:
             pending = list(self._pending)
             self._pending.clear()
-            control = list(self._control)
-            self._control.clear()
-        for _, fut in control:
-            if fut.set_running_or_notify_cancel():
-                fut.set_exception(exc)
+        self._control.fail_all(exc)
         if threading.current_thread() is self._thread or self._thread is None or not self._thread.is_alive():
             running, self._running = list(self._running), []
         else:

@@ -1,0 +1,55 @@
+"""Calls queued by any thread for a worker thread to run between two forwards (adapter loads, swaps, removals).
+
+Shared by the completion engine (:mod:`loraplex.serve.engine`) and the encoder batcher
+(:mod:`loraplex.serve.encode`): each owns one worker thread that alone touches the model.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from collections import deque
+from typing import Any, Callable
+
+
+class ControlQueue:
+    """A FIFO of ``fn`` calls guarded by the owner's condition variable (so a waiting worker wakes up for them)."""
+
+    def __init__(self, cv: threading.Condition) -> None:
+        self._cv = cv
+        self._items: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def call(self, fn: Callable[[], Any], worker: threading.Thread | None, timeout: float | None = None) -> Any:
+        """``fn()`` run on ``worker`` (directly when there is no live worker, or from the worker itself)."""
+        if worker is None or not worker.is_alive() or threading.current_thread() is worker:
+            return fn()
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            self._items.append((fn, fut))
+            self._cv.notify_all()
+        return fut.result(timeout)
+
+    def run_pending(self) -> None:
+        """Run the queued calls (on the worker), each result or exception handed to its caller."""
+        while True:
+            with self._cv:
+                if not self._items:
+                    return
+                fn, fut = self._items.popleft()
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    fut.set_exception(exc)
+
+    def fail_all(self, exc: BaseException) -> None:
+        """Fail every queued call with ``exc`` (shutdown)."""
+        with self._cv:
+            items = list(self._items)
+            self._items.clear()
+        for _, fut in items:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(exc)
