@@ -42,12 +42,7 @@ TEXTS = [
 WORD = re.compile(r"\w+|[^\w\s]")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
 
 
 # --------------------------------------------------------------------------- independent references (PEFT)

@@ -5,26 +5,21 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from loraplex.data.corpora import DatasetBuildError
 
 
-def test_demo_runs_end_to_end_and_writes_its_table(tmp_path, monkeypatch):
+def test_demo_runs_end_to_end_and_writes_its_table(tmp_path, monkeypatch, one_thread):
     from loraplex import demo
 
     monkeypatch.chdir(tmp_path)  # a relative output folder, as `loraplex demo` uses by default
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     lines: list[str] = []
     try:
         summary = demo.run_demo("demo", per_class=8, test_per_class=3, epochs=1, max_length=32,
                                 log=lines.append)
     except DatasetBuildError as exc:  # a machine without the source files the datasets are cut from
         pytest.skip(f"demo datasets cannot be built here: {exc}")
-    finally:
-        torch.set_num_threads(threads)
     assert set(summary["tasks"]) == set(demo.TASKS)
     for name, row in summary["tasks"].items():
         for col in ("probe", "own", "auto"):

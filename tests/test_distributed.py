@@ -43,9 +43,8 @@ def store(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(store):
+def reference(store, one_thread):
     """A single-process plex with every adapter: the independent reference (greedy plex.generate)."""
-    torch.set_num_threads(1)
     plex = loraplex.load(store["base"], max_slots=8)
     for n in NAMES:
         plex.add_adapter(n, store["root"] / n)

@@ -35,12 +35,7 @@ class KeywordRouter:
         return ["ad1" if "code" in t else {"ad2": 0.5, "ad3": 0.5} for t in texts]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model: avoid intra-op thread contention on a shared 2-core box
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,7 @@ PROMPTS = ["hello world", "the quick brown fox jumps over the lazy dog", "a", "p
            "once upon a time there was", "numbers 1 2 3 4 5 6 7"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core box they suffer from contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraplex.distributed import asgi
 from loraplex.distributed.adapters import AdapterSet
@@ -30,7 +29,7 @@ from loraplex.distributed.naming import adapters_of, target
 from loraplex.distributed.settings import RaySettings
 from loraplex.distributed.store import StoreCatalog
 from loraplex.errors import LoraplexError, UnknownAdapterError
-from loraplex.serve.app import ApiError, _json_body, api_error
+from loraplex.serve.app import ApiError, _json_body, api_error, install_error_handlers
 
 log = logging.getLogger("loraplex.distributed")
 
@@ -248,21 +247,7 @@ class IngressCore:
 
 
 app = FastAPI(title="loraplex (Ray Serve)", docs_url=None, redoc_url=None)
-
-
-@app.exception_handler(ApiError)
-async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-    return exc.response()
-
-
-@app.exception_handler(LoraplexError)
-async def _loraplex_error(_: Request, exc: LoraplexError) -> JSONResponse:
-    return api_error(exc).response()
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return ApiError(exc.status_code, str(exc.detail), "not_found" if exc.status_code == 404 else None).response()
+install_error_handlers(app)  # the single-process server's OpenAI-shaped errors
 
 
 @serve.ingress(app)
