@@ -71,8 +71,9 @@ def make_segments(pair_rows: torch.Tensor, pair_slots: torch.Tensor, pair_weight
             ranges.append((slot, r0, r0 + e - s))
         else:
             row_ranges = tuple(ranges)
-    seg_slots, pad_rows, pad_weights = _pad_segments(rows, weights, bounds)
+    pad_rows, pad_weights = _pad_segments(rows, weights, bounds)
     slot_list = [b[0] for b in bounds]
+    seg_slots = torch.tensor(slot_list, dtype=torch.long)
     slot_range = (slot_list[0], slot_list[-1] + 1) if slot_list and slot_list == list(
         range(slot_list[0], slot_list[-1] + 1)) else None
     pad_identity = pad_rows.numel() == n_rows and bool((weights == 1).all()) and torch.equal(
@@ -85,8 +86,9 @@ def make_segments(pair_rows: torch.Tensor, pair_slots: torch.Tensor, pair_weight
 
 
 def _pad_segments(rows: torch.Tensor, weights: torch.Tensor, bounds: list[tuple[int, int, int]]
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(distinct slots [S], padded rows [S*m], padded weights [S*m]): segment k fills positions k*m .. k*m+len-1."""
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(padded rows [S*m], padded weights [S*m]): segment k fills positions k*m .. k*m+len-1, pads are row 0 with
+    weight 0."""
     n_seg = len(bounds)
     m = max((e - s for _, s, e in bounds), default=0)
     pad_rows = torch.zeros(n_seg * m, dtype=torch.long)
@@ -94,7 +96,7 @@ def _pad_segments(rows: torch.Tensor, weights: torch.Tensor, bounds: list[tuple[
     for k, (_, s, e) in enumerate(bounds):
         pad_rows[k * m:k * m + e - s] = rows[s:e]
         pad_weights[k * m:k * m + e - s] = weights[s:e]
-    return torch.tensor([b[0] for b in bounds], dtype=torch.long), pad_rows, pad_weights
+    return pad_rows, pad_weights
 
 
 def lora_sgmv(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, seg: Segments,
