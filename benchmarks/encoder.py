@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from timing import timeit_interleaved  # benchmarks/timing.py
+from timing import timeit_interleaved, add_malloc_option, tune_host  # benchmarks/timing.py
 
 TASKS = {
     "intent": ("classification", ["billing", "travel", "support"]),
@@ -86,7 +86,9 @@ def main() -> None:
     ap.add_argument("--http-requests", type=int, default=192)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--http-rounds", type=int, default=3)
+    add_malloc_option(ap)
     args = ap.parse_args()
+    tune_host(args)
     if args.quick:
         args.texts, args.repeats, args.http_requests, args.http_rounds = 6, 3, 48, 1
     torch.set_num_threads(args.threads)

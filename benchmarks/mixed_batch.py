@@ -15,7 +15,7 @@ import copy
 import tempfile
 
 import torch
-from timing import timeit_interleaved  # benchmarks/timing.py
+from timing import timeit_interleaved, add_malloc_option, tune_host  # benchmarks/timing.py
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
@@ -37,7 +37,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_malloc_option(ap)
     args = ap.parse_args()
+    tune_host(args)
     if args.quick:
         args.hidden, args.layers, args.repeats, args.adapters = 256, 2, 3, 8
     torch.set_num_threads(args.threads)

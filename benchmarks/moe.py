@@ -31,7 +31,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import loraplex
-from timing import timeit_interleaved  # benchmarks/timing.py
+from timing import timeit_interleaved, add_malloc_option, tune_host  # benchmarks/timing.py
 from loraplex.compose import RoutedModel, Router
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -53,7 +53,9 @@ def main() -> None:
                     help="rows timed for the per-example loop (its per-row time is scaled to the batch)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_malloc_option(ap)
     args = ap.parse_args()
+    tune_host(args)
     if args.quick:
         args.hidden, args.layers, args.experts, args.repeats, args.new, args.loop_rows = 128, 2, 4, 2, 8, 4
     torch.set_num_threads(args.threads)

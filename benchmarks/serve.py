@@ -34,6 +34,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from timing import add_malloc_option, tune_host  # benchmarks/timing.py
 
 import loraplex
 from loraplex.serve import Engine, ServerThread, create_app
@@ -169,7 +170,9 @@ def main() -> None:
                     help="each scenario's requests are split into this many interleaved rounds; throughput is the "
                          "median round (robust to other processes stealing the CPU)")
     ap.add_argument("--seed", type=int, default=0)
+    add_malloc_option(ap)
     args = ap.parse_args()
+    tune_host(args)
     if args.quick:
         args.requests, args.hidden, args.layers, args.max_tokens, args.naive_requests, args.rounds = \
             48, 128, 2, 16, 16, 1

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from timing import add_malloc_option, tune_host  # benchmarks/timing.py
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -111,14 +112,6 @@ def build_tokenizer(texts: list[str], vocab: int, folder: Path):
     return fast
 
 
-def tune_malloc() -> None:
-    """Keep freed large blocks in the heap (glibc): without this, tensors above the mmap threshold (32 MB at most)
-    are returned to the OS on free and page-fault again on the next step, which penalises large (joint) batches."""
-    from loraplex.train.trainer import tune_cpu_allocator
-
-    tune_cpu_allocator()
-
-
 # ------------------------------------------------------------------------------------------ the benchmark
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,11 +129,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     ap.add_argument("--full", action="store_true", help="hidden 256, 4 layers, 24 steps of 64 words")
     ap.add_argument("--json", help="also write the results here")
-    ap.add_argument("--no-malloc-tuning", action="store_true",
-                    help="keep glibc's default malloc thresholds (large activations then page-fault every step)")
+    add_malloc_option(ap)
     args = ap.parse_args()
-    if not args.no_malloc_tuning:
-        tune_malloc()
+    tune_host(args)
     if args.quick:
         args.hidden, args.layers, args.steps, args.seq_len = 64, 2, 4, 16
     elif args.full:

@@ -576,3 +576,23 @@ def test_segbmm_fast_layouts_equal_plain_loop(slots: list[int]) -> None:
     with torch.no_grad():
         base = torch.randn(len(slots), 2, 6, generator=g, dtype=torch.float64)
         assert torch.allclose(ops.lora_segbmm(x, A, B, scale, seg, out=base.clone()), base + want, atol=1e-12)
+
+
+@pytest.mark.parametrize("slots, length, want", [
+    ([1, 1, 1, 1], 64, "sgmv"),  # one adapter: a single matmul pair
+    (list(range(1, 17)), 64, "segbmm"),  # one row per adapter: equal segments, no padding
+    ([3, 1, 2, 4, 2, 3, 1, 4], 64, "segbmm"),  # equal segments, rows scattered
+    ([1] * 8 + [2] * 8, 64, "sgmv"),  # two grouped segments: two slices
+    ([1] * 6 + [2] * 3 + [3] * 2 + [4, 5], 64, "sgmv"),  # uneven, grouped, few adapters
+    ([1] * 6 + [2, 3, 1, 2, 4, 5, 1, 3], 64, "bgmv"),  # uneven and scattered: gather factors, pad nothing
+    ([1] * 5 + list(range(2, 13)), 64, "bgmv"),  # many uneven segments
+    (list(range(1, 17)), 1, "segbmm"),  # decode, 16 adapters
+    ([1] * 8 + [2] * 8, 1, "segbmm"),  # decode, two equal segments
+    ([1] * 12 + [2] * 4, 1, "sgmv"),  # decode, two uneven grouped segments
+    ([1] * 5 + list(range(2, 13)), 1, "bgmv"),  # decode: padding would more than triple the rows
+])
+def test_choose_kernel_follows_measured_rules(slots: list[int], length: int, want: str) -> None:
+    """The automatic choice per layout (rules measured with benchmarks/kernels.py)."""
+    n = len(slots)
+    seg = ops.make_segments(torch.arange(n), torch.tensor(slots), torch.ones(n), n)
+    assert ops.choose_kernel(seg, length) == want

@@ -223,12 +223,34 @@ def lora_reference(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: tor
     return out
 
 
-def choose_kernel(n_pairs: int, tokens_per_row: int, n_segments: int) -> str:
-    """``"segbmm"`` for short rows (decode) with more than two distinct adapters, else ``"sgmv"``.
+def choose_kernel(seg: Segments, tokens_per_row: int) -> str:
+    """The kernel for a mixed batch: ``"segbmm"``, ``"sgmv"`` or ``"bgmv"`` (never a per-row loop).
 
-    Measured with ``benchmarks/mixed_batch.py`` (CPU, hidden 1024, r=16): on decode steps with 8-16 adapters the
-    padded-segment bmm (each adapter's factors read once, a fixed number of ops) beat both the per-segment loop
-    (sgmv) and the per-row factor gather (bgmv); on prefill, padding wastes compute, so sort+segment it is."""
-    if tokens_per_row <= 4 and n_segments > 2:
+    Measured on CPU (hidden 1024, r=16, 16 rows, 7 Llama target shapes; ``benchmarks/kernels.py``):
+
+    * decode steps (<= 4 tokens per row): ``segbmm`` (each adapter's factors read once, a fixed number of ops;
+      1.4-2.9x faster than sgmv with 8-16 adapters), except two uneven segments of grouped rows (``sgmv``) and
+      layouts where padding would more than triple the rows (one big segment and many single rows: ``bgmv``);
+    * prefill, segments of (nearly) equal length -- one or two rows per adapter -- with more than two adapters or
+      rows not grouped by adapter: ``segbmm`` (no padding waste; 1.3-2x faster than sgmv);
+    * prefill with each adapter's rows consecutive and at most 8 adapters: ``sgmv`` (slices, no gather, few
+      enough segments that per-segment calls are cheap; padding uneven segments would waste up to 8x compute);
+    * otherwise (prefill with rows scattered or blended, or many uneven segments): ``bgmv``, which gathers each
+      row's factors instead of its activations and pads nothing.
+    """
+    n_seg = len(seg.bounds)
+    pairs = seg.rows.numel()
+    if n_seg <= 1:
+        return "sgmv"
+    padded = seg.pad_rows.numel() if seg.pad_rows is not None else None
+    grouped = seg.row_ranges is not None  # each adapter's rows consecutive, weight 1
+    near_equal = padded is not None and padded * 8 <= pairs * 9  # padding adds at most 1/8
+    if tokens_per_row <= 4:
+        if grouped and n_seg <= 2 and not near_equal:
+            return "sgmv"
+        return "bgmv" if padded is None or padded > 3 * pairs else "segbmm"
+    if near_equal and (n_seg > 2 or not grouped):
         return "segbmm"
-    return "sgmv"
+    if grouped and n_seg <= 8:
+        return "sgmv"
+    return "bgmv"

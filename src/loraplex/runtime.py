@@ -205,7 +205,7 @@ class MultiLoraLinear(nn.Module):
             seg = plan.segments
             kernel = self.kernel
             if kernel == "auto":
-                kernel = ops.choose_kernel(seg.rows.numel(), x3.shape[1], len(seg.bounds))
+                kernel = ops.choose_kernel(seg, x3.shape[1])
             inplace = y3 if not torch.is_grad_enabled() else None
             if kernel == "bgmv":
                 out = ops.lora_bgmv(x3, A, B, self.lora_scale, seg, out=inplace)

@@ -153,9 +153,11 @@ def serve(
 
     An encoder base (e.g. MiniLM) whose adapters carry task heads, or a ``model_type: encoder`` config, is served
     with /v1/classify and /v1/embeddings instead of the completion endpoints."""
+    from loraplex.hostmem import tune_cpu_allocator
     from loraplex.serve.server import serve as run
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    tune_cpu_allocator()  # this process only serves: keep large freed blocks instead of page-faulting them in
     if ray:  # scale-out: see loraplex.distributed
         from loraplex.distributed.cli import serve_on_ray
 

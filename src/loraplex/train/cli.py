@@ -44,7 +44,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train the config's new or changed adapters (all in one mixed-batch job), then its merges and router."""
         from loraplex.train.config import load_config
-        from loraplex.train.trainer import train, tune_cpu_allocator
+        from loraplex.hostmem import tune_cpu_allocator
+        from loraplex.train.trainer import train
 
         tune_cpu_allocator()  # this process only trains: keep large freed blocks instead of page-faulting them in
         try:

@@ -45,6 +45,7 @@ from torch import nn
 from loraplex.adapters.io import CONFIG_NAME, LoraAdapter, LoraModule, atomic_write_text, load_adapter, module_dims
 from loraplex.adapters.spec import LoraSpec
 from loraplex.errors import LoraplexError
+from loraplex.hostmem import tune_cpu_allocator
 from loraplex.runtime import MultiLoraLinear, SavedModuleSwitch
 from loraplex.train import checkpoint as ckpt
 from loraplex.train.config import ConfigError, TrainConfig, load_config
@@ -748,27 +749,6 @@ class Trainer:
 
 
 # ------------------------------------------------------------------------------------------------ functions
-def tune_cpu_allocator() -> bool:
-    """Best effort (Linux glibc): keep freed large blocks in the process heap instead of returning them to the OS.
-
-    With glibc's defaults every tensor above the (dynamic, at most 32 MB) mmap threshold is unmapped on free and
-    page-faults again on the next training step; for CPU training with large batches that costs 10-30% of a step.
-    Process-wide, so only the ``loraplex train`` command and the benchmark call it. Returns whether it applied.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1
-        ok = libc.mallopt(m_trim_threshold, (1 << 31) - 1) == 1 and ok
-        return ok
-    except (OSError, AttributeError):
-        return False
-
-
 def _seed_numpy(seed: int) -> None:
     try:
         import numpy as np
