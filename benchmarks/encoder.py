@@ -123,7 +123,7 @@ def main() -> None:
         "naive (tasks one after another per text)": lambda: [serve([(ids, n)]) for ids in texts for n in names],
     }
     with torch.no_grad():
-        secs = timeit_interleaved(fns, args.repeats)
+        secs = timeit_interleaved(fns, args.repeats, ref="per-task (3 single-task batches)")
     rps = {k: n_req / s for k, s in secs.items()}
     keys = list(fns)
     print(f"MiniLM-L6, {len(texts)} texts x {len(names)} tasks = {n_req} requests of {args.seq} tokens per round, "

@@ -140,7 +140,8 @@ def main() -> None:
                         inner()
                         torch.cuda.synchronize()
                 fns[label] = fn
-            results[phase] = timeit_interleaved(fns, args.repeats if phase == "prefill" else args.repeats * 3)
+            results[phase] = timeit_interleaved(fns, args.repeats if phase == "prefill" else args.repeats * 3,
+                                                 ref="base")
     print()
     print(f"| variant | prefill {args.batch}x{args.seq} (x base) | decode step {args.batch}x1 (x base) |")
     print("| --- | --- | --- |")

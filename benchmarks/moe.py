@@ -109,7 +109,7 @@ def main() -> None:
             "mixed": lambda: rm.generate(ids, routing=routing, **gen),
             "loop": lambda: [rm.generate(ids[i:i + 1], **gen) for i in range(loop_n)],
         }
-        t = timeit_interleaved(fns, args.repeats, warmup=1)
+        t = timeit_interleaved(fns, args.repeats, warmup=1, ref="single")
         t["loop"] = t["loop"] * batch / loop_n  # per-row cost scaled to the whole batch
         tps = {k: batch * args.new / v for k, v in t.items()}
         rows.append((batch, len(set(chosen)), tps))

@@ -3,23 +3,38 @@
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from typing import Callable
 
 
-def timeit_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each ``fn()``, the variants interleaved round-robin so machine drift hits all alike."""
+def timeit_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
+                       ref: str | None = None) -> dict[str, float]:
+    """Median seconds of each ``fn()``, the variants interleaved in rounds (in a shuffled order each round, seeded)
+    so that machine drift and cache effects hit all alike.
+
+    With ``ref`` (a key of ``fns``), each variant's value is the median over rounds of its time divided by ``ref``'s
+    time in the same round, times ``ref``'s median: ``value[k] / value[ref]`` is then the median of paired
+    per-round ratios, which is far steadier on a noisy machine than a ratio of two medians.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns)
+    rng = random.Random(0)
     for _ in range(repeats):
-        for k, fn in fns.items():
+        rng.shuffle(order)
+        for k in order:
             t0 = time.perf_counter()
-            fn()
+            fns[k]()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    if ref is None:
+        return med
+    base = times[ref]
+    return {k: statistics.median(t / b for t, b in zip(v, base)) * med[ref] for k, v in times.items()}
 
 
 def add_malloc_option(ap: argparse.ArgumentParser) -> None:

@@ -512,3 +512,87 @@ def test_in_process_app_as_the_demo_uses_it(env):
         assert r.status_code == 200 and r.json()["x_loraplex"]["served_by"] == [["entities"], ["sentiment"]]
         assert app.state.batcher.alive
     assert not app.state.batcher.alive
+
+
+# --------------------------------------------------------------------------- admin endpoints, hang-ups
+def test_admin_load_replace_unload_on_the_encoder_server(env, tmp_path):
+    root = env["tmp"] / "adapters"
+    plex = load_encoder_plex(minilm_model(), {"intent": env["paths"]["intent"]}, tokenizer=env["tok"])
+    app = create_classify_app(plex, base_id="minilm", admin_token="s3cret", adapter_roots=[str(root)])
+    auth = {"Authorization": "Bearer s3cret"}
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(env["paths"]["sentiment"], outside)
+    try:
+        with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+            load = {"lora_name": "sentiment", "lora_path": str(env["paths"]["sentiment"])}
+            r = c.post("/v1/load_lora_adapter", json=load)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "missing_token"
+            r = c.post("/v1/load_lora_adapter", json={**load, "lora_path": str(outside)}, headers=auth)
+            assert r.status_code == 403 and r.json()["error"]["param"] == "lora_path"
+            r = c.post("/v1/classify", json={"model": "sentiment", "input": TEXTS[1]})
+            assert r.status_code == 404
+            r = c.post("/v1/load_lora_adapter", json=load, headers=auth)
+            assert r.status_code == 200 and r.json()["status"] == "loaded", r.text
+            item = c.post("/v1/classify", json={"model": "sentiment", "input": TEXTS[1]}).json()["data"][0]
+            assert_matches_reference(env, "sentiment", TEXTS[1], item)  # the head came with the adapter
+            card = c.get("/v1/models/sentiment").json()
+            assert card["x_loraplex_task"] == {"task": "classification", "labels": TASKS["sentiment"][1]}
+            assert c.post("/v1/load_lora_adapter", json=load, headers=auth).status_code == 409
+            swap = {"lora_name": "sentiment", "lora_path": str(env["paths"]["intent"]), "replace": True}
+            r = c.post("/v1/load_lora_adapter", json=swap, headers=auth)
+            assert r.status_code == 200 and r.json()["replaced"] is True
+            item = c.post("/v1/classify", json={"model": "sentiment", "input": TEXTS[0]}).json()["data"][0]
+            assert set(item["scores"]) == set(TASKS["intent"][1])  # now the intent head, under the new name
+            want = c.post("/v1/classify", json={"model": "intent", "input": TEXTS[0]}).json()["data"][0]
+            assert item["scores"] == pytest.approx(want["scores"], abs=1e-6)
+            r = c.post("/v1/unload_lora_adapter", json={"lora_name": "sentiment"}, headers=auth)
+            assert r.status_code == 200 and r.json()["status"] == "unloaded"
+            assert "sentiment" not in plex.adapters
+            assert c.post("/v1/classify", json={"model": "sentiment", "input": TEXTS[1]}).status_code == 404
+            assert "sentiment" not in [m["id"] for m in c.get("/v1/models").json()["data"]]
+            r = c.post("/v1/unload_lora_adapter", json={"lora_name": "sentiment"}, headers=auth)
+            assert r.status_code == 404 and "intent" in r.json()["error"]["message"]
+            text = c.get("/metrics").text
+            assert 'loraplex_adapter_loads_total{adapter="sentiment",result="ok"} 2' in text
+            assert 'loraplex_adapter_loads_total{adapter="sentiment",result="refused"} 1' in text
+            assert 'loraplex_adapter_unloads_total{adapter="sentiment",result="ok"} 1' in text
+    finally:
+        app.state.batcher.close()
+    closed = create_classify_app(plex, base_id="minilm")  # no token: the admin endpoints are off
+    try:
+        with ServerThread(closed) as srv:
+            r = httpx.post(srv.url + "/v1/unload_lora_adapter", json={"lora_name": "intent"}, headers=auth)
+            assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
+            assert "intent" in plex.adapters
+    finally:
+        closed.state.batcher.close()
+
+
+def test_a_client_that_hangs_up_has_its_queued_rows_skipped(env):
+    import threading
+    import time
+
+    plex = load_encoder_plex(minilm_model(), {"intent": env["paths"]["intent"]}, tokenizer=env["tok"])
+    app = create_classify_app(plex, base_id="minilm", batch_window_ms=0)
+    batcher = app.state.batcher
+    gate = threading.Event()
+    try:
+        with ServerThread(app) as srv:
+            blocker = threading.Thread(target=lambda: batcher.call_on_worker(lambda: gate.wait(30)))
+            blocker.start()  # the worker is busy: the next request's rows wait in the queue
+            tokens = batcher.metrics.prompt_tokens.value()
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(srv.url + "/v1/classify", json={"model": "intent", "input": TEXTS[:3]}, timeout=0.5)
+            deadline = time.monotonic() + 10
+            while batcher.metrics.cancelled_requests.value() < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert batcher.metrics.cancelled_requests.value() == 1
+            gate.set()
+            blocker.join(10)
+            r = httpx.post(srv.url + "/v1/classify", json={"model": "intent", "input": TEXTS[4]}, timeout=60)
+            assert r.status_code == 200
+            n_ids = len(env["tok"](TEXTS[4])["input_ids"])
+            assert batcher.metrics.prompt_tokens.value() - tokens == n_ids  # the three hung-up rows never ran
+    finally:
+        gate.set()
+        batcher.close()

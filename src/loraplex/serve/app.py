@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 import anyio
 from fastapi import FastAPI, Request
@@ -311,6 +311,24 @@ def create_app(engine: Engine, registry: ModelRegistry | None = None, *, admin_t
         return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
 
     # ------------------------------------------------------------------ admin endpoints
+    install_admin_endpoints(
+        app, admin_token=admin_token, roots=roots, registry=registry, bank=engine.plex.bank, metrics=metrics,
+        register=lambda name, adapter, replace: engine.register_adapter(name, adapter, replace=replace,
+                                                                        timeout=unload_timeout),
+        unload=lambda name, timeout: engine.unload_adapter(name, timeout=timeout), unload_timeout=unload_timeout)
+
+    return app
+
+
+# --------------------------------------------------------------------------- admin endpoints
+def install_admin_endpoints(app: FastAPI, *, admin_token: str | None, roots: Sequence[str], registry: ModelRegistry,
+                            bank: Any, metrics: Any, register: Callable[[str, Any, bool], None],
+                            unload: Callable[[str, float], None], unload_timeout: float = 30.0) -> None:
+    """``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter`` (vLLM's shape) on ``app``.
+
+    Both need ``Authorization: Bearer <admin_token>`` (no token configured: 403); loads read only under ``roots``.
+    ``register(name, adapter, replace)`` and ``unload(name, timeout)`` do the change safely for the app's worker
+    (they run on a thread, so requests keep flowing while an adapter is read from disk)."""
     def authorize(request: Request) -> None:
         if not admin_token:
             raise ApiError(403, "admin endpoints are disabled: start the server with an admin token "
@@ -330,7 +348,7 @@ def create_app(engine: Engine, registry: ModelRegistry | None = None, *, admin_t
         why = registry.reserved(name)
         if why:
             raise ApiError(400, why, "invalid_name", "lora_name")
-        if name in engine.plex.bank and not req.replace:
+        if name in bank and not req.replace:
             raise ApiError(409, f"adapter {name!r} is already loaded (send \"replace\": true to swap it)",
                            "adapter_exists", "lora_name")
         if not roots:
@@ -341,13 +359,11 @@ def create_app(engine: Engine, registry: ModelRegistry | None = None, *, admin_t
         except PathNotAllowedError as exc:
             metrics.adapter_loads.inc(adapter=name, result="refused")
             raise api_error(exc) from None
-        bank = engine.plex.bank
         t0 = time.perf_counter()
         try:  # disk -> CPU on a worker thread: requests keep flowing meanwhile
             adapter = await anyio.to_thread.run_sync(lambda: load_adapter(
                 path, name, trust_pickle=bank.trust_pickle, roots=roots, dtype=bank.dtype))
-            await anyio.to_thread.run_sync(lambda: engine.register_adapter(name, adapter, replace=req.replace,
-                                                                           timeout=unload_timeout))
+            await anyio.to_thread.run_sync(lambda: register(name, adapter, bool(req.replace)))
         except (LoraplexError, OSError, ValueError) as exc:
             metrics.adapter_loads.inc(adapter=name, result="error")
             err = api_error(exc)
@@ -366,18 +382,16 @@ def create_app(engine: Engine, registry: ModelRegistry | None = None, *, admin_t
         authorize(request)
         req = _parse(schemas.UnloadAdapterRequest, await _json_body(request))
         name = req.lora_name
-        if name not in engine.plex.bank:
-            raise api_error(UnknownAdapterError(name, engine.plex.adapters))
+        if name not in bank:
+            raise api_error(UnknownAdapterError(name, bank.names))
         timeout = unload_timeout if req.timeout is None else req.timeout
         try:
-            await anyio.to_thread.run_sync(lambda: engine.unload_adapter(name, timeout=timeout))
+            await anyio.to_thread.run_sync(lambda: unload(name, timeout))
         except (LoraplexError, OSError) as exc:
             metrics.adapter_unloads.inc(adapter=name, result="error")
             raise api_error(exc) from None
         metrics.adapter_unloads.inc(adapter=name, result="ok")
         return {"object": "lora_adapter", "id": name, "status": "unloaded"}
-
-    return app
 
 
 # --------------------------------------------------------------------------- waiting and streaming

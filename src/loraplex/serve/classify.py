@@ -30,7 +30,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import Field
 
 from loraplex.errors import LoraplexError, UnknownAdapterError
-from loraplex.serve.app import ApiError, _json_body, _Metered, _parse, api_error, install_error_handlers
+from loraplex.serve.app import (ApiError, _json_body, _Metered, _parse, _watch_disconnect, api_error,
+                                install_admin_endpoints, install_error_handlers)
 from loraplex.serve.encode import AUTO, EncoderBatcher, NoTaskHead, head_owner
 from loraplex.serve.labels import bio_entities, sequence_scores, text_words, word_tags
 from loraplex.serve.metrics import CONTENT_TYPE
@@ -71,13 +72,17 @@ def task_card(info: Any) -> dict[str, Any] | None:
 def create_classify_app(plex: Any, *, router: Any = None, registry: ModelRegistry | None = None,
                         batcher: EncoderBatcher | None = None, base_id: str = "base", max_batch_size: int = 32,
                         batch_window_ms: float = 5.0, max_queue: int = 1024, max_length: int | None = None,
-                        max_inputs: int = 256, compositions: Mapping[str, str] | None = None) -> FastAPI:
+                        max_inputs: int = 256, compositions: Mapping[str, str] | None = None,
+                        admin_token: str | None = None, adapter_roots: Sequence[str] = (),
+                        unload_timeout: float = 30.0) -> FastAPI:
     """The FastAPI app over an encoder Plex (:func:`loraplex.tasks.load_encoder_plex`).
 
     ``router``: serves model ``auto`` (a :class:`~loraplex.compose.moe.RoutedModel`, an object with
     ``route_texts``, or a callable ``text -> (choice, served_by)``). ``max_length``: the most tokens per input
     (default: the model's ``max_position_embeddings``); longer inputs are a 400 unless the request sets
-    ``truncate``. Without ``batcher`` the app starts its own (closed at the app's shutdown)."""
+    ``truncate``. Without ``batcher`` the app starts its own (closed at the app's shutdown). ``admin_token`` and
+    ``adapter_roots`` enable ``/v1/load_lora_adapter`` / ``/v1/unload_lora_adapter`` as in the completion server
+    (an adapter's task head comes and goes with it)."""
     if router is None:
         router = registry.router if registry is not None else batcher.router if batcher is not None else None
     owned = batcher is None
@@ -145,19 +150,28 @@ def create_classify_app(plex: Any, *, router: Any = None, registry: ModelRegistr
             raise classify_error(NoTaskHead(what, list(batcher.heads)))
         return res.choice, list(res.served_by)
 
-    async def run(rows: list[tuple[list[int], Any, str, bool]]) -> list[Any]:
+    async def run(request: Request, rows: list[tuple[list[int], Any, str, bool]]) -> list[Any]:
+        """Every row's result; a client that hangs up first gets its queued rows skipped (not computed)."""
         try:
             futures = batcher.submit_many(rows)
         except LoraplexError as exc:
             raise classify_error(exc) from None
-        waits = [asyncio.wrap_future(f) for f in futures]
+        results = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+        watcher = asyncio.ensure_future(_watch_disconnect(request))
         try:
-            return await asyncio.gather(*waits)
+            await asyncio.wait({results, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not results.done():  # the client is gone: nobody reads the answer
+                metrics.cancelled_requests.inc()
+                raise ApiError(499, "client closed the request", "client_closed")
+            return results.result()
         except LoraplexError as exc:
             raise classify_error(exc) from None
         finally:
+            watcher.cancel()
             for f in futures:
                 f.cancel()  # rows not started yet are skipped (a request fails as a whole)
+            if not results.done():
+                results.cancel()
 
     def count(counter: Any, names: Sequence[str]) -> None:
         for n in names or ["base"]:
@@ -170,7 +184,7 @@ def create_classify_app(plex: Any, *, router: Any = None, registry: ModelRegistr
         texts = inputs_of(req.input, "input")
         choice, _ = resolve(req.model, need_head=True)
         encoded = [encode(t, i, req.truncate) for i, t in enumerate(texts)]
-        results = await run([(ids, choice, t, True) for (ids, _), t in zip(encoded, texts)])
+        results = await run(request, [(ids, choice, t, True) for (ids, _), t in zip(encoded, texts)])
         heads = batcher.heads
         data, served, n_tokens = [], [], 0
         for i, (text, (ids, offsets), res) in enumerate(zip(texts, encoded, results)):
@@ -225,7 +239,7 @@ def create_classify_app(plex: Any, *, router: Any = None, registry: ModelRegistr
                     ids = ids[:limit]
                 text = tokenizer.decode(ids, skip_special_tokens=True)
             rows.append((ids, choice, text, False))
-        results = await run(rows)
+        results = await run(request, rows)
         data = []
         for i, res in enumerate(results):
             vec = res.embedding.numpy().astype("<f4")
@@ -272,6 +286,16 @@ def create_classify_app(plex: Any, *, router: Any = None, registry: ModelRegistr
     async def prometheus() -> Any:
         return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
 
+    # ------------------------------------------------------------------ admin endpoints
+    # the worker runs the change between two forwards, so no batch ever sees half an adapter; rows already queued
+    # for an unloaded adapter fail with 404 (encoder rows are one forward: there is nothing long-running to drain)
+    install_admin_endpoints(
+        app, admin_token=admin_token, roots=[str(r) for r in adapter_roots], registry=registry, bank=plex.bank,
+        metrics=metrics, unload_timeout=unload_timeout,
+        register=lambda name, adapter, replace: batcher.call_on_worker(
+            lambda: plex.add_adapter(name, adapter, replace=replace), timeout=unload_timeout),
+        unload=lambda name, timeout: batcher.call_on_worker(lambda: plex.remove_adapter(name, timeout=timeout),
+                                                            timeout=timeout))
     return app
 
 
@@ -294,9 +318,12 @@ def build_classify_server(*, base: str, adapters: Mapping[str, str] | None = Non
                           compositions: Mapping[str, str] | None = None, device: str | None = None,
                           max_slots: int = 32, trust_pickle: bool = False, max_batch_size: int = 32,
                           batch_window_ms: float = 5.0, max_queue: int = 1024, max_length: int | None = None,
-                          plex: Any = None) -> tuple[EncoderBatcher, ModelRegistry, FastAPI]:
+                          plex: Any = None, admin_token: str | None = None, adapter_roots: Sequence[str] = ()
+                          ) -> tuple[EncoderBatcher, ModelRegistry, FastAPI]:
     """(batcher, registry, app) for an encoder base and adapters with heads; ``router_dir``: a saved sequence
-    router, served as model ``auto``. An adapter whose labels do not fit its head fails here (AdapterError)."""
+    router, served as model ``auto``. An adapter whose labels do not fit its head fails here (AdapterError).
+    ``admin_token``: enables the admin load/unload endpoints, reading under ``adapter_roots`` (default:
+    ``adapters_dir``)."""
     from loraplex.adapters.io import load_adapter_dir
     from loraplex.tasks import load_encoder_plex
 
@@ -316,8 +343,9 @@ def build_classify_server(*, base: str, adapters: Mapping[str, str] | None = Non
                              max_queue=max_queue)
     bid = base_id or Path(str(base)).name or "base"
     registry = ModelRegistry(plex, base_id=bid, compositions=compositions, router=router)
+    roots = list(adapter_roots) or ([adapters_dir] if adapters_dir else [])
     app = create_classify_app(plex, registry=registry, batcher=batcher, router=router, base_id=bid,
-                              max_length=max_length)
+                              max_length=max_length, admin_token=admin_token, adapter_roots=roots)
     return batcher, registry, app
 
 

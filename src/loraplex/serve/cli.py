@@ -83,15 +83,16 @@ def build_server(*, base: str, adapters: Mapping[str, str] | None = None, adapte
     return engine, registry, app
 
 
-def build_engine_from_config(path: str | os.PathLike) -> Any:
-    """(engine, registry, app) from a loraplex YAML config.
+def build_engine_from_config(path: str | os.PathLike, **options: Any) -> Any:
+    """(engine, registry, app) from a loraplex YAML config; ``options`` (e.g. ``admin_token``, ``adapter_roots``)
+    are passed on to the server builder.
 
     Hook for the config owner: ``loraplex.train.config`` must provide ``load_serve_config(path) -> dict`` whose
     keys are :func:`build_server`'s arguments (base, adapters, compositions, ab_splits, admin_token, ...)."""
     from loraplex.serve.classify import build_classify_from_config, config_is_encoder
 
     if config_is_encoder(path):  # a multi-task encoder: the classify/embeddings server over its trained output
-        return build_classify_from_config(path)
+        return build_classify_from_config(path, **options)
     try:
         config = importlib.import_module("loraplex.train.config")
     except ModuleNotFoundError as exc:
@@ -105,7 +106,7 @@ def build_engine_from_config(path: str | os.PathLike) -> Any:
         raise NotImplementedError(
             f"cannot serve {path}: loraplex.train.config has no load_serve_config(path) yet; use --base and "
             f"--adapter/--adapters-dir instead")
-    return build_server(**dict(loader(path)))
+    return build_server(**{**dict(loader(path)), **options})
 
 
 def serve(
@@ -173,7 +174,7 @@ def serve(
         if config is not None:
             if base or adapter or adapters_dir:
                 raise typer.BadParameter("give either CONFIG or --base/--adapter/--adapters-dir, not both")
-            engine, _, app = build_engine_from_config(config)
+            engine, _, app = build_engine_from_config(config, admin_token=admin_token, adapter_roots=adapter_root)
         else:
             if not base:
                 raise typer.BadParameter("--base is required (or a CONFIG file)")
@@ -184,7 +185,8 @@ def serve(
                     base=base, adapters=_pairs(adapter, "--adapter"), adapters_dir=adapters_dir, router_dir=router,
                     base_id=base_id, compositions=_pairs(composition, "--composition"), device=device,
                     max_slots=max_slots, trust_pickle=trust_pickle, max_batch_size=max_batch_size,
-                    batch_window_ms=batch_window_ms, max_queue=max_queue, max_length=max_prompt_tokens)
+                    batch_window_ms=batch_window_ms, max_queue=max_queue, max_length=max_prompt_tokens,
+                    admin_token=admin_token, adapter_roots=adapter_root)
             else:
                 engine, _, app = build_server(
                     base=base, adapters=_pairs(adapter, "--adapter"), adapters_dir=adapters_dir,

@@ -61,10 +61,13 @@ class EncoderMetrics(ServeMetrics):
                                        ("adapter",))
         self.embedding_requests = Counter("loraplex_embedding_requests_total",
                                           "/v1/embeddings requests per adapter (base: no adapter).", ("adapter",))
+        self.cancelled_requests = Counter("loraplex_encoder_requests_cancelled_total",
+                                          "Encoder requests whose client hung up before the answer (queued rows "
+                                          "skipped).", ())
 
     def render(self) -> str:
         lines: list[str] = []
-        for m in (self.classify_requests, self.classify_inputs, self.embedding_requests):
+        for m in (self.classify_requests, self.classify_inputs, self.embedding_requests, self.cancelled_requests):
             lines.extend(m.render())
         return super().render() + "\n".join(lines) + "\n"
 
