@@ -234,9 +234,41 @@ def test_predict_errors_are_clean(project: dict[str, Any]) -> None:
     res = cli("predict", str(project["cfg"]), "--dataset", str(root / "test.csv"), "--adapter", "a",
               "--compose", "blend(a=1,b=1)")
     assert res.exit_code == 2 and "give --adapter or --compose, not both" in res.stderr
-    res = cli("predict", str(project["cfg"]), "--dataset", str(root / "test.csv"), "--compose",
+    (root / "plain.csv").write_text("text\nsome words\n")
+    res = cli("predict", str(project["cfg"]), "--dataset", str(root / "plain.csv"), "--compose",
               "stack(a,b,mode=pipeline)")
-    assert res.exit_code == 2 and "is a pipeline" in res.stderr and "Traceback" not in res.output
+    assert res.exit_code == 2 and "is a pipeline" in res.stderr and "prompt column" in res.stderr
+    assert "Traceback" not in res.output
+
+
+def test_predict_pipeline_feeds_each_stage_to_the_next(project: dict[str, Any]) -> None:
+    """stack(a,b,mode=pipeline): stage 1 is adapter a's own prediction; the final text is adapter b's prediction
+    for a prompt that is stage 1's text (the default template ``{output}``)."""
+    root, out = project["root"], project["out"]
+    res = cli("predict", str(project["cfg"]), "--dataset", str(root / "test.csv"), "--compose",
+              "stack(a,b,mode=pipeline)", "--out", str(root / "pipe.jsonl"), "--no-progress")
+    assert res.exit_code == 0, res.output
+    pipe = [json.loads(x) for x in (root / "pipe.jsonl").read_text().splitlines()]
+    src = _read_csv(root / "test.csv")
+    assert len(pipe) == 6 and all({"prompt", "response", "stage1", "prediction", "exact_match"} <= set(r) for r in pipe)
+    metrics = json.loads((root / "pipe.metrics.json").read_text())
+    assert metrics["stages"] == ["a", "b"] and metrics["n"] == 6
+    assert metrics["exact_match"] == pytest.approx(sum(r["exact_match"] for r in pipe) / 6)
+    res = cli("predict", str(project["cfg"]), "--dataset", str(root / "test.csv"), "--adapter", "a",
+              "--out", str(root / "only_a.jsonl"), "--no-progress")
+    assert res.exit_code == 0, res.output
+    only_a = [json.loads(x) for x in (root / "only_a.jsonl").read_text().splitlines()]
+    assert [r["stage1"] for r in pipe] == [r["prediction"] for r in only_a]
+    second = root / "stage2.csv"  # adapter b on stage 1's texts, same responses (so the same generation length)
+    with open(second, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["prompt", "response"])
+        w.writerows([(r["stage1"], s["response"]) for r, s in zip(pipe, src)])
+    res = cli("predict", str(project["cfg"]), "--dataset", str(second), "--adapter", "b",
+              "--out", str(root / "only_b.jsonl"), "--no-progress")
+    assert res.exit_code == 0, res.output
+    only_b = [json.loads(x) for x in (root / "only_b.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in pipe] == [r["prediction"] for r in only_b]
 
 
 # ------------------------------------------------------------------------------------------------ joint == sequential

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -143,7 +143,7 @@ class Pipeline:
 
     def __init__(self, plex: Any, stages: Sequence[Any], templates: str | Sequence[str] = "{output}", *,
                  tokenizer: Any = None, max_new_tokens: int = 32, add_special_tokens: bool | None = None,
-                 **generate_kwargs: Any) -> None:
+                 encode: Callable[[str], list[int]] | None = None, **generate_kwargs: Any) -> None:
         if len(stages) < 2:
             raise LoraplexError("a pipeline needs at least two stages")
         self.plex = plex
@@ -160,10 +160,23 @@ class Pipeline:
             raise LoraplexError("a pipeline needs a tokenizer (the Plex has none; pass tokenizer=)")
         self.max_new_tokens = max_new_tokens
         self.add_special_tokens = add_special_tokens
+        self.encode = encode  # prompt text -> ids (e.g. the training data's "[bos] prompt"); default: the tokenizer
         self.generate_kwargs = generate_kwargs
 
     def _encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         tok = self.tokenizer
+        dev = self.plex.bank.device
+        if self.encode is not None:  # left-padded batch of the given ids
+            seqs = [list(self.encode(p)) or [0] for p in prompts]
+            pad = getattr(tok, "pad_token_id", None)
+            pad = pad if pad is not None else getattr(tok, "eos_token_id", None) or 0
+            n = max(len(q) for q in seqs)
+            ids = torch.full((len(seqs), n), int(pad), dtype=torch.long)
+            mask = torch.zeros((len(seqs), n), dtype=torch.long)
+            for i, q in enumerate(seqs):
+                ids[i, n - len(q):] = torch.tensor(q, dtype=torch.long)
+                mask[i, n - len(q):] = 1
+            return {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}
         old = getattr(tok, "padding_side", "right")
         tok.padding_side = "left"  # decoder-only generation continues the last real token
         try:
@@ -173,7 +186,6 @@ class Pipeline:
             enc = tok(list(prompts), **kw)
         finally:
             tok.padding_side = old
-        dev = self.plex.bank.device
         return {"input_ids": enc["input_ids"].to(dev), "attention_mask": enc["attention_mask"].to(dev)}
 
     def _stage(self, adapter: Any, prompts: list[str], gen: dict[str, Any]) -> list[str]:

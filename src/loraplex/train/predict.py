@@ -163,11 +163,6 @@ def make_runner(plex: Any, config: TrainConfig, choice: str, output_dir: Path) -
         raise LoraplexError(f"{choice!r} needs a trained router ({router_dir} does not exist): add an adapters.router "
                             f"block to the config and train")
     comp = build_composition(plex, node, routers=routers, tokenizer=plex.tokenizer)
-    from loraplex.compose.stack import Pipeline
-
-    if isinstance(comp, Pipeline):
-        raise LoraplexError(f"{choice!r} is a pipeline (text in, text out, one generation per stage); predict scores "
-                            f"one model's tokens. Run it from Python: build_composition(plex, spec).run(prompts)")
     router = getattr(comp, "router", None)
     names = list(getattr(router, "experts", None) or node.adapter_names())
     return Runner(plex, None, comp), names
@@ -251,8 +246,16 @@ def predict(config: TrainConfig | str | os.PathLike[str], dataset: str | os.Path
     ext = ".csv" if path.lower().endswith(".csv") else ".jsonl"
     target = Path(out) if out is not None else out_dir / "predictions" / f"{Path(path).stem}.{safe[:80]}{ext}"
     bar = _bar(len(rows), progress)
+    from loraplex.compose.stack import Pipeline
+
     try:
-        if task == "causal_lm":
+        if isinstance(runner.composition, Pipeline):
+            if task != "causal_lm" or columns.prompt is None:
+                raise LoraplexError(f"{choice!r} is a pipeline (text in, text out, one generation per stage): it needs "
+                                    f"a causal LM and a dataset with a prompt column ({path} has "
+                                    f"{'no prompt column' if task == 'causal_lm' else 'task ' + task})")
+            records, metrics = _predict_pipeline(runner.composition, rows, columns, max_len, bs, max_new_tokens, bar)
+        elif task == "causal_lm":
             records, metrics = _predict_causal(runner, rows, path, columns, max_len, bs, dev, max_new_tokens, bar)
         else:
             records, metrics = _predict_encoder(runner, task, rows, path, columns, labels, max_len, bs, dev, bar)
@@ -297,14 +300,9 @@ def _predict_causal(runner: Runner, rows: list[dict[str, Any]], path: str, colum
     scored, _, _ = examples_for_task(rows, path, "causal_lm", columns, tok, max_len, need_labels=False)
     by_row = {e.row: e for e in scored if isinstance(e.labels, list) and any(x != IGNORE for x in e.labels)}
     gen_inputs: list[list[int]] = []
-    refs: list[list[int] | None] = []
+    new, refs = _new_tokens(tok, rows, columns, max_new_tokens)
     if columns.prompt is not None:
-        for r in rows:
-            gen_inputs.append(encode_prompt(tok, str(r.get(columns.prompt, "")), max_len))
-            resp = r.get(columns.response) if columns.response else None
-            refs.append(encode_response(tok, str(resp)) if resp not in (None, "") else None)
-    longest = max((len(x) for x in refs if x), default=0)
-    new = max_new_tokens or min(64, longest + 2 if longest else 32)
+        gen_inputs = [encode_prompt(tok, str(r.get(columns.prompt, "")), max_len) for r in rows]
     records: list[dict[str, Any]] = [dict(r) for r in rows]
     total_loss, total_tok = 0.0, 0
     exact, n_ref = 0, 0
@@ -357,6 +355,51 @@ def _predict_causal(runner: Runner, rows: list[dict[str, Any]], path: str, colum
     if metrics:
         metrics["n"] = len(rows)
     return records, metrics
+
+
+def _new_tokens(tok: Any, rows: list[dict[str, Any]], columns: Any, max_new_tokens: int | None
+                ) -> tuple[int, list[list[int] | None]]:
+    """(tokens to generate, reference response ids per row): enough for the longest reference, or 32."""
+    refs: list[list[int] | None] = []
+    for r in rows:
+        resp = r.get(columns.response) if columns.response else None
+        refs.append(encode_response(tok, str(resp)) if resp not in (None, "") else None)
+    longest = max((len(x) for x in refs if x), default=0)
+    return max_new_tokens or min(64, longest + 2 if longest else 32), refs
+
+
+@torch.no_grad()
+def _predict_pipeline(pipe: Any, rows: list[dict[str, Any]], columns: Any, max_len: int, bs: int,
+                      max_new_tokens: int | None, bar: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every row through every stage (greedy; stage prompts encoded as the training prompts were); the last stage's
+    text is the prediction, earlier ones are kept as ``stage1``, ``stage2``..."""
+    from loraplex.train.data import encode_prompt
+
+    tok = pipe.tokenizer
+    new, _ = _new_tokens(tok, rows, columns, max_new_tokens)
+    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    pipe.encode = lambda text: encode_prompt(tok, text, max_len)
+    records: list[dict[str, Any]] = [dict(r) for r in rows]
+    exact, n_ref = 0, 0
+    for s in range(0, len(rows), bs):
+        idx = list(range(s, min(s + bs, len(rows))))
+        res = pipe.run([str(rows[i].get(columns.prompt, "")) for i in idx], max_new_tokens=new, do_sample=False,
+                       eos_token_id=eos)
+        for j, i in enumerate(idx):
+            for k, stage in enumerate(res.stages[:-1]):
+                records[i][f"stage{k + 1}"] = stage.outputs[j]
+            records[i]["prediction"] = res.outputs[j]
+            resp = rows[i].get(columns.response) if columns.response else None
+            if resp not in (None, ""):
+                n_ref += 1
+                ok = res.outputs[j] == str(resp).strip()
+                exact += int(ok)
+                records[i]["exact_match"] = ok
+        _tick(bar, len(idx))
+    metrics: dict[str, Any] = {"stages": [str(a) for a in pipe.stages]}
+    if n_ref:
+        metrics.update({"exact_match": exact / n_ref, "max_new_tokens": new, "n": len(rows)})
+    return records, metrics if n_ref else {}
 
 
 @torch.no_grad()
