@@ -3,26 +3,46 @@
 # the CUDA tests, then the benchmarks whose targets were set for a GPU, each with --device cuda and a time limit.
 # Results go to $OUT (default ./gpu-results): one log per step plus summary.txt with the lines that carry the ratios.
 #
-#   bash benchmarks/gpu_check.sh            # needs torch with CUDA and the package installed (pip install -e ".[test]")
+#   bash benchmarks/gpu_check.sh            # torch with CUDA, transformers, peft, pytest and pydantic importable
+#
+# The package need not be installed: src/ goes on PYTHONPATH. On the workplace's bare GPU image (torch, transformers,
+# peft, safetensors, pytest, PyYAML, matplotlib present; pydantic missing; no network) carry pydantic as wheels in
+# .whl/ (git-ignored), fetched beforehand on a machine with PyPI:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 -d .whl pydantic==2.13.4 pydantic_core==2.46.4 annotated-types==0.7.0 \
+#     typing-inspection==0.4.2
+# and run it with carry [".whl"]: the script installs .whl/*.whl into /tmp/site first when the folder is there.
+# A dry run without a GPU: GPU_CHECK_DEVICE=cpu GPU_CHECK_QUICK=1 bash benchmarks/gpu_check.sh (same steps, tiny sizes).
 set -u
+DEV="${GPU_CHECK_DEVICE:-cuda}"
+QUICK=""
+[ -n "${GPU_CHECK_QUICK:-}" ] && QUICK="--quick"
+export LORAPLEX_TEST_DEVICE="$DEV"
 OUT="${OUT:-gpu-results}"
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
+WHEELS="${WHEELS:-.whl}"  # carried wheels for what the image lacks
+if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$WHEELS"/*.whl || echo "installing the wheels in $WHEELS failed (built for another Python?)"
+  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD/src:${PYTHONPATH:-}"
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2
   shift 2
   local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  echo "== $name: exit $? in $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
+  echo "== $name: exit $? in $((SECONDS - t0)) s" >> "$OUT/summary.txt"
 }
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" \
-  | tee "$OUT/summary.txt"
-step cuda_tests 150 python -m pytest -q -p no:cacheprovider tests/test_cuda.py
-step mixed_batch 120 python benchmarks/mixed_batch.py --device cuda --repeats 20
-step kernels 60 python benchmarks/kernels.py --device cuda --repeats 20
-step moe 120 python benchmarks/moe.py --device cuda --repeats 5
-step train 120 python benchmarks/train.py --device cuda --full --repeats 2
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+           torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')" > "$OUT/summary.txt" 2>&1
+step cuda_tests 120 python3 -m pytest -q tests/test_cuda.py
+step mixed_batch 90 python3 benchmarks/mixed_batch.py --device $DEV --repeats 20 $QUICK
+step kernels 45 python3 benchmarks/kernels.py --device $DEV --repeats 20 $QUICK
+step moe 90 python3 benchmarks/moe.py --device $DEV --repeats 5 $QUICK
+step train 120 python3 benchmarks/train.py --device $DEV --repeats 2 ${QUICK:---full}
 {
   echo; echo "--- cuda tests"; tail -n 3 "$OUT/cuda_tests.log"
   echo; echo "--- mixed_batch (targets: mixed <= 1.10x base, single <= 1.06x, >= 1.2x faster than PEFT mixed)"
