@@ -421,3 +421,24 @@ def test_control_queue_runs_calls_on_the_worker_and_fails_them_at_shutdown():
     q._items.append((lambda: "never", fut))
     q.fail_all(RuntimeError("shutting down"))
     assert not q and isinstance(fut.exception(0), RuntimeError)
+
+
+def test_an_adapter_change_mid_window_does_not_cut_the_batch_short(plex):
+    """A control call (e.g. an admin load) arriving during the batching window runs inside it: the requests of the
+    window are still prefilled together in one forward."""
+    import threading
+
+    eng = Engine(plex, max_batch_size=8, batch_window_ms=400)
+    try:
+        ids = ids_of(plex, PROMPTS[0])
+        handles = [eng.submit(ids, NAMES[0], greedy(2))]
+        ran = threading.Event()
+        t = threading.Thread(target=lambda: eng.call_on_worker(ran.set, timeout=10))
+        t.start()
+        t.join(10)
+        assert ran.is_set()  # the call ran while the window was open
+        handles += [eng.submit(ids, NAMES[1], greedy(2)) for _ in range(3)]
+        assert all(h.result(30).finish_reason == "length" for h in handles)
+        assert eng.metrics.batch_size.count(phase="prefill") == 1  # one prefill of all four rows
+    finally:
+        eng.close()

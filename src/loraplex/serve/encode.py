@@ -235,11 +235,16 @@ class EncoderBatcher:
                 return []
             if self.batch_window > 0:
                 deadline = time.monotonic() + self.batch_window
-                while len(self._pending) < self.max_batch_size and not (self._stopping or self._control):
+                while len(self._pending) < self.max_batch_size and not self._stopping:
+                    if self._control:  # an adapter load/swap arriving mid-window must not cut the batch short
+                        self._control.run_pending_released()
+                        continue
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._cv.wait(left)
+                if self._stopping:
+                    return []
             batch = []
             while self._pending and len(batch) < self.max_batch_size:
                 r = self._pending.popleft()

@@ -45,6 +45,15 @@ class ControlQueue:
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller
                     fut.set_exception(exc)
 
+    def run_pending_released(self) -> None:
+        """:meth:`run_pending` from inside the worker's ``with cv:`` block, the lock released while the calls run
+        (so submitters are not held up). Lets a batching window absorb control calls instead of ending early."""
+        self._cv.release()
+        try:
+            self.run_pending()
+        finally:
+            self._cv.acquire()
+
     def fail_all(self, exc: BaseException) -> None:
         """Fail every queued call with ``exc`` (shutdown)."""
         with self._cv:
