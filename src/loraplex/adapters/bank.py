@@ -220,7 +220,12 @@ class AdapterBank:
         return ad
 
     def _base_model(self) -> nn.Module:
-        return _Unwrapped(self.model)
+        """The model as its base modules (wrappers seen through); the module table is walked once and reused
+        until this bank wraps another module (a registration would otherwise walk the whole model twice)."""
+        cache = getattr(self, "_base_modules", None)
+        if cache is None:
+            cache = self._base_modules = list(_Unwrapped(self.model).named_modules())
+        return _Unwrapped(self.model, cache)
 
     def _install_modules(self, ad: LoraAdapter) -> None:
         """Wrap the modules this adapter needs (once per module) and install its modules_to_save copies."""
@@ -230,16 +235,19 @@ class AdapterBank:
                 layer = MultiLoraLinear(base, mod, self.state, self.max_slots + 1, ad.modules[mod].rank)
                 set_submodule(self.model, mod, layer)
                 self.layers[mod] = layer
+                self._base_modules = None
         handler = self._saved_handler()
         for mod, sd in ad.saved_modules.items():
             if handler is not None:
-                handler(ad, mod, sd)
+                handler(ad, mod, sd)  # the model's own installer may add modules (e.g. a task head)
+                self._base_modules = None
                 continue
             if mod not in self.switches:
                 base = self.model.get_submodule(mod)
                 sw = SavedModuleSwitch(base, mod, self.state)
                 set_submodule(self.model, mod, sw)
                 self.switches[mod] = sw
+                self._base_modules = None
             self.switches[mod].set_copy(ad.name, sd)
 
     def _saved_handler(self):
@@ -313,19 +321,24 @@ class AdapterBank:
 class _Unwrapped(nn.Module):
     """A read-only view of a model where wrapped layers look like their base modules (for validation)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, table: list[tuple[str, nn.Module]] | None = None) -> None:
         super().__init__()
         object.__setattr__(self, "_m", model)
+        object.__setattr__(self, "_table", table)  # (name, base module) list, or None: walk the model
 
     def named_modules(self, *args, **kwargs):  # type: ignore[override]
-        wrapped: list[str] = []
+        if self._table is not None and not args and not kwargs:
+            yield from self._table
+            return
+        inside: str | None = None  # a wrapper's own children (its base's) come right after it, depth first
         for name, mod in self._m.named_modules(*args, **kwargs):
-            if any(name.startswith(w + ".") for w in wrapped):
+            if inside is not None and name.startswith(inside):
                 continue
             if isinstance(mod, (MultiLoraLinear, SavedModuleSwitch)):
-                wrapped.append(name)
+                inside = name + "."
                 yield name, mod.base
             else:
+                inside = None
                 yield name, mod
 
     def get_output_embeddings(self):
