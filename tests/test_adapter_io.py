@@ -275,6 +275,29 @@ def test_register_unregister_replace(five: dict) -> None:
     assert torch.allclose(got[0], five["want"]["ad3"][0], atol=ATOL, rtol=0)
 
 
+def test_registering_walks_the_model_only_when_it_wraps_new_modules(five: dict, monkeypatch) -> None:
+    """Validation reads a cached table of base modules: registering an adapter whose modules are already wrapped
+    does not walk the model (it runs on the serving worker); one that wraps new modules refreshes the table."""
+    p = five["paths"]
+    plex = loraplex.load(copy.deepcopy(five["base"]), adapters={"x": p["ad0"]})
+    calls = []
+    real = type(plex.model).named_modules
+    monkeypatch.setattr(type(plex.model), "named_modules", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    plex.add_adapter("again0", p["ad0"])  # loading "x" wrapped q_proj: the table is rebuilt once
+    assert len(calls) == 1
+    for i in (1, 2, 3):
+        plex.add_adapter(f"again{i}", p["ad0"])  # the same targets: the table is reused
+    assert len(calls) == 1
+    new = set(load_adapter(p["ad3"]).modules) - set(plex.bank.layers)
+    plex.add_adapter("more", p["ad3"])  # wraps modules ad0 did not target ...
+    plex.add_adapter("again4", p["ad0"])  # ... so the next registration rebuilds the table
+    assert new and len(calls) == 2
+    with torch.no_grad():  # and the adapters still serve their own outputs
+        got = plex(five["ids"], adapters=["more", "again1"]).logits
+    assert torch.allclose(got[0], five["want"]["ad3"][0], atol=ATOL, rtol=0)
+    assert torch.allclose(got[1], five["want"]["ad0"][1], atol=ATOL, rtol=0)
+
+
 def test_replace_while_held_serves_old_weights_to_holder(five: dict) -> None:
     p, ids = five["paths"], five["ids"]
     plex = loraplex.load(copy.deepcopy(five["base"]), adapters={"m": p["ad1"]})

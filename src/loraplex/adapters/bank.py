@@ -64,6 +64,7 @@ class AdapterBank:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.version = 0  # bumped on every register/unregister
+        self._base_modules: list[tuple[str, nn.Module]] | None = None  # see _base_model
 
     # ------------------------------------------------------------------ registry
     @property
@@ -222,10 +223,9 @@ class AdapterBank:
     def _base_model(self) -> nn.Module:
         """The model as its base modules (wrappers seen through); the module table is walked once and reused
         until this bank wraps another module (a registration would otherwise walk the whole model twice)."""
-        cache = getattr(self, "_base_modules", None)
-        if cache is None:
-            cache = self._base_modules = list(_Unwrapped(self.model).named_modules())
-        return _Unwrapped(self.model, cache)
+        if self._base_modules is None:
+            self._base_modules = list(_Unwrapped(self.model).named_modules())
+        return _Unwrapped(self.model, self._base_modules)
 
     def _install_modules(self, ad: LoraAdapter) -> None:
         """Wrap the modules this adapter needs (once per module) and install its modules_to_save copies."""
