@@ -442,3 +442,40 @@ def test_an_adapter_change_mid_window_does_not_cut_the_batch_short(plex):
         assert eng.metrics.batch_size.count(phase="prefill") == 1  # one prefill of all four rows
     finally:
         eng.close()
+
+
+def test_batching_window_runs_control_calls_and_keeps_waiting():
+    """A call queued mid-window runs on the waiting worker, and the window still lasts until it is full or over."""
+    import threading
+    import time
+
+    from loraplex.serve.worker import ControlQueue
+
+    cv = threading.Condition()
+    q = ControlQueue(cv)
+    pending: list[int] = []
+    seen: dict[str, object] = {}
+
+    def worker():
+        with cv:
+            t0 = time.monotonic()
+            q.batching_window(0.4, lambda: len(pending) >= 3, lambda: False)
+            seen["waited"], seen["rows"] = time.monotonic() - t0, len(pending)
+
+    w = threading.Thread(target=worker, name="the-worker")
+    w.start()
+    time.sleep(0.05)
+    assert q.call(lambda: threading.current_thread().name, w, timeout=5) == "the-worker"  # ran inside the window
+    for i in range(3):  # the window ends as soon as it is full
+        with cv:
+            pending.append(i)
+            cv.notify_all()
+    w.join(5)
+    assert seen["rows"] == 3 and seen["waited"] < 0.35
+    with cv:  # an empty window lasts its full length; stopping ends it at once
+        t0 = time.monotonic()
+        q.batching_window(0.1, lambda: False, lambda: False)
+        assert time.monotonic() - t0 >= 0.1
+        t0 = time.monotonic()
+        q.batching_window(5.0, lambda: False, lambda: True)
+        assert time.monotonic() - t0 < 0.05

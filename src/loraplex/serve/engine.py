@@ -455,15 +455,8 @@ class Engine:
                 if self._stopping or self._control:
                     return []
                 if self.batch_window > 0:
-                    deadline = time.monotonic() + self.batch_window
-                    while len(self._pending) < self.max_batch_size and not self._stopping:
-                        if self._control:  # an adapter load/swap arriving mid-window must not cut the batch short
-                            self._control.run_pending_released()
-                            continue
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            break
-                        self._cv.wait(left)
+                    self._control.batching_window(self.batch_window, lambda: len(self._pending) >= self.max_batch_size,
+                                                  lambda: self._stopping)
                     if self._stopping:
                         return []
             elif not self._continuous:

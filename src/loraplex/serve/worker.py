@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+import time
 from collections import deque
 from typing import Any, Callable
 
@@ -53,6 +54,20 @@ class ControlQueue:
             self.run_pending()
         finally:
             self._cv.acquire()
+
+    def batching_window(self, seconds: float, full: Callable[[], bool], stopping: Callable[[], bool]) -> None:
+        """Wait (inside the worker's ``with cv:`` block) up to ``seconds`` for ``full()``, returning early on
+        ``stopping()``. Control calls arriving meanwhile run inside the window instead of ending it, so an adapter
+        load never splits the batch being gathered."""
+        deadline = time.monotonic() + seconds
+        while not (full() or stopping()):
+            if self._items:
+                self.run_pending_released()
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cv.wait(left)
 
     def fail_all(self, exc: BaseException) -> None:
         """Fail every queued call with ``exc`` (shutdown)."""
