@@ -596,3 +596,13 @@ def test_choose_kernel_follows_measured_rules(slots: list[int], length: int, wan
     n = len(slots)
     seg = ops.make_segments(torch.arange(n), torch.tensor(slots), torch.ones(n), n)
     assert ops.choose_kernel(seg, length) == want
+
+
+def test_pad_batch_right_and_left() -> None:
+    from loraplex.padding import pad_batch
+
+    ids, mask = pad_batch([[5, 6, 7], [8], (9, 10)], 0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0], [9, 10, 0]] and ids.dtype == torch.long
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+    ids, mask = pad_batch([[5, 6, 7], [8]], 2, left=True, device="cpu")
+    assert ids.tolist() == [[5, 6, 7], [2, 2, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]

@@ -20,6 +20,7 @@ import typer
 import yaml
 
 from loraplex.compose.features import minilm_path
+from loraplex.padding import pad_batch
 
 TASKS = {  # adapter name -> (task, dataset builder name)
     "proglang": ("classification", "code_language"),
@@ -113,16 +114,6 @@ def _batches(items: list[Any], size: int):
         yield items[i:i + size]
 
 
-def _pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    return ids, mask
-
-
 def evaluate(plex: Any, task_name: str, examples: list[dict[str, Any]], choose: Callable[[list[dict]], list[Any]],
              labels: dict[str, list[str]], bs: int = 32) -> dict[str, float]:
     """Metrics of one task's test examples; ``choose`` gives each row's adapter choice (a name or None).
@@ -135,7 +126,7 @@ def evaluate(plex: Any, task_name: str, examples: list[dict[str, Any]], choose: 
     gold, pred = [], []
     with torch.no_grad():
         for chunk in _batches(examples, bs):
-            ids, mask = _pad([e["ids"] for e in chunk], pad)
+            ids, mask = pad_batch([e["ids"] for e in chunk], pad)
             out = plex(ids, attention_mask=mask, adapters=choose(chunk))
             for j, e in enumerate(chunk):
                 head = out.heads[j]
@@ -174,7 +165,7 @@ def train_probe(plex: Any, name: str, examples: list[dict[str, Any]], labels: li
     feats, ys = [], []
     with torch.no_grad(), plex.disabled():
         for chunk in _batches(examples, 64):
-            ids, mask = _pad([e["ids"] for e in chunk], pad)
+            ids, mask = pad_batch([e["ids"] for e in chunk], pad)
             out = plex(ids, attention_mask=mask)
             for j, e in enumerate(chunk):
                 if task == "classification":

@@ -26,6 +26,7 @@ from loraplex.compose import functional as F
 from loraplex.compose.blend import FixedBlend
 from loraplex.compose.plan import base_plan, check_experts, layer_hooks, slot_factors
 from loraplex.errors import LoraplexError
+from loraplex.padding import pad_batch
 
 
 class AdditiveStack(FixedBlend):
@@ -167,16 +168,10 @@ class Pipeline:
         tok = self.tokenizer
         dev = self.plex.bank.device
         if self.encode is not None:  # left-padded batch of the given ids
-            seqs = [list(self.encode(p)) or [0] for p in prompts]
             pad = getattr(tok, "pad_token_id", None)
             pad = pad if pad is not None else getattr(tok, "eos_token_id", None) or 0
-            n = max(len(q) for q in seqs)
-            ids = torch.full((len(seqs), n), int(pad), dtype=torch.long)
-            mask = torch.zeros((len(seqs), n), dtype=torch.long)
-            for i, q in enumerate(seqs):
-                ids[i, n - len(q):] = torch.tensor(q, dtype=torch.long)
-                mask[i, n - len(q):] = 1
-            return {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}
+            ids, mask = pad_batch([list(self.encode(p)) or [0] for p in prompts], pad, left=True, device=dev)
+            return {"input_ids": ids, "attention_mask": mask}
         old = getattr(tok, "padding_side", "right")
         tok.padding_side = "left"  # decoder-only generation continues the last real token
         try:

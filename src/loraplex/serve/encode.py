@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from loraplex.padding import pad_batch
 from loraplex.errors import AdapterError, LoraplexError
 from loraplex.serve.engine import EngineClosed, QueueFull
 from loraplex.serve.metrics import Counter, ServeMetrics
@@ -245,15 +246,6 @@ class EncoderBatcher:
                     batch.append(r)
             return batch
 
-    def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        n = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), n), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), n), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[i, :len(s)] = 1
-        return ids, mask
-
     def _run(self, batch: list[_Row]) -> None:
         """Route, check, one forward, hand out the results."""
         auto = [r for r in batch if r.choice is AUTO]
@@ -261,7 +253,7 @@ class EncoderBatcher:
             try:
                 if self.router is None:
                     raise LoraplexError("model 'auto' needs a router, and no router is configured on this server")
-                ids, mask = self._pad([r.ids for r in auto])
+                ids, mask = pad_batch([r.ids for r in auto], self.pad_token_id)
                 choices = route_rows(self.router, self.plex, [r.text for r in auto], ids, mask)
             except Exception as exc:  # noqa: BLE001 - the routed rows fail, the others run
                 for r in auto:
@@ -305,7 +297,7 @@ class EncoderBatcher:
         names = sorted({n for r in rows for n in choice_names(r.choice)})
         with self.plex.bank.hold(names) as slots:
             rows = grouped(rows, slots)
-            ids, mask = self._pad([r.ids for r in rows])
+            ids, mask = pad_batch([r.ids for r in rows], self.pad_token_id)
             device = self.plex.bank.device
             out = self.plex(ids.to(device), attention_mask=mask.to(device), adapters=[r.choice for r in rows])
         self.metrics.batch_size.observe(len(rows), phase="encode")

@@ -39,6 +39,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 import torch
 
 from loraplex.errors import LoraplexError, UnknownAdapterError
+from loraplex.padding import pad_batch
 from loraplex.serve import kv
 from loraplex.serve.detok import TextStream
 from loraplex.serve.metrics import ServeMetrics
@@ -518,14 +519,7 @@ class Engine:
 
     def _prefill(self, rows: list[_Row]) -> None:
         k = len(rows)
-        length = max(len(r.handle.prompt_ids) for r in rows)
-        ids = torch.full((k, length), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((k, length), dtype=torch.long)
-        for i, r in enumerate(rows):
-            p = r.handle.prompt_ids
-            ids[i, length - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, length - len(p):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = pad_batch([r.handle.prompt_ids for r in rows], self.pad_token_id, left=True, device=self.device)
         cache = kv.new_cache(self.model)
         with self.plex.using([r.handle.choice for r in rows], k):
             logits = self._forward(ids, mask, kv.position_ids(mask), cache)

@@ -83,7 +83,8 @@ def build_router(trainer: "Trainer", result: "TrainResult", *, retrained: bool) 
 
     from loraplex.adapters.io import load_adapter
     from loraplex.train.data import read_rows, resolve_columns
-    from loraplex.train.trainer import ADAPTERS_DIR, ROUTER_DIR, _pad, _pad_id, load_state
+    from loraplex.padding import pad_batch
+    from loraplex.train.trainer import ADAPTERS_DIR, ROUTER_DIR, _pad_id, load_state
 
     cfg = trainer.config
     rc = cfg.router
@@ -139,7 +140,7 @@ def build_router(trainer: "Trainer", result: "TrainResult", *, retrained: bool) 
             else:
                 seqs.append(list(tok(text, truncation=True, max_length=max_len)["input_ids"]))
     dev = next(plex.model.parameters()).device
-    ids, mask = _pad(seqs, _pad_id(tok), dev)
+    ids, mask = pad_batch(seqs, _pad_id(tok), device=dev)
     if rc.pooling == "embedding":
         from loraplex.compose.features import get_embedder
 

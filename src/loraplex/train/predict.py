@@ -27,10 +27,11 @@ from torch import nn
 
 from loraplex.adapters.io import CONFIG_NAME, atomic_write_text, load_adapter
 from loraplex.errors import LoraplexError
+from loraplex.padding import pad_batch
 from loraplex.train.config import TrainConfig, load_config
 from loraplex.train.data import (IGNORE, DataError, bio_spans, encode_response, examples_for_task, read_rows,
                                  resolve_columns, write_rows)
-from loraplex.train.trainer import ADAPTERS_DIR, _pad, _pad_id, load_state, load_training_plex
+from loraplex.train.trainer import ADAPTERS_DIR, _pad_id, load_state, load_training_plex
 
 __all__ = ["PredictResult", "Runner", "classification_metrics", "entity_metrics", "load_trained_plex", "make_runner",
            "predict", "rows_for_choice"]
@@ -310,7 +311,7 @@ def _predict_causal(runner: Runner, rows: list[dict[str, Any]], path: str, colum
         idx = list(range(s, min(s + bs, len(rows))))
         exs = [by_row[i] for i in idx if i in by_row]
         if exs:  # loss on the response (or the whole text)
-            ids, mask = _pad([e.input_ids for e in exs], pad, dev)
+            ids, mask = pad_batch([e.input_ids for e in exs], pad, device=dev)
             logits = runner.forward(ids, mask).logits[:, :-1].float()
             lab = torch.full(ids.shape, IGNORE, dtype=torch.long, device=dev)
             for j, e in enumerate(exs):
@@ -325,13 +326,9 @@ def _predict_causal(runner: Runner, rows: list[dict[str, Any]], path: str, colum
                 total_tok += k
         if gen_inputs:
             prompts = [gen_inputs[i] for i in idx]
-            length = max(len(p) for p in prompts)
-            ids = torch.full((len(prompts), length), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for j, p in enumerate(prompts):  # left padding for generation
-                ids[j, length - len(p):] = torch.tensor(p)
-                mask[j, length - len(p):] = 1
-            gen = runner.generate(ids.to(dev), mask.to(dev), max_new_tokens=new, do_sample=False, pad_token_id=pad,
+            ids, mask = pad_batch(prompts, pad, left=True, device=dev)  # left padding for generation
+            length = ids.shape[1]
+            gen = runner.generate(ids, mask, max_new_tokens=new, do_sample=False, pad_token_id=pad,
                                   eos_token_id=eos)
             for j, i in enumerate(idx):
                 out_ids = gen[j, length:].tolist()
@@ -417,7 +414,7 @@ def _predict_encoder(runner: Runner, task: str, rows: list[dict[str, Any]], path
     pred_all: list[Any] = []
     for s in range(0, len(exs), bs):
         chunk = exs[s:s + bs]
-        ids, mask = _pad([e.input_ids for e in chunk], _pad_id(tok), dev)
+        ids, mask = pad_batch([e.input_ids for e in chunk], _pad_id(tok), device=dev)
         res = runner.forward(ids, mask)
         for j, e in enumerate(chunk):
             rec = records[e.row]

@@ -46,6 +46,7 @@ from loraplex.adapters.io import CONFIG_NAME, LoraAdapter, LoraModule, atomic_wr
 from loraplex.adapters.spec import LoraSpec
 from loraplex.errors import LoraplexError
 from loraplex.hostmem import tune_cpu_allocator
+from loraplex.padding import pad_batch
 from loraplex.runtime import MultiLoraLinear, SavedModuleSwitch
 from loraplex.train import checkpoint as ckpt
 from loraplex.train.config import ConfigError, TrainConfig, load_config
@@ -578,7 +579,7 @@ class Trainer:
             exs += [run.data.examples[j] for j in idx]
             rows += [run.row_spec] * len(idx)
             spans.append((run, start, len(exs)))
-        batch = _pad([e.input_ids for e in exs], _pad_id(plex.tokenizer), self.device)
+        batch = pad_batch([e.input_ids for e in exs], _pad_id(plex.tokenizer), device=self.device)
         ids, mask = batch
         self._install_stacks(active, slots)
         rates = {run.dropout for run, _, _ in spans}
@@ -656,7 +657,7 @@ class Trainer:
         bs = cfg.trainer.batch_size
         for i in range(0, len(data.examples), bs):
             exs = data.examples[i:i + bs]
-            ids, mask = _pad([e.input_ids for e in exs], _pad_id(self.plex.tokenizer), self.device)
+            ids, mask = pad_batch([e.input_ids for e in exs], _pad_id(self.plex.tokenizer), device=self.device)
             with self.plex.using([run.row_spec] * len(exs), len(exs)), _autocast(self.device, self.precision):
                 loss = self._losses([(run, 0, len(exs))], exs, ids, mask)[0]
             total += float(loss) * len(exs)
@@ -763,17 +764,6 @@ def _pad_id(tokenizer: Any) -> int:
     if pad is None:
         pad = getattr(tokenizer, "eos_token_id", None)
     return int(pad) if pad is not None else 0
-
-
-def _pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids`` and ``attention_mask`` [N, L]."""
-    length = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, :len(s)] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _label_matrix(exs: Sequence[Example], length: int, device: torch.device) -> torch.Tensor:
