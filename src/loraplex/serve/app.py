@@ -400,21 +400,31 @@ async def _watch_disconnect(request: Request, interval: float = 0.05) -> None:
         await asyncio.sleep(interval)
 
 
-async def _wait(request: Request, handles: list[RequestHandle]) -> list[Final]:
-    """Every handle's final event; a client that hangs up cancels its requests."""
-    results = asyncio.ensure_future(asyncio.gather(*(h.afinal() for h in handles)))
+async def until_disconnect(request: Request, awaitable: Any, on_hangup: Callable[[], None] | None = None) -> Any:
+    """The awaitable's result, unless the client hangs up first (or this handler is cancelled): then
+    ``on_hangup()`` runs, the awaitable is cancelled and the answer is a 499 :class:`ApiError`."""
+    results = asyncio.ensure_future(awaitable)
     watcher = asyncio.ensure_future(_watch_disconnect(request))
     try:
         await asyncio.wait({results, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         if not results.done():
-            for h in handles:
-                h.cancel()
+            if on_hangup is not None:
+                on_hangup()
             results.cancel()
         watcher.cancel()
     if not results.done() or results.cancelled():
         raise ApiError(499, "client closed the request", "client_closed")
     return results.result()
+
+
+async def _wait(request: Request, handles: list[RequestHandle]) -> list[Final]:
+    """Every handle's final event; a client that hangs up cancels its requests."""
+    def cancel_all() -> None:
+        for h in handles:
+            h.cancel()
+
+    return await until_disconnect(request, asyncio.gather(*(h.afinal() for h in handles)), cancel_all)
 
 
 def _sse_line(obj: Any) -> str:

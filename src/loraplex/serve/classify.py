@@ -30,8 +30,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import Field
 
 from loraplex.errors import LoraplexError, UnknownAdapterError
-from loraplex.serve.app import (ApiError, _json_body, _Metered, _parse, _watch_disconnect, api_error,
-                                install_admin_endpoints, install_error_handlers)
+from loraplex.serve.app import (ApiError, _json_body, _Metered, _parse, api_error, install_admin_endpoints,
+                                install_error_handlers, until_disconnect)
 from loraplex.serve.encode import AUTO, EncoderBatcher, NoTaskHead, head_owner
 from loraplex.serve.labels import bio_entities, sequence_scores, text_words, word_tags
 from loraplex.serve.metrics import CONTENT_TYPE
@@ -156,22 +156,16 @@ def create_classify_app(plex: Any, *, router: Any = None, registry: ModelRegistr
             futures = batcher.submit_many(rows)
         except LoraplexError as exc:
             raise classify_error(exc) from None
-        results = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
-        watcher = asyncio.ensure_future(_watch_disconnect(request))
         try:
-            await asyncio.wait({results, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if not results.done():  # the client is gone: nobody reads the answer
-                metrics.cancelled_requests.inc()
-                raise ApiError(499, "client closed the request", "client_closed")
-            return results.result()
+            return await until_disconnect(request, asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+        except ApiError:  # 499: the client is gone, nobody reads the answer
+            metrics.cancelled_requests.inc()
+            raise
         except LoraplexError as exc:
             raise classify_error(exc) from None
         finally:
-            watcher.cancel()
             for f in futures:
                 f.cancel()  # rows not started yet are skipped (a request fails as a whole)
-            if not results.done():
-                results.cancel()
 
     def count(counter: Any, names: Sequence[str]) -> None:
         for n in names or ["base"]:
