@@ -187,6 +187,10 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
 def test_predict_adapter_writes_rows_and_metrics_matching_peft(project: dict[str, Any]) -> None:
     root, out = project["root"], project["out"]
     res = cli("predict", str(project["cfg"]), "--dataset", str(root / "test.csv"), "--adapter", "a", "--no-progress")
@@ -214,14 +218,14 @@ def test_predict_blend_equals_the_linear_merge(project: dict[str, Any]) -> None:
     res = cli("predict", str(project["cfg"]), "--dataset", str(root / "test.csv"), "--compose",
               "blend(a=0.5,b=0.5)", "--out", str(root / "blend.jsonl"), "--no-progress")
     assert res.exit_code == 0, res.output
-    blend = [json.loads(x) for x in (root / "blend.jsonl").read_text().splitlines()]
+    blend = _read_jsonl(root / "blend.jsonl")
     assert len(blend) == 6 and all({"prompt", "response", "loss", "prediction"} <= set(r) for r in blend)
     m_blend = json.loads((root / "blend.metrics.json").read_text())
     assert m_blend["choice"] == "blend(a=0.5,b=0.5)" and m_blend["n"] == 6
     res = cli("predict", str(project["cfg"]), "--dataset", str(root / "test.csv"), "--adapter", "ab",
               "--out", str(root / "ab.jsonl"), "--no-progress")
     assert res.exit_code == 0, res.output
-    merged = [json.loads(x) for x in (root / "ab.jsonl").read_text().splitlines()]
+    merged = _read_jsonl(root / "ab.jsonl")
     for x, y in zip(blend, merged):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-5)
         assert x["prediction"] == y["prediction"]
@@ -248,7 +252,7 @@ def test_predict_pipeline_feeds_each_stage_to_the_next(project: dict[str, Any]) 
     res = cli("predict", str(project["cfg"]), "--dataset", str(root / "test.csv"), "--compose",
               "stack(a,b,mode=pipeline)", "--out", str(root / "pipe.jsonl"), "--no-progress")
     assert res.exit_code == 0, res.output
-    pipe = [json.loads(x) for x in (root / "pipe.jsonl").read_text().splitlines()]
+    pipe = _read_jsonl(root / "pipe.jsonl")
     src = _read_csv(root / "test.csv")
     assert len(pipe) == 6 and all({"prompt", "response", "stage1", "prediction", "exact_match"} <= set(r) for r in pipe)
     metrics = json.loads((root / "pipe.metrics.json").read_text())
@@ -257,7 +261,7 @@ def test_predict_pipeline_feeds_each_stage_to_the_next(project: dict[str, Any]) 
     res = cli("predict", str(project["cfg"]), "--dataset", str(root / "test.csv"), "--adapter", "a",
               "--out", str(root / "only_a.jsonl"), "--no-progress")
     assert res.exit_code == 0, res.output
-    only_a = [json.loads(x) for x in (root / "only_a.jsonl").read_text().splitlines()]
+    only_a = _read_jsonl(root / "only_a.jsonl")
     assert [r["stage1"] for r in pipe] == [r["prediction"] for r in only_a]
     second = root / "stage2.csv"  # adapter b on stage 1's texts, same responses (so the same generation length)
     with open(second, "w", newline="") as fh:
@@ -267,7 +271,7 @@ def test_predict_pipeline_feeds_each_stage_to_the_next(project: dict[str, Any]) 
     res = cli("predict", str(project["cfg"]), "--dataset", str(second), "--adapter", "b",
               "--out", str(root / "only_b.jsonl"), "--no-progress")
     assert res.exit_code == 0, res.output
-    only_b = [json.loads(x) for x in (root / "only_b.jsonl").read_text().splitlines()]
+    only_b = _read_jsonl(root / "only_b.jsonl")
     assert [r["prediction"] for r in pipe] == [r["prediction"] for r in only_b]
 
 
