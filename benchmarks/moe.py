@@ -10,11 +10,14 @@ length) it times:
 * ``routed_early`` / ``routed_emb`` -- the same with a router reading the hidden state after block 1, or the
   pooled input embeddings (``hidden_layer=1`` / ``0``): the routing pass stops there (a quarter of the model /
   only the embedding lookup);
+* ``routed_minilm`` / ``routed_ngram`` -- routers over the prompt *texts* (real text from the Python standard
+  library, one snippet per row), as the demo's routers are: the bundled MiniLM sentence encoder (its forward is
+  timed), or hashed character n-grams (no model);
 * ``mixed``    -- the same generation with the routing decisions given (no routing pass): the runtime's share;
 * ``loop``     -- the naive design: for each row, route it and generate it alone (one forward per row per step);
 * ``base``     -- the bare base model, for reference.
 
-Prints a markdown table of tokens/s and the ratios routed/single and routed/loop.
+Prints a markdown table: tokens/s of each variant, and its ratio to ``single`` and to the per-example loop.
 
     python benchmarks/moe.py            # full (~2-4 min on 2 CPU cores)
     python benchmarks/moe.py --quick    # small model, smoke test
@@ -24,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
+import sysconfig
 import tempfile
 
 import torch
@@ -32,9 +37,31 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import loraplex
 from timing import timeit_interleaved, add_malloc_option, tune_host  # benchmarks/timing.py
-from loraplex.compose import RoutedModel, Router
+from loraplex.compose import RoutedModel, Router, get_embedder
+from loraplex.compose.features import NGRAM_DIM, hashed_ngrams
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LABELS = {"base": "base model", "single": "single adapter", "mixed": "mixed generation only (routing given)",
+          "routed": "routed: last layer", "routed_early": "routed: block 1", "routed_emb": "routed: embeddings",
+          "routed_minilm": "routed: MiniLM on the text", "routed_ngram": "routed: n-grams of the text",
+          "loop": "per-example loop (naive)"}
+ROUTED = ("routed", "routed_early", "routed_emb", "routed_minilm", "routed_ngram")
+
+
+def prompt_texts(n: int, tokens: int, tokenizer) -> list[str]:
+    """``n`` snippets of the Python standard library's sources (one file each, in order), each cut to ``tokens``
+    tokens of ``tokenizer`` (the prompts' length, so the text router reads as much as the routing pass)."""
+    stdlib = sysconfig.get_paths()["stdlib"]
+    out: list[str] = []
+    for name in sorted(os.listdir(stdlib)):
+        if len(out) == n:
+            break
+        if name.endswith(".py"):
+            with open(os.path.join(stdlib, name), encoding="utf-8", errors="replace") as fh:
+                ids = tokenizer(" ".join(fh.read(4000).split())[:8 * tokens], add_special_tokens=False)["input_ids"]
+            if len(ids) >= tokens:
+                out.append(tokenizer.decode(ids[:tokens - 2]))  # [CLS] and [SEP] make it ``tokens``
+    return out
 
 
 
@@ -89,6 +116,10 @@ def main() -> None:
     emb = Router(names, args.hidden, hidden_layer=0).to(dev).eval()
     emb.load_state_dict(router.state_dict())
     rm_emb = RoutedModel(plex, emb)  # pooled input embeddings: the routing pass stops before block 1
+    encoder = get_embedder(None, dev)  # the bundled MiniLM (loaded once, as a server does)
+    minilm = Router(names, encoder.dim, pooling="embedding").to(dev).eval()
+    ngram = Router(names, NGRAM_DIM, pooling="ngram").to(dev).eval()
+    rm_minilm, rm_ngram = RoutedModel(plex, minilm), RoutedModel(plex, ngram)
     gen = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0)
 
     rows = []
@@ -96,42 +127,47 @@ def main() -> None:
           f"r={args.rank} on {len(TARGETS)} targets, prompt {args.prompt}, {args.new} new tokens")
     for batch in [int(b) for b in args.batches.split(",")]:
         ids = torch.randint(3, cfg.vocab_size, (batch, args.prompt), device=dev)
+        texts = prompt_texts(batch, args.prompt, encoder.tokenizer)
+        minilm.fit_normalizer(encoder.encode(texts).to(dev))  # a trained router standardises its inputs
+        with torch.no_grad():  # n-gram features are all positive: centre the random head on this batch
+            head = ngram.head[-1]
+            head.weight.mul_(50)
+            head.bias.copy_(-(hashed_ngrams(texts).to(dev).mean(0) @ head.weight.t()))
         loop_n = min(args.loop_rows, batch)
         with torch.no_grad():
             routing = rm.route(ids)
-        chosen = routing.top1
+            used = {"mixed": routing.top1, "routed": routing.top1, "routed_early": rm_early.route(ids).top1,
+                    "routed_emb": rm_emb.route(ids).top1, "routed_minilm": rm_minilm.route(texts=texts).top1,
+                    "routed_ngram": rm_ngram.route(texts=texts).top1, "single": ["e0"]}
         fns = {
             "base": lambda: plex.generate(ids, adapters=None, **gen),
             "single": lambda: plex.generate(ids, adapters="e0", **gen),
             "routed": lambda: rm.generate(ids, **gen),
             "routed_early": lambda: rm_early.generate(ids, **gen),
             "routed_emb": lambda: rm_emb.generate(ids, **gen),
+            "routed_minilm": lambda: rm_minilm.generate(ids, texts=texts, **gen),
+            "routed_ngram": lambda: rm_ngram.generate(ids, texts=texts, **gen),
             "mixed": lambda: rm.generate(ids, routing=routing, **gen),
             "loop": lambda: [rm.generate(ids[i:i + 1], **gen) for i in range(loop_n)],
         }
         t = timeit_interleaved(fns, args.repeats, warmup=1, ref="single")
         t["loop"] = t["loop"] * batch / loop_n  # per-row cost scaled to the whole batch
         tps = {k: batch * args.new / v for k, v in t.items()}
-        rows.append((batch, len(set(chosen)), tps))
-        print(f"batch {batch}: distinct experts routed {len(set(chosen))}; " +
-              ", ".join(f"{k} {v:.0f} tok/s" for k, v in tps.items()), flush=True)
+        rows.append((batch, {k: len(set(v)) for k, v in used.items()}, tps))
+        print(f"batch {batch}: " + ", ".join(f"{k} {v:.0f} tok/s" for k, v in tps.items()), flush=True)
 
     print()
-    print("| batch | experts used | base | single adapter | routed: last layer | routed: block 1 | "
-          "routed: embeddings | mixed generation only | per-example loop | last layer / single | block 1 / single | "
-          "embeddings / single | mixed only / single | last layer / loop |")
-    print("| --- " * 15 + "|")
+    print("| batch | variant | experts used | tokens/s | / single adapter | / per-example loop |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for batch, used, tps in rows:
-        sg = tps["single"]
-        print(f"| {batch} | {used} | {tps['base']:.0f} | {sg:.0f} | {tps['routed']:.0f} | {tps['routed_early']:.0f} | "
-              f"{tps['routed_emb']:.0f} | {tps['mixed']:.0f} | {tps['loop']:.0f} | {tps['routed'] / sg:.2f}x | "
-              f"{tps['routed_early'] / sg:.2f}x | {tps['routed_emb'] / sg:.2f}x | {tps['mixed'] / sg:.2f}x | "
-              f"{tps['routed'] / tps['loop']:.1f}x |")
-    print("(tokens/s; routed columns include the routing pass)")
-    for key, what in (("routed", "routing on the last layer"), ("routed_early", "routing on block 1"),
-                      ("routed_emb", "routing on the embeddings")):
+        for key, label in LABELS.items():
+            experts = "1 per row" if key == "loop" else used.get(key, "")
+            vs_loop = "" if key == "loop" else f"{tps[key] / tps['loop']:.1f}x"
+            print(f"| {batch} | {label} | {experts} | {tps[key]:.0f} | {tps[key] / tps['single']:.2f}x | {vs_loop} |")
+    print("(tokens/s; the routed variants include their routing pass / text encoding)")
+    for key in ROUTED:
         worst = min(tps[key] / tps["single"] for _, _, tps in rows)
-        print(f"routed top-1 ({what}) vs single adapter: worst {worst:.2f}x (target >= 0.90x)")
+        print(f"{LABELS[key]} vs single adapter: worst {worst:.2f}x (target >= 0.90x)")
 
 
 if __name__ == "__main__":

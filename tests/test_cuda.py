@@ -156,3 +156,20 @@ def test_serving_engine_on_cuda_equals_generate(adapters: dict[str, Path]) -> No
             assert out.token_ids == want, (c, out.token_ids, want)
     finally:
         engine.close()
+
+
+def test_embedding_router_encodes_on_the_model_device(adapters: dict[str, Path]) -> None:
+    from loraplex.compose import RoutedModel, Router, get_embedder
+
+    texts = ["def parse(argv): return argv[1:]", "The licence grants you the right to copy.",
+             "for f in *.txt; do wc -l \"$f\"; done", "import os\nprint(os.getcwd())"]
+    feats = get_embedder(None, "cpu").encode(texts)  # [4, 384] on the CPU: the reference
+    router = Router(["a", "b", "c"], feats.shape[1], pooling="embedding")
+    router.fit_normalizer(feats)
+    with torch.no_grad():
+        want = router(feats)
+    plex = loraplex.load(tiny_llama(), adapters, device=DEVICE)
+    routing = RoutedModel(plex, router.to(DEVICE)).route(texts=texts)
+    encoder = get_embedder(None, plex.bank.device)
+    assert next(encoder.model.parameters()).device.type == torch.device(DEVICE).type
+    assert torch.allclose(routing.logits.cpu(), want, atol=1e-4), (routing.logits.cpu() - want).abs().max()

@@ -94,18 +94,19 @@ def write_config(path: Path, data: dict[str, dict[str, Path]], *, epochs: int, s
 
 # ------------------------------------------------------------------------------------------------ eval helpers
 def _encode(tok: Any, rows: list[dict[str, Any]], task: str, max_len: int) -> list[dict[str, Any]]:
+    from loraplex.train.data import token_examples
+
     out = []
-    for r in rows:
+    for k, r in enumerate(rows):
         if task == "classification":
             enc = tok(r["text"], truncation=True, max_length=max_len)
             out.append({"ids": enc["input_ids"], "gold": r["label"], "text": r["text"]})
         else:
             words = r["words"] if isinstance(r["words"], list) else json.loads(r["words"])
             tags = r["tags"] if isinstance(r["tags"], list) else json.loads(r["tags"])
-            enc = tok(words, is_split_into_words=True, truncation=True, max_length=max_len)
-            wid = enc.word_ids()
-            n_words = max((w for w in wid if w is not None), default=-1) + 1
-            out.append({"ids": enc["input_ids"], "word_ids": wid, "gold": list(tags[:n_words]), "text": r["text"]})
+            for ex, wid, win in token_examples(tok, words, None, max_len, k):  # long rows: overlapping windows
+                out.append({"ids": ex.input_ids, "word_ids": wid, "own": (win.own_start, win.own_end),
+                            "gold": list(tags), "row": k, "text": r["text"]})
     return out
 
 
@@ -118,12 +119,14 @@ def evaluate(plex: Any, task_name: str, examples: list[dict[str, Any]], choose: 
              labels: dict[str, list[str]], bs: int = 32) -> dict[str, float]:
     """Metrics of one task's test examples; ``choose`` gives each row's adapter choice (a name or None).
 
-    A row answered by another task's head counts as wrong (no class / all-``O`` tags)."""
+    A row answered by another task's head counts as wrong (no class / all-``O`` tags). A token row longer than the
+    window comes as several windows; each tags the words it owns, and entities are scored over whole rows."""
     from loraplex.train.predict import classification_metrics, entity_metrics
 
     task = TASKS[task_name][0]
     pad = plex.tokenizer.pad_token_id or 0
     gold, pred = [], []
+    row_tags: dict[int, tuple[list[str], list[str]]] = {}  # token rows: (gold, predicted) tags
     with torch.no_grad():
         for chunk in _batches(examples, bs):
             ids, mask = pad_batch([e["ids"] for e in chunk], pad)
@@ -137,20 +140,18 @@ def evaluate(plex: Any, task_name: str, examples: list[dict[str, Any]], choose: 
                     gold.append(e["gold"])
                     pred.append(names[int(logit.argmax())] if own else "<other-task>")
                 else:
-                    tags = ["O"] * len(e["gold"])
+                    tags = row_tags.setdefault(e["row"], (e["gold"], ["O"] * len(e["gold"])))[1]
                     if own:
                         best = logit.argmax(-1).tolist()
                         prev = None
                         for pos, w in enumerate(e["word_ids"]):
-                            if w is not None and w != prev and w < len(tags):
+                            if w is not None and w != prev and e["own"][0] <= w < e["own"][1]:
                                 tags[w] = names[best[pos]]
                             prev = w
-                    gold.append(e["gold"])
-                    pred.append(tags)
     if task == "classification":
         m = classification_metrics(gold, pred)
         return {"score": m["accuracy"], "macro_f1": m["macro_f1"], "n": m["n"]}
-    m = entity_metrics(gold, pred)
+    m = entity_metrics([g for g, _ in row_tags.values()], [p for _, p in row_tags.values()])
     return {"score": m["f1"], "precision": m["precision"], "recall": m["recall"], "n": m["n"]}
 
 
@@ -174,7 +175,7 @@ def train_probe(plex: Any, name: str, examples: list[dict[str, Any]], labels: li
                 else:
                     prev = None
                     for pos, w in enumerate(e["word_ids"]):
-                        if w is not None and w != prev and w < len(e["gold"]):
+                        if w is not None and w != prev and e["own"][0] <= w < e["own"][1]:
                             feats.append(out.last_hidden_state[j, pos])
                             ys.append(labels.index(e["gold"][w]) if e["gold"][w] in labels else 0)
                         prev = w
@@ -259,8 +260,9 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", *, per_class: int = 80, t
         def choose(chunk: list[dict]) -> list[Any]:
             nonlocal route_hits, route_n
             picks = routed.route(texts=[e["text"] for e in chunk]).choices()  # the raw input text, as served
-            route_hits += sum(p == task_name for p in picks)
-            route_n += len(picks)
+            rows = [e.get("own", (0, 0))[0] == 0 for e in chunk]  # count a row once (not each of its windows)
+            route_hits += sum(p == task_name for p, first in zip(picks, rows) if first)
+            route_n += sum(rows)
             return picks
         return choose
 

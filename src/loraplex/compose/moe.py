@@ -125,7 +125,7 @@ class RoutedModel:
                 texts = decode_texts(self.plex.tokenizer, input_ids, attention_mask)
             if r.pooling == "ngram":
                 return hashed_ngrams(list(texts), r.in_dim)
-            emb = self._embedder or get_embedder(r.embedding_model)
+            emb = self._embedder or get_embedder(r.embedding_model, device=self.plex.bank.device)
             return emb.encode(list(texts))
         if input_ids is None:
             raise LoraplexError("a hidden-state router needs input_ids (it pools a routing pass of the base model)")

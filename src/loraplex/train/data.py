@@ -358,6 +358,66 @@ def token_example(tokenizer: Any, words: list[str], tag_ids: list[int] | None, m
     return Example(list(enc["input_ids"]), labels, row), word_ids
 
 
+@dataclass(frozen=True)
+class WordWindow:
+    """Words ``start:end`` of a row in one input; the window *owns* words ``own_start:own_end`` (its
+    predictions and labels count for them): the owned ranges of a row's windows partition its words."""
+
+    start: int
+    end: int
+    own_start: int
+    own_end: int
+
+
+def word_windows(word_tokens: Sequence[int], budget: int, overlap: int | None = None) -> list[WordWindow]:
+    """Cover every word with windows of consecutive words whose sub-token counts (``word_tokens``) sum to at most
+    ``budget``; consecutive windows share about ``overlap`` tokens (default half the budget) and split the shared
+    words in the middle, so each owned word has context on both sides. One window when everything fits; a single
+    word longer than the budget gets a window of its own (and is truncated there)."""
+    n = len(word_tokens)
+    if n == 0 or sum(word_tokens) <= budget:
+        return [WordWindow(0, n, 0, n)]
+    overlap = budget // 2 if overlap is None else max(0, min(int(overlap), budget - 1))
+    spans: list[tuple[int, int]] = []
+    start = 0
+    while True:
+        end, used = start, 0
+        while end < n and (end == start or used + word_tokens[end] <= budget):
+            used += word_tokens[end]
+            end += 1
+        spans.append((start, end))
+        if end == n:
+            break
+        nxt, tail = end, 0  # the next window starts where the last ``overlap`` tokens of this one start
+        while nxt - 1 > start and tail + word_tokens[nxt - 1] <= overlap:
+            nxt -= 1
+            tail += word_tokens[nxt]
+        start = nxt
+    bounds = [0] + [(s2 + e1 + 1) // 2 for (_, e1), (s2, _) in zip(spans, spans[1:])] + [n]
+    return [WordWindow(s, e, max(s, bounds[k]), min(e, bounds[k + 1])) for k, (s, e) in enumerate(spans)]
+
+
+def token_examples(tokenizer: Any, words: list[str], tag_ids: list[int] | None, max_length: int, row: int = 0
+                   ) -> list[tuple[Example, list[int | None], WordWindow]]:
+    """A row of pre-split words as one or more inputs of at most ``max_length`` tokens (:func:`word_windows`; a
+    long row is not truncated): per window the example (labels only on its owned words), the *row's* word index of
+    each token (None for special tokens), and the window."""
+    counts = [0] * len(words)
+    for w in tokenizer(words, is_split_into_words=True, add_special_tokens=False).word_ids():
+        if w is not None:
+            counts[w] += 1
+    budget = max_length - tokenizer.num_special_tokens_to_add(pair=False)
+    windows = word_windows(counts, budget) if budget > 0 else [WordWindow(0, len(words), 0, len(words))]
+    out = []
+    for win in windows:
+        tags = None
+        if tag_ids is not None:
+            tags = [tag_ids[w] if win.own_start <= w < win.own_end else IGNORE for w in range(win.start, win.end)]
+        ex, local = token_example(tokenizer, words[win.start:win.end], tags, max_length, row)
+        out.append((ex, [None if w is None else w + win.start for w in local], win))
+    return out
+
+
 def _token_rows(rows: list[dict[str, Any]], path: str, words_col: str | None, tags_col: str | None,
                 text_col: str | None, need_tags: bool) -> list[tuple[list[str], list[str] | None]]:
     """(words, tags) per row from words+tags columns or text+spans columns."""
@@ -472,7 +532,8 @@ def resolve_columns(rows: list[dict[str, Any]], path: str, task: str, adapter: A
 def examples_for_task(rows: list[dict[str, Any]], path: str, task: str, columns: Columns, tokenizer: Any,
                       max_length: int, labels: list[str] | None = None, *, need_labels: bool = True
                       ) -> tuple[list[Example], list[str] | None, list[Any]]:
-    """Tokenized examples, the label names, and per-example extras (word lists / word_ids for token tasks).
+    """Tokenized examples, the label names, and per-example extras (for token tasks ``(words, word_ids, tags,
+    window)``: a row longer than ``max_length`` becomes several examples, see :func:`token_examples`).
 
     ``labels`` fixes the label order (prediction uses the trained adapter's labels); when None, the names are
     collected from the data (sorted; ``O`` first for tags). A label not in ``labels`` is an error naming the row.
@@ -545,9 +606,9 @@ def examples_for_task(rows: list[dict[str, Any]], path: str, task: str, columns:
                                 f"of the adapter's tags {labels}")
             if tag_ids is None:
                 tag_ids = [index[t] for t in tags]
-        ex, word_ids = token_example(tokenizer, words, tag_ids, max_length, i)
-        out.append(ex)
-        extras.append((words, word_ids, tags))
+        for ex, word_ids, win in token_examples(tokenizer, words, tag_ids, max_length, i):
+            out.append(ex)
+            extras.append((words, word_ids, tags, win))
     return out, labels, extras
 
 

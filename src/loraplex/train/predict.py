@@ -412,6 +412,8 @@ def _predict_encoder(runner: Runner, task: str, rows: list[dict[str, Any]], path
     records = [dict(r) for r in rows]
     gold_all: list[Any] = []
     pred_all: list[Any] = []
+    tags_of: dict[int, list[str] | None] = {}  # token task: a row's tags, filled window by window (None: no head)
+    seen = -1  # rows are encoded in order; a long token row comes as several consecutive windows
     for s in range(0, len(exs), bs):
         chunk = exs[s:s + bs]
         ids, mask = pad_batch([e.input_ids for e in chunk], _pad_id(tok), device=dev)
@@ -421,6 +423,7 @@ def _predict_encoder(runner: Runner, task: str, rows: list[dict[str, Any]], path
             head = res.heads[j]
             if res.logits[j] is None or head is None:
                 rec["prediction"] = None
+                tags_of[e.row] = None
                 continue
             names = labels.get(head) or first
             if task == "classification":
@@ -432,25 +435,29 @@ def _predict_encoder(runner: Runner, task: str, rows: list[dict[str, Any]], path
                 if g not in (None, ""):
                     gold_all.append(row_label(g))
                     pred_all.append(names[k])
-            else:
-                words, word_ids, gold = extras[s + j]
+            else:  # each window sets the tags of the words it owns
+                words, word_ids, _, win = extras[s + j]
+                if e.row not in tags_of:
+                    tags_of[e.row] = ["O"] * len(words)
+                tags = tags_of[e.row]
+                if tags is None:
+                    continue
                 best = res.logits[j].float().argmax(-1).tolist()
-                tags = ["O"] * len(words)
                 prev = None
                 for pos, w in enumerate(word_ids):
-                    if w is not None and w != prev:
+                    if w is not None and w != prev and win.own_start <= w < win.own_end:
                         tags[w] = names[best[pos]]
                     prev = w
                 rec["words"] = words
                 rec["prediction"] = tags
-                if gold is not None:
-                    gold_all.append(list(gold))
-                    pred_all.append(tags)
             if head != next(iter(labels)) or len(labels) > 1:
                 rec["adapter"] = head
-        _tick(bar, len(chunk))
-    if not gold_all:
-        return records, {}
+        done = chunk[-1].row if s + bs >= len(exs) or exs[s + bs].row != chunk[-1].row else chunk[-1].row - 1
+        _tick(bar, done - seen)
+        seen = done
     if task == "classification":
-        return records, classification_metrics(gold_all, pred_all)
-    return records, entity_metrics(gold_all, pred_all)
+        return records, classification_metrics(gold_all, pred_all) if gold_all else {}
+    gold = {e.row: ex[2] for e, ex in zip(exs, extras) if ex[2] is not None and tags_of.get(e.row) is not None}
+    if not gold:
+        return records, {}
+    return records, entity_metrics([gold[i] for i in sorted(gold)], [tags_of[i] for i in sorted(gold)])
