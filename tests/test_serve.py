@@ -73,7 +73,7 @@ def env(tmp_path_factory):
     with ServerThread(app) as srv, ServerThread(bare) as bare_srv:
         with httpx.Client(base_url=srv.url, timeout=60) as client:
             yield {"plex": plex, "engine": engine, "root": root, "tmp": tmp, "url": srv.url, "client": client,
-                   "bare_url": bare_srv.url, "paths": paths}
+                   "bare_url": bare_srv.url, "paths": paths, "app": app}
     engine.close()
 
 
@@ -239,7 +239,9 @@ def test_ab_split_reports_arm_and_serves_it(env):
 
 
 def test_auto_routes_per_request_and_needs_a_router(env):
+    passes = len(env["app"].state.route_batches)
     code = complete(env, "auto", "some code please", 8)
+    assert len(env["app"].state.route_batches) == passes + 1  # routed through the app's routing batcher
     assert code["x_loraplex"]["served_by"] == ["ad1"]
     assert code["choices"][0]["text"] == ref_text(env, "ad1", "some code please", 8)
     prose = complete(env, "auto", "a poem please", 8)

@@ -388,6 +388,54 @@ def test_auto_with_a_routed_model_runs_on_the_worker(engine, plex):
         assert engine.generate(ids, got.choice, greedy(6), timeout=30).token_ids == reference(engine, want, ids, 6)
 
 
+def test_concurrent_auto_requests_share_one_routing_pass(engine, plex):
+    """`auto` requests that arrive while the worker is busy are routed together: one padded routing pass for all of
+    them (not one forward per request), each getting the decision the router gives its prompt alone."""
+    from loraplex.compose.moe import RoutedModel
+    from loraplex.compose.router import build_router
+
+    torch.manual_seed(0)
+    router = build_router(NAMES, plex.model.config.hidden_size)
+    with torch.no_grad():
+        router.head[-1].weight.mul_(40.0)  # spread the random router over the experts
+    routed = RoutedModel(plex, router)
+    reg = ModelRegistry(plex, router=routed)
+    routes = reg.batch_routing(engine.call_on_worker)
+    started, gate = threading.Event(), threading.Event()
+    hold = threading.Thread(target=lambda: engine.call_on_worker(lambda: (started.set(), gate.wait(30))))
+    hold.start()
+    assert started.wait(30)  # the worker is busy: routing requests queue up behind it
+    got: dict[int, object] = {}
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, reg.resolve("auto", prompt=PROMPTS[i])))
+               for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while len(routes._pending) < len(PROMPTS) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gate.set()
+    for t in threads + [hold]:
+        t.join(30)
+    assert list(routes.batch_sizes) == [len(PROMPTS)]  # one routing pass for all six requests
+    for i, text in enumerate(PROMPTS):
+        enc = plex.tokenizer([text], return_tensors="pt")
+        want = engine.call_on_worker(lambda: routed.route(enc["input_ids"], enc["attention_mask"]).top1[0])
+        assert got[i].choice == want and got[i].served_by == [want], (text, got[i], want)
+    assert len({got[i].choice for i in got}) > 1  # a real mix of experts, not one answer for all
+
+
+def test_coalescer_hands_errors_to_every_caller():
+    from loraplex.serve.worker import Coalescer
+
+    def boom(items):
+        raise ValueError(f"bad batch of {len(items)}")
+    with pytest.raises(ValueError, match="bad batch of 1"):
+        Coalescer(boom, lambda fn: fn()).submit("x")
+    with pytest.raises(RuntimeError, match="returned 0 results for 1 items"):
+        Coalescer(lambda items: [], lambda fn: fn()).submit("x")
+    assert Coalescer(lambda items: [len(i) for i in items], lambda fn: fn()).submit("abc") == 3
+
+
 def test_control_queue_runs_calls_on_the_worker_and_fails_them_at_shutdown():
     import threading
 

@@ -167,12 +167,15 @@ def create_app(engine: Engine, registry: ModelRegistry | None = None, *, admin_t
             raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "invalid_token",
                            "prompt")
 
+    if registry.router is not None:
+        # A router may run the base model (a routing pass with adapters off): it runs on the engine's worker,
+        # between two steps, so it never overlaps a batch; `auto` requests arriving meanwhile share one pass.
+        routes = registry.batch_routing(engine.call_on_worker)
+        app.state.route_batches = routes.batch_sizes
+
     async def resolve(model: str, prompt: str, user: str | None) -> Resolved:
-        if registry.router is not None:
-            # A router may run the base model (a routing pass with adapters off): run it on the engine's worker,
-            # between two steps, so it never overlaps a batch; wait for it off the event loop.
-            return await anyio.to_thread.run_sync(lambda: engine.call_on_worker(
-                lambda: registry.resolve(model, prompt=prompt, user=user)))
+        if registry.router is not None:  # routing blocks on the worker: wait for it off the event loop
+            return await anyio.to_thread.run_sync(lambda: registry.resolve(model, prompt=prompt, user=user))
         return registry.resolve(model, prompt=prompt, user=user)
 
     def sampling(req: Any, max_tokens: int, j: int) -> SamplingParams:

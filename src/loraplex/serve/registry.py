@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from loraplex.errors import LoraplexError, UnknownAdapterError
+from loraplex.serve.worker import Coalescer
 
 AUTO = "auto"
 BASE_ALIASES = ("base", "")
@@ -169,6 +170,7 @@ class ModelRegistry:
         self._lock = threading.Lock()
         self.created = int(time.time())
         self._templates: dict[str, tuple[str | None, str | None]] = {}  # adapter -> (path, template)
+        self._route_batcher: Coalescer | None = None  # see batch_routing
         for name, spec in self.compositions.items():
             self._check_new_name(name, "composition")
             if parse_spec(spec) is None and spec not in plex.bank:
@@ -252,21 +254,42 @@ class ModelRegistry:
         if self.router is None:
             raise ResolveError("model 'auto' needs a router, and no router is configured on this server",
                                "no_router")
-        route_texts = getattr(self.router, "route_texts", None)
-        if callable(route_texts):
-            choice = route_texts([prompt or ""])[0]
-        elif callable(getattr(self.router, "route", None)):  # loraplex.compose.moe.RoutedModel
-            tok = self.plex.tokenizer
-            enc = tok([prompt or ""], return_tensors="pt")
-            device = self.plex.bank.device
-            routing = self.router.route(enc["input_ids"].to(device), enc["attention_mask"].to(device),
-                                        texts=[prompt or ""])
-            choice = routing.choices()[0]
-        else:  # a plain callable: prompt -> (choice, served_by)
-            choice, served = self.router(prompt or "")  # type: ignore[operator]
+        raw = (self._route_batcher.submit(prompt or "") if self._route_batcher is not None
+               else self.route_prompts([prompt or ""])[0])
+        if self._router_kind() == "callable":  # a plain callable: prompt -> (choice, served_by)
+            choice, served = raw
             r = self._as_resolved(model, choice)
             return Resolved(model, r.choice, list(served), weights=r.weights)
-        return self._as_resolved(model, choice)
+        return self._as_resolved(model, raw)
+
+    def _router_kind(self) -> str:
+        if callable(getattr(self.router, "route_texts", None)):
+            return "texts"
+        if callable(getattr(self.router, "route", None)):  # loraplex.compose.moe.RoutedModel
+            return "routed"
+        return "callable"
+
+    def route_prompts(self, prompts: list[str]) -> list[Any]:
+        """The router's raw decision for each prompt, all in one call (one routing pass for a RoutedModel: the
+        prompts right-padded into one batch; a plain callable router is called per prompt)."""
+        kind = self._router_kind()
+        if kind == "texts":
+            return list(self.router.route_texts(list(prompts)))  # type: ignore[union-attr]
+        if kind == "routed":
+            from loraplex.padding import pad_batch
+
+            tok = self.plex.tokenizer
+            seqs = [list(tok(p)["input_ids"]) for p in prompts]
+            pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+            ids, mask = pad_batch(seqs, pad, device=self.plex.bank.device)
+            return list(self.router.route(ids, mask, texts=list(prompts)).choices())  # type: ignore[union-attr]
+        return [self.router(p) for p in prompts]  # type: ignore[operator, misc]
+
+    def batch_routing(self, run_on_worker: Callable[[Callable[[], None]], Any]) -> Coalescer:
+        """Route concurrent ``auto`` requests together: their prompts are routed in one :meth:`route_prompts` call
+        run through ``run_on_worker`` (the serving engine's worker, so a routing pass never overlaps a batch)."""
+        self._route_batcher = Coalescer(self.route_prompts, run_on_worker)
+        return self._route_batcher
 
     @staticmethod
     def _as_resolved(model: str, choice: Any) -> Resolved:

@@ -77,3 +77,44 @@ class ControlQueue:
         for _, fut in items:
             if fut.set_running_or_notify_cancel():
                 fut.set_exception(exc)
+
+
+class Coalescer:
+    """One ``fn(items) -> results`` call for all the items that threads submit while the worker is busy.
+
+    ``submit(item)`` queues the item, asks ``run_on_worker`` to flush, and blocks for its own result. The worker runs
+    the first flush with every item queued by then (later flushes find nothing left), so concurrent requests share
+    one call -- e.g. one batched routing pass instead of one forward per request. ``run_on_worker(fn)`` must run
+    ``fn`` (on the worker, or right away) before returning. ``batch_sizes`` counts the items of each call."""
+
+    def __init__(self, fn: Callable[[list[Any]], list[Any]], run_on_worker: Callable[[Callable[[], None]], Any]
+                 ) -> None:
+        self._fn = fn
+        self._run_on_worker = run_on_worker
+        self._lock = threading.Lock()
+        self._pending: list[tuple[Any, concurrent.futures.Future]] = []
+        self.batch_sizes: deque[int] = deque(maxlen=1024)
+
+    def submit(self, item: Any, timeout: float | None = None) -> Any:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._pending.append((item, fut))
+        self._run_on_worker(self._flush)
+        return fut.result(timeout)
+
+    def _flush(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        if not batch:
+            return
+        self.batch_sizes.append(len(batch))
+        try:
+            results = self._fn([item for item, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"a coalesced call returned {len(results)} results for {len(batch)} items")
+        except BaseException as exc:  # noqa: BLE001 - handed to every caller
+            for _, fut in batch:
+                fut.set_exception(exc)
+            return
+        for (_, fut), res in zip(batch, results):
+            fut.set_result(res)
