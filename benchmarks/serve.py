@@ -8,6 +8,11 @@ linear targets). 200 completion requests from 16 concurrent clients, every reque
 * ``single``         - all requests on one adapter
 * ``mixed-uniform``  - each request picks one of 8 adapters uniformly
 * ``mixed-zipf``     - skewed popularity (Zipf, s=1.2)
+* ``auto``           - ``model: "auto"``: a linear router over the base model's last hidden state (a routing pass
+  per prompt, loraplex.compose.RoutedModel) picks each request's adapter; the prompts of requests that arrive
+  while the engine is busy are routed in one batched pass
+* ``auto-per-request`` - the same router, one routing forward per request (the server's behaviour before the
+  batched routing)
 * ``naive-switch``   - the mixed-uniform load against a naive server: a lock, ``plex.active = adapter`` and
   ``plex.generate`` one request at a time (what a single-adapter server does when asked to switch per request);
   it serves one request at a time, so ``--naive-requests`` (64) of them measure its rate
@@ -37,7 +42,9 @@ import torch
 from timing import add_malloc_option, tune_host  # benchmarks/timing.py
 
 import loraplex
-from loraplex.serve import Engine, ServerThread, create_app
+from loraplex.compose import RoutedModel
+from loraplex.compose.router import build_router
+from loraplex.serve import Engine, ModelRegistry, ServerThread, create_app
 from loraplex.serve.testing import LLAMA_TARGETS, peft_adapters, tiny_llama
 
 SENTENCES = [
@@ -139,6 +146,18 @@ def summarize(parts: list[dict]) -> dict:
             "failures": [f for p in parts for f in p["failures"]]}
 
 
+class PerRequestRouting:
+    """The old `auto` path, for comparison: every request's prompt routed alone, on the engine's worker."""
+
+    def __init__(self, registry: ModelRegistry, engine: Engine) -> None:
+        self.registry, self.engine = registry, engine
+        self.batch_sizes: list[int] = []
+
+    def submit(self, prompt: str) -> object:
+        self.batch_sizes.append(1)
+        return self.engine.call_on_worker(lambda: self.registry.route_prompts([prompt]))[0]
+
+
 def _hist(h, phase: str) -> tuple[int, float]:
     """(count, sum) of a batch-size histogram phase."""
     with h._lock:
@@ -201,12 +220,23 @@ def main() -> None:
             "mixed-uniform": [rng.choice(names) for _ in range(n)],
             "mixed-zipf": rng.choices(names, weights=zipf, k=n),
         }
+        loads["auto"] = ["auto"] * n
+        loads["auto-per-request"] = ["auto"] * n
         nn = min(args.naive_requests, n)
         engine = Engine(plex, max_batch_size=args.max_batch_size, batch_window_ms=args.batch_window_ms,
                         max_queue=max(256, n))
+        torch.manual_seed(args.seed)
+        router = build_router(names, args.hidden)
+        with torch.no_grad():
+            router.head[-1].weight.mul_(40.0)  # random but decisive: spread over the adapters
+        auto_reg, loop_reg = (ModelRegistry(plex, router=RoutedModel(plex, router)) for _ in range(2))
+        auto_app, loop_app = create_app(engine, auto_reg), create_app(engine, loop_reg)
+        loop_reg._route_batcher = PerRequestRouting(loop_reg, engine)  # type: ignore[assignment]
         parts: dict[str, list[dict]] = {label: [] for label in loads}
         rounds = max(1, min(args.rounds, n))
-        with ServerThread(create_app(engine)) as srv, ServerThread(naive_app(naive_plex)) as naive:
+        with ServerThread(create_app(engine)) as srv, ServerThread(naive_app(naive_plex)) as naive, \
+                ServerThread(auto_app) as auto_srv, ServerThread(loop_app) as loop_srv:
+            urls = {"auto": auto_srv.url, "auto-per-request": loop_srv.url}
             warm = [names[i % len(names)] for i in range(2 * args.concurrency)]
             asyncio.run(run_load(srv.url, warm, prompts[:len(warm)], args.concurrency, 4))
             labels = list(loads)
@@ -215,8 +245,8 @@ def main() -> None:
                 for label in labels[rnd % len(labels):] + labels[:rnd % len(labels)]:
                     bs = engine.metrics.batch_size
                     steps0, pre0 = _hist(bs, "decode"), _hist(bs, "prefill")
-                    got = asyncio.run(run_load(srv.url, loads[label][lo:hi], prompts[lo:hi], args.concurrency,
-                                               args.max_tokens))
+                    got = asyncio.run(run_load(urls.get(label, srv.url), loads[label][lo:hi], prompts[lo:hi],
+                                               args.concurrency, args.max_tokens))
                     (ds, dr), (ps, pr) = (_delta(_hist(bs, "decode"), steps0), _delta(_hist(bs, "prefill"), pre0))
                     print(f"  round {rnd + 1} {label:14s} {got['wall']:5.1f}s {got['tps']:6.0f} tok/s  "
                           f"({ds} decode steps x {dr / max(ds, 1):.1f} rows, {ps} prefills x "
@@ -252,6 +282,11 @@ def main() -> None:
     print(f"\nmixed / single throughput (worse of uniform, zipf; target >= 0.85x): {mixed:.2f}x wall-clock "
           f"({verdict(mixed)}), {mixed_cpu:.2f}x per CPU second ({verdict(mixed_cpu)})")
     print(f"mixed-uniform vs naive per-request switching: {speedup:.1f}x the throughput")
+    sizes = list(auto_reg._route_batcher.batch_sizes)  # type: ignore[union-attr]
+    print(f"auto: {len(sizes)} routing passes for {sum(sizes)} requests (mean {sum(sizes) / max(len(sizes), 1):.1f} "
+          f"prompts per pass, largest {max(sizes, default=0)}); auto vs auto-per-request: "
+          f"{results['auto']['tps'] / results['auto-per-request']['tps']:.2f}x the throughput, auto vs "
+          f"mixed-uniform: {results['auto']['tps'] / results['mixed-uniform']['tps']:.2f}x")
     failed = {k: r["failures"] for k, r in results.items() if r["failures"]}
     assert not failed, f"requests failed: {failed}"
     print(f"no request failed ({sum(r['requests'] for r in results.values())} requests)")
