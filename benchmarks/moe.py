@@ -130,6 +130,8 @@ def main() -> None:
         print(f"routed: MiniLM skipped ({exc})")
         encoder = None
     ngram = Router(names, NGRAM_DIM, pooling="ngram").to(dev).eval()
+    with torch.no_grad():
+        ngram.head[-1].weight.mul_(50)  # decisive; its bias is centred on each batch below
     rm_ngram = RoutedModel(plex, ngram)
     if encoder is not None:
         minilm = Router(names, encoder.dim, pooling="embedding").to(dev).eval()
@@ -146,7 +148,6 @@ def main() -> None:
             minilm.fit_normalizer(encoder.encode(texts).to(dev))  # a trained router standardises its inputs
         with torch.no_grad():  # n-gram features are all positive: centre the random head on this batch
             head = ngram.head[-1]
-            head.weight.mul_(50)
             head.bias.copy_(-(hashed_ngrams(texts).to(dev).mean(0) @ head.weight.t()))
         loop_n = min(args.loop_rows, batch)
         with torch.no_grad():

@@ -121,6 +121,7 @@ def evaluate(plex: Any, task_name: str, examples: list[dict[str, Any]], choose: 
 
     A row answered by another task's head counts as wrong (no class / all-``O`` tags). A token row longer than the
     window comes as several windows; each tags the words it owns, and entities are scored over whole rows."""
+    from loraplex.train.data import first_tokens
     from loraplex.train.predict import classification_metrics, entity_metrics
 
     task = TASKS[task_name][0]
@@ -143,11 +144,8 @@ def evaluate(plex: Any, task_name: str, examples: list[dict[str, Any]], choose: 
                     tags = row_tags.setdefault(e["row"], (e["gold"], ["O"] * len(e["gold"])))[1]
                     if own:
                         best = logit.argmax(-1).tolist()
-                        prev = None
-                        for pos, w in enumerate(e["word_ids"]):
-                            if w is not None and w != prev and e["own"][0] <= w < e["own"][1]:
-                                tags[w] = names[best[pos]]
-                            prev = w
+                        for pos, w in first_tokens(e["word_ids"], e["own"]):
+                            tags[w] = names[best[pos]]
     if task == "classification":
         m = classification_metrics(gold, pred)
         return {"score": m["accuracy"], "macro_f1": m["macro_f1"], "n": m["n"]}
@@ -160,6 +158,7 @@ def train_probe(plex: Any, name: str, examples: list[dict[str, Any]], labels: li
     """A linear head on the frozen base (no LoRA): the "base + head" baseline, as a head-only adapter."""
     from loraplex.adapters.io import LoraAdapter
     from loraplex.adapters.spec import LoraSpec
+    from loraplex.train.data import first_tokens
 
     task = TASKS[name][0]
     pad = plex.tokenizer.pad_token_id or 0
@@ -173,12 +172,9 @@ def train_probe(plex: Any, name: str, examples: list[dict[str, Any]], labels: li
                     feats.append(out.pooler_output[j])
                     ys.append(labels.index(e["gold"]))
                 else:
-                    prev = None
-                    for pos, w in enumerate(e["word_ids"]):
-                        if w is not None and w != prev and e["own"][0] <= w < e["own"][1]:
-                            feats.append(out.last_hidden_state[j, pos])
-                            ys.append(labels.index(e["gold"][w]) if e["gold"][w] in labels else 0)
-                        prev = w
+                    for pos, w in first_tokens(e["word_ids"], e["own"]):
+                        feats.append(out.last_hidden_state[j, pos])
+                        ys.append(labels.index(e["gold"][w]) if e["gold"][w] in labels else 0)
     x, y = torch.stack(feats), torch.tensor(ys)
     g = torch.Generator().manual_seed(seed)
     head = torch.nn.Linear(x.shape[1], len(labels))

@@ -25,7 +25,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -33,7 +33,7 @@ from loraplex.errors import LoraplexError
 
 __all__ = [
     "AdapterData", "DataError", "Example", "bio_spans", "collate", "examples_for_task", "load_adapter_data",
-    "read_rows", "row_label", "words_from_spans",
+    "read_rows", "row_label", "words_from_spans", "first_tokens", "token_examples", "word_windows",
 ]
 
 IGNORE = -100
@@ -345,17 +345,27 @@ def classification_example(tokenizer: Any, text: str, label: int, max_length: in
 def token_example(tokenizer: Any, words: list[str], tag_ids: list[int] | None, max_length: int,
                   row: int = 0) -> tuple[Example, list[int | None]]:
     """Tokenize pre-split words; labels on the first sub-token of each word. Also returns ``word_ids``."""
-    enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
+    return _labelled(tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length), tag_ids, row)
+
+
+def _labelled(enc: Any, tag_ids: list[int] | None, row: int) -> tuple[Example, list[int | None]]:
+    """The example of one tokenizer encoding of pre-split words (labels on first sub-tokens), and its word_ids."""
     word_ids = enc.word_ids()
-    labels: list[int] = []
-    prev = None
-    for w in word_ids:
-        if w is None or w == prev or tag_ids is None:
-            labels.append(IGNORE)
-        else:
-            labels.append(int(tag_ids[w]))
-        prev = w
+    labels = [IGNORE] * len(word_ids)
+    if tag_ids is not None:
+        for pos, w in first_tokens(word_ids):
+            labels[pos] = int(tag_ids[w])
     return Example(list(enc["input_ids"]), labels, row), word_ids
+
+
+def first_tokens(word_ids: Sequence[int | None], own: tuple[int, int] | None = None) -> Iterator[tuple[int, int]]:
+    """``(position, word)`` of the first sub-token of each word (of the words ``own[0] <= word < own[1]`` only,
+    when given): where a word's label goes in training and where its tag is read in prediction."""
+    prev = None
+    for pos, w in enumerate(word_ids):
+        if w is not None and w != prev and (own is None or own[0] <= w < own[1]):
+            yield pos, w
+        prev = w
 
 
 @dataclass(frozen=True)
@@ -402,8 +412,11 @@ def token_examples(tokenizer: Any, words: list[str], tag_ids: list[int] | None, 
     """A row of pre-split words as one or more inputs of at most ``max_length`` tokens (:func:`word_windows`; a
     long row is not truncated): per window the example (labels only on its owned words), the *row's* word index of
     each token (None for special tokens), and the window."""
+    whole = tokenizer(words, is_split_into_words=True)  # the row in one input, special tokens included
+    if len(whole["input_ids"]) <= max_length:  # it fits: one example (what token_example gives), no re-tokenizing
+        return [(*_labelled(whole, tag_ids, row), WordWindow(0, len(words), 0, len(words)))]
     counts = [0] * len(words)
-    for w in tokenizer(words, is_split_into_words=True, add_special_tokens=False).word_ids():
+    for w in whole.word_ids():
         if w is not None:
             counts[w] += 1
     budget = max_length - tokenizer.num_special_tokens_to_add(pair=False)

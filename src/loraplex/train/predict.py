@@ -29,8 +29,8 @@ from loraplex.adapters.io import CONFIG_NAME, atomic_write_text, load_adapter
 from loraplex.errors import LoraplexError
 from loraplex.padding import pad_batch
 from loraplex.train.config import TrainConfig, load_config
-from loraplex.train.data import (IGNORE, DataError, bio_spans, encode_response, examples_for_task, read_rows,
-                                 resolve_columns, write_rows)
+from loraplex.train.data import (IGNORE, DataError, bio_spans, encode_response, examples_for_task, first_tokens,
+                                 read_rows, resolve_columns, write_rows)
 from loraplex.train.trainer import ADAPTERS_DIR, _pad_id, load_state, load_training_plex
 
 __all__ = ["PredictResult", "Runner", "classification_metrics", "entity_metrics", "load_trained_plex", "make_runner",
@@ -443,11 +443,8 @@ def _predict_encoder(runner: Runner, task: str, rows: list[dict[str, Any]], path
                 if tags is None:
                     continue
                 best = res.logits[j].float().argmax(-1).tolist()
-                prev = None
-                for pos, w in enumerate(word_ids):
-                    if w is not None and w != prev and win.own_start <= w < win.own_end:
-                        tags[w] = names[best[pos]]
-                    prev = w
+                for pos, w in first_tokens(word_ids, (win.own_start, win.own_end)):
+                    tags[w] = names[best[pos]]
                 rec["words"] = words
                 rec["prediction"] = tags
             if head != next(iter(labels)) or len(labels) > 1:
