@@ -75,7 +75,7 @@ QUICK = Settings({"train": 60, "validation": 10, "test": 20}, max_length=32, hid
 def build_data(per_domain: dict[str, int], seed: int = 0) -> dict[str, list[tuple[str, str]]]:
     """split -> [(text, domain)], split by source file."""
     try:
-        from loraplex.data import build_domains
+        from loraplex.demo.datasets import build_domains
     except ImportError:
         return _local_domains(per_domain, seed)
     data = build_domains(sizes=per_domain, seed=seed)

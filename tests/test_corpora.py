@@ -1,4 +1,4 @@
-"""Tests for loraplex.data.corpora: real datasets built from text installed on the machine."""
+"""Tests for loraplex.demo.corpora: real datasets built from text installed on the machine."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from loraplex.data import corpora
-from loraplex.data.corpora import (
+from loraplex.demo import corpora
+from loraplex.demo.corpora import (
     CODE_LANGUAGES,
     DOMAIN_LABELS,
     LICENCE_FAMILIES,

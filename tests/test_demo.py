@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from loraplex.data.corpora import DatasetBuildError
+from loraplex.demo.corpora import DatasetBuildError
 
 
 def test_demo_runs_end_to_end_and_writes_its_table(tmp_path, monkeypatch, one_thread):
-    from loraplex import demo
+    from loraplex.demo import encoder as demo
 
     monkeypatch.chdir(tmp_path)  # a relative output folder, as `loraplex demo` uses by default
 
@@ -43,8 +43,8 @@ def test_demo_runs_end_to_end_and_writes_its_table(tmp_path, monkeypatch, one_th
 
 def test_demo_data_falls_back_to_man_sections_without_translated_pages(tmp_path, monkeypatch):
     """A machine without translated man pages: the third task is built from man-page sections instead."""
-    from loraplex import demo
-    from loraplex.data import corpora
+    from loraplex.demo import encoder as demo
+    from loraplex.demo import corpora
 
     asked: list[str] = []
 

@@ -599,7 +599,7 @@ def test_choose_kernel_follows_measured_rules(slots: list[int], length: int, wan
 
 
 def test_pad_batch_right_and_left() -> None:
-    from loraplex.padding import pad_batch
+    from loraplex.tokens import pad_batch
 
     ids, mask = pad_batch([[5, 6, 7], [8], (9, 10)], 0)
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0], [9, 10, 0]] and ids.dtype == torch.long

@@ -26,7 +26,7 @@ from loraplex.compose import functional as F
 from loraplex.compose.blend import FixedBlend
 from loraplex.compose.plan import base_plan, check_experts, layer_hooks, slot_factors
 from loraplex.errors import LoraplexError
-from loraplex.padding import pad_batch
+from loraplex.tokens import pad_batch
 
 
 class AdditiveStack(FixedBlend):

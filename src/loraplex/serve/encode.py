@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from loraplex.padding import pad_batch
+from loraplex.tokens import pad_batch
 from loraplex.errors import AdapterError, LoraplexError
 from loraplex.serve.engine import EngineClosed, QueueFull
 from loraplex.serve.metrics import Counter, ServeMetrics

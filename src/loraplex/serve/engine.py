@@ -39,7 +39,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 import torch
 
 from loraplex.errors import LoraplexError, UnknownAdapterError
-from loraplex.padding import pad_batch
+from loraplex.tokens import pad_batch
 from loraplex.serve import kv
 from loraplex.serve.detok import TextStream
 from loraplex.serve.metrics import ServeMetrics

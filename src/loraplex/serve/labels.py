@@ -1,7 +1,7 @@
 """Pure functions from head logits to answers: sequence labels with scores, and entity spans from BIO tags.
 
 Token tasks are tagged per *word* (as in training: runs of word characters or single punctuation marks, see
-:func:`loraplex.data.corpora.tokenize_words`). A word takes the tag of its first sub-token; tokens are placed in
+:func:`loraplex.demo.corpora.tokenize_words`). A word takes the tag of its first sub-token; tokens are placed in
 words through the tokenizer's offset mapping, so every span's ``start``/``end`` are character offsets into the
 original text and ``text[start:end]`` is the entity.
 """
@@ -27,7 +27,7 @@ def sequence_scores(logits: torch.Tensor, labels: Sequence[str], top_k: int | No
 
 def text_words(text: str) -> list[tuple[int, int]]:
     """Character ranges of the words of ``text`` (the training datasets' word definition)."""
-    from loraplex.data.corpora import tokenize_words
+    from loraplex.demo.corpora import tokenize_words
 
     return [(int(s), int(e)) for s, e in tokenize_words(text)[1]]
 

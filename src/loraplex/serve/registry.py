@@ -276,7 +276,7 @@ class ModelRegistry:
         if kind == "texts":
             return list(self.router.route_texts(list(prompts)))  # type: ignore[union-attr]
         if kind == "routed":
-            from loraplex.padding import pad_batch
+            from loraplex.tokens import pad_batch
 
             tok = self.plex.tokenizer
             seqs = [list(tok(p)["input_ids"]) for p in prompts]

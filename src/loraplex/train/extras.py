@@ -83,7 +83,7 @@ def build_router(trainer: "Trainer", result: "TrainResult", *, retrained: bool) 
 
     from loraplex.adapters.io import load_adapter
     from loraplex.train.data import read_rows, resolve_columns
-    from loraplex.padding import pad_batch
+    from loraplex.tokens import pad_batch
     from loraplex.train.trainer import ADAPTERS_DIR, ROUTER_DIR, _pad_id, load_state
 
     cfg = trainer.config

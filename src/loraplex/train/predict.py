@@ -27,7 +27,7 @@ from torch import nn
 
 from loraplex.adapters.io import CONFIG_NAME, atomic_write_text, load_adapter
 from loraplex.errors import LoraplexError
-from loraplex.padding import pad_batch
+from loraplex.tokens import pad_batch
 from loraplex.train.config import TrainConfig, load_config
 from loraplex.train.data import (IGNORE, DataError, bio_spans, encode_response, examples_for_task, first_tokens,
                                  read_rows, resolve_columns, write_rows)

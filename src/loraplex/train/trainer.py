@@ -46,7 +46,7 @@ from loraplex.adapters.io import CONFIG_NAME, LoraAdapter, LoraModule, atomic_wr
 from loraplex.adapters.spec import LoraSpec
 from loraplex.errors import LoraplexError
 from loraplex.hostmem import tune_cpu_allocator
-from loraplex.padding import pad_batch
+from loraplex.tokens import pad_batch
 from loraplex.runtime import MultiLoraLinear, SavedModuleSwitch
 from loraplex.train import checkpoint as ckpt
 from loraplex.train.config import ConfigError, TrainConfig, load_config

@@ -1,6 +1,6 @@
 """Datasets for loraplex demos, built at run time from text installed on the machine."""
 
-from loraplex.data.corpora import (
+from loraplex.demo.corpora import (
     CODE_LANGUAGES,
     DATASET_NAMES,
     DEFAULT_CLASS_SIZES,

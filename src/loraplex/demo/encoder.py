@@ -20,7 +20,7 @@ import typer
 import yaml
 
 from loraplex.compose.features import minilm_path
-from loraplex.padding import pad_batch
+from loraplex.tokens import pad_batch
 
 TASKS = {  # adapter name -> (task, dataset builder name)
     "proglang": ("classification", "code_language"),
@@ -34,7 +34,7 @@ MERGED = "proglang_humanlang"
 # ------------------------------------------------------------------------------------------------ data
 def build_data(folder: Path, *, per_class: int, test_per_class: int, seed: int) -> dict[str, dict[str, Path]]:
     """Write train/test files per task (CSV for classification, JSONL words/tags for entities)."""
-    from loraplex.data import corpora
+    from loraplex.demo import corpora
     from loraplex.train.data import write_rows
 
     folder.mkdir(parents=True, exist_ok=True)
