@@ -19,7 +19,11 @@ import torch
 import typer
 import yaml
 
+from loraplex.adapters.io import LoraAdapter
+from loraplex.api import Plex
 from loraplex.compose.features import minilm_path
+from loraplex.demo.datasets import build_dataset
+from loraplex.demo.text import DatasetBuildError
 from loraplex.tokens import pad_batch
 
 TASKS = {  # adapter name -> (task, dataset builder name)
@@ -34,7 +38,6 @@ MERGED = "proglang_humanlang"
 # ------------------------------------------------------------------------------------------------ data
 def build_data(folder: Path, *, per_class: int, test_per_class: int, seed: int) -> dict[str, dict[str, Path]]:
     """Write train/test files per task (CSV for classification, JSONL words/tags for entities)."""
-    from loraplex.demo import corpora
     from loraplex.train.data import write_rows
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -45,11 +48,11 @@ def build_data(folder: Path, *, per_class: int, test_per_class: int, seed: int) 
         else:
             sizes = {"train": per_class * 4, "validation": 40, "test": test_per_class * 4}
         try:
-            data = corpora.build_dataset(ds, seed=seed, sizes=sizes)
-        except corpora.DatasetBuildError:
+            data = build_dataset(ds, seed=seed, sizes=sizes)
+        except DatasetBuildError:
             if ds not in FALLBACK:
                 raise
-            data = corpora.build_dataset(FALLBACK[ds], seed=seed, sizes=sizes)
+            data = build_dataset(FALLBACK[ds], seed=seed, sizes=sizes)
         paths = {}
         for split in ("train", "test"):
             rows = data[split]
@@ -115,7 +118,7 @@ def _batches(items: list[Any], size: int):
         yield items[i:i + size]
 
 
-def evaluate(plex: Any, task_name: str, examples: list[dict[str, Any]], choose: Callable[[list[dict]], list[Any]],
+def evaluate(plex: Plex, task_name: str, examples: list[dict[str, Any]], choose: Callable[[list[dict]], list[Any]],
              labels: dict[str, list[str]], bs: int = 32) -> dict[str, float]:
     """Metrics of one task's test examples; ``choose`` gives each row's adapter choice (a name or None).
 
@@ -153,10 +156,9 @@ def evaluate(plex: Any, task_name: str, examples: list[dict[str, Any]], choose: 
     return {"score": m["f1"], "precision": m["precision"], "recall": m["recall"], "n": m["n"]}
 
 
-def train_probe(plex: Any, name: str, examples: list[dict[str, Any]], labels: list[str], *, steps: int = 300,
-                seed: int = 0) -> Any:
+def train_probe(plex: Plex, name: str, examples: list[dict[str, Any]], labels: list[str], *, steps: int = 300,
+                seed: int = 0) -> LoraAdapter:
     """A linear head on the frozen base (no LoRA): the "base + head" baseline, as a head-only adapter."""
-    from loraplex.adapters.io import LoraAdapter
     from loraplex.adapters.spec import LoraSpec
     from loraplex.train.data import first_tokens
 
@@ -192,10 +194,8 @@ def train_probe(plex: Any, name: str, examples: list[dict[str, Any]], labels: li
     return LoraAdapter(f"{name}@probe", spec, {}, {"classifier": sd}, None, {"task": task, "labels": labels})
 
 
-def with_head(merged: Any, donor: Any, name: str) -> Any:
+def with_head(merged: LoraAdapter, donor: LoraAdapter, name: str) -> LoraAdapter:
     """The merged LoRA weights carrying ``donor``'s head and task (so a classification task can use it)."""
-    from loraplex.adapters.io import LoraAdapter
-
     return LoraAdapter(name, merged.spec.copy(modules_to_save=["classifier"]), merged.modules,
                        {"classifier": donor.saved_modules["classifier"]}, None, dict(donor.meta))
 
@@ -298,7 +298,7 @@ def _read(path: Path) -> list[dict[str, Any]]:
     return read_rows(path)
 
 
-def _serve_once(plex: Any, routed: Any, examples: list[dict[str, Any]]) -> Any:
+def _serve_once(plex: Plex, routed: Any, examples: list[dict[str, Any]]) -> Any:
     """One ``auto`` classify request through the HTTP app (in-process client; None without httpx installed)."""
     from loraplex.serve.app import create_classify_app
 
