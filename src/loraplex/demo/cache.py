@@ -22,6 +22,7 @@ from loraplex.demo.text import SPLITS, split_for
 #: Bump when the recipe changes so that stale caches are rebuilt.
 FORMAT_VERSION = 1
 
+
 def default_cache_dir() -> Path:
     """Data cache folder: ``$LORAPLEX_CACHE/data`` if the variable is set, else ``~/.cache/loraplex/data``."""
     env = os.environ.get("LORAPLEX_CACHE")

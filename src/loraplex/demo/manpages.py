@@ -110,7 +110,7 @@ def man_language_snippets(source: str, params: ChunkParams | None = None) -> lis
     """``man_languages`` snippets of one translated man page's troff source, in page order.
 
     Redirect pages (``.so``) and ``mdoc`` pages give none.  The page is rendered by
-    :func:`loraplex.demo.troff.man_page_sections` (about its first :data:`MAN_MAX_BODY_LINES` body lines, no ``.TH``
+    :func:`~loraplex.demo.troff.man_page_sections` (about its first :data:`MAN_MAX_BODY_LINES` body lines, no ``.TH``
     header/footer) and the bodies of every section except the first one (``NAME``, ``BEZEICHNUNG``,
     ``NOM``: whatever its translated heading) are cut by :func:`chunk_lines` into runs of 3-12
     consecutive non-blank lines of at most 400 characters (``params``, default :data:`MAN_CHUNKS`),
@@ -277,15 +277,16 @@ def build_man_sections(
     man8), text 3-12 consecutive lines (at most 400 characters) of the page rendered to plain text.
 
     Pages come from ``/usr/share/man/man<N>`` (the ``man<N>`` entries of ``sources`` when given, else
-    :func:`loraplex.demo.sources.discover_sources` with ``max_files`` pages per section; see :func:`loraplex.demo.sources.pick_man_pages`), and
-    snippets from their SYNOPSIS / DESCRIPTION / OPTIONS bodies (:func:`man_snippets`), so the
-    section number never appears in the text: the NAME line, the ``.TH`` header/footer and every
-    ``name(N)`` / ``(N)`` cross-reference are left out.  ``source`` is the page, which decides the
-    split.  Repeats are kept once, test split first.  A section is used when at least ``min_files``
-    of its pages give snippets and it has at least ``min_snippets`` distinct snippets in every
-    requested split.  ``sizes`` is rows per section per split (default :data:`DEFAULT_CLASS_SIZES`),
-    shrunk to the smallest section's count when needed; the manifest's ``details`` record what was
-    kept, asked for and available.  Raises :class:`DatasetBuildError` when fewer than three
+    :func:`~loraplex.demo.sources.discover_sources` with ``max_files`` pages per section; see
+    :func:`~loraplex.demo.sources.pick_man_pages`), and snippets from their SYNOPSIS / DESCRIPTION /
+    OPTIONS bodies (:func:`man_snippets`), so the section number never appears in the text: the NAME
+    line, the ``.TH`` header/footer and every ``name(N)`` / ``(N)`` cross-reference are left out.
+    ``source`` is the page, which decides the split.  Repeats are kept once, test split first.  A
+    section is used when at least ``min_files`` of its pages give snippets and it has at least
+    ``min_snippets`` distinct snippets in every requested split.  ``sizes`` is rows per section per
+    split (default :data:`~loraplex.demo.sampling.DEFAULT_CLASS_SIZES`), shrunk to the smallest
+    section's count when needed; the manifest's ``details`` record what was kept, asked for and
+    available.  Raises :class:`DatasetBuildError` when fewer than three
     sections qualify, naming the folders searched.
     """
     sizes = dict(DEFAULT_CLASS_SIZES if sizes is None else sizes)
@@ -347,7 +348,7 @@ def build_man_languages(
     ``source`` is the page, which decides the split.  Repeats are kept once, test split first.  A
     language is used when at least ``min_files`` of its pages give snippets and it has at least
     ``min_snippets`` distinct snippets in every requested split.  ``sizes`` is rows per language per
-    split (default :data:`DEFAULT_CLASS_SIZES`), shrunk to the smallest language's count when
+    split (default :data:`~loraplex.demo.sampling.DEFAULT_CLASS_SIZES`), shrunk to the smallest language's count when
     needed; the manifest's ``details`` record what was kept, asked for and available.  Raises
     :class:`DatasetBuildError` when fewer than three languages qualify, naming the folders searched.
     """

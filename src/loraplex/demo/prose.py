@@ -66,7 +66,8 @@ DOMAINS_DESCRIPTION = (
 
 def prose_snippets(reader: Reader, path: str, p: ChunkParams) -> list[str]:
     """English prose snippets of a documentation file, in file order: the sentences of its paragraphs
-    (:func:`paragraphs_of`) grouped by :func:`chunk_sentences`, kept when they read as English (:func:`is_english_prose`)."""
+    (:func:`paragraphs_of`) grouped by :func:`chunk_sentences`, kept when they read as English
+    (:func:`is_english_prose`)."""
 
     def compute() -> list[str]:
         text = reader.text(path)
@@ -105,7 +106,7 @@ def build_text_kind(
 ) -> dict[str, list[dict[str, Any]]]:
     """``text_kind``: split -> rows ``{text, label, source}``, label in :data:`TEXT_KIND_LABELS`.
 
-    ``sizes`` gives rows *per class* per split (default :data:`DEFAULT_CLASS_SIZES`).  With
+    ``sizes`` gives rows *per class* per split (default :data:`~loraplex.demo.sampling.DEFAULT_CLASS_SIZES`).  With
     ``use_cache`` the result is read from / written to ``cache_dir/text_kind``.
     """
     sizes = dict(DEFAULT_CLASS_SIZES if sizes is None else sizes)
@@ -212,6 +213,8 @@ def _round_robin_by_label(
         if not progressed:
             break
     return [rows[i] for i in picked]
+
+
 def build_domains(
     cache_dir: str | os.PathLike[str] | None = None,
     seed: int = 0,

@@ -117,7 +117,6 @@ def balanced_rows(
     return out
 
 
-
 def text_half(sn: Snippet) -> int:
     """0 or 1 from a hash of the snippet text: text_kind prefers half 0, code_language half 1."""
     return int(hash_unit("half", normalize_key(sn.text)) < 0.5)

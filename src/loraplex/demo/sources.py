@@ -31,6 +31,7 @@ MAX_MAN_BYTES = 1_000_000
 
 _PICK_SALT = "loraplex-pick-v1"
 
+
 @dataclass
 class SourceSet:
     """Files found for one source kind, and the folders that were searched for them."""
