@@ -2,7 +2,7 @@
 
 Data: ``code`` (Python standard-library sources), ``prose`` (licence texts, documentation, docstrings) and
 ``shell`` (shell scripts), built at run time from files installed here, train / validation / test split *by file*
-(``loraplex.data.build_domains``; a small local builder is used if that module is missing).
+(:func:`loraplex.demo.prose.build_domains`).
 
 Model: a small Llama over the MiniLM tokenizer (the WordPiece tokenizer shipped with the bundled MiniLM). By default
 its vocabulary is that tokenizer's restricted to the tokens seen in the training files (+ [PAD], [UNK]): about 2.6k
@@ -28,10 +28,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no OpenMP s
 import argparse
 import copy
 import dataclasses
-import hashlib
 import json
 import math
-import random
 import sys
 import tempfile
 import time
@@ -45,6 +43,7 @@ import loraplex
 from loraplex.compose import (LearnedBlend, LogitEnsemble, RoutedModel, Router, RouterTrainConfig,
                               TrainableAdapters, fit_router, load_router, save_router)
 from loraplex.compose.blend import causal_lm_loss
+from loraplex.demo.prose import build_domains
 
 DOMAINS = ("code", "prose", "shell")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -74,49 +73,8 @@ QUICK = Settings({"train": 60, "validation": 10, "test": 20}, max_length=32, hid
 # --------------------------------------------------------------------------------------------- data
 def build_data(per_domain: dict[str, int], seed: int = 0) -> dict[str, list[tuple[str, str]]]:
     """split -> [(text, domain)], split by source file."""
-    try:
-        from loraplex.demo.datasets import build_domains
-    except ImportError:
-        return _local_domains(per_domain, seed)
     data = build_domains(sizes=per_domain, seed=seed)
     return {split: [(r["text"], r["label"]) for r in rows] for split, rows in data.items()}
-
-
-def _local_domains(per_domain: dict[str, int], seed: int) -> dict[str, list[tuple[str, str]]]:
-    """Fallback: stdlib .py files, /usr/share/common-licenses, sh scripts in /usr/bin; chunks of ~400 chars."""
-    import sysconfig
-
-    def split_of(path: str) -> str:
-        h = int(hashlib.sha1(path.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-        return "train" if h < 0.7 else "validation" if h < 0.8 else "test"
-
-    files: dict[str, list[str]] = {"code": [], "prose": [], "shell": []}
-    std = Path(sysconfig.get_paths()["stdlib"])
-    files["code"] = sorted(str(p) for p in std.glob("*.py"))[:300]
-    files["prose"] = sorted(str(p) for p in Path("/usr/share/common-licenses").glob("*") if p.is_file())
-    for p in sorted(Path("/usr/bin").iterdir())[:3000]:
-        try:
-            with open(p, "rb") as fh:
-                head = fh.read(64)
-            if head.startswith(b"#!") and (b"/sh" in head.split(b"\n")[0] or b"bash" in head.split(b"\n")[0]):
-                files["shell"].append(str(p))
-        except OSError:
-            continue
-    rnd = random.Random(seed)
-    out: dict[str, list[tuple[str, str]]] = {s: [] for s in per_domain}
-    for dom, paths in files.items():
-        pools: dict[str, list[str]] = {s: [] for s in per_domain}
-        for path in paths:
-            try:
-                text = Path(path).read_text(errors="ignore")
-            except OSError:
-                continue
-            chunks = [text[i:i + 400] for i in range(0, min(len(text), 4000), 400) if len(text[i:i + 400]) > 200]
-            pools[split_of(path)].extend(chunks)
-        for split, n in per_domain.items():
-            rnd.shuffle(pools[split])
-            out[split].extend((t, dom) for t in pools[split][:n])
-    return out
 
 
 @dataclass

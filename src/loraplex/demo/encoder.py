@@ -19,7 +19,11 @@ import torch
 import typer
 import yaml
 
+from loraplex.adapters.io import LoraAdapter
+from loraplex.api import Plex
 from loraplex.compose.features import minilm_path
+from loraplex.demo.datasets import build_dataset
+from loraplex.demo.text import DatasetBuildError
 from loraplex.tokens import pad_batch
 
 TASKS = {  # adapter name -> (task, dataset builder name)
@@ -34,7 +38,6 @@ MERGED = "proglang_humanlang"
 # ------------------------------------------------------------------------------------------------ data
 def build_data(folder: Path, *, per_class: int, test_per_class: int, seed: int) -> dict[str, dict[str, Path]]:
     """Write train/test files per task (CSV for classification, JSONL words/tags for entities)."""
-    from loraplex.demo import corpora
     from loraplex.train.data import write_rows
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -45,11 +48,11 @@ def build_data(folder: Path, *, per_class: int, test_per_class: int, seed: int) 
         else:
             sizes = {"train": per_class * 4, "validation": 40, "test": test_per_class * 4}
         try:
-            data = corpora.build_dataset(ds, seed=seed, sizes=sizes)
-        except corpora.DatasetBuildError:
+            data = build_dataset(ds, seed=seed, sizes=sizes)
+        except DatasetBuildError:
             if ds not in FALLBACK:
                 raise
-            data = corpora.build_dataset(FALLBACK[ds], seed=seed, sizes=sizes)
+            data = build_dataset(FALLBACK[ds], seed=seed, sizes=sizes)
         paths = {}
         for split in ("train", "test"):
             rows = data[split]
@@ -100,7 +103,7 @@ def _encode(tok: Any, rows: list[dict[str, Any]], task: str, max_len: int) -> li
     for k, r in enumerate(rows):
         if task == "classification":
             enc = tok(r["text"], truncation=True, max_length=max_len)
-            out.append({"ids": enc["input_ids"], "gold": r["label"], "text": r["text"]})
+            out.append({"ids": enc["input_ids"], "gold": r["label"], "row": k, "text": r["text"]})
         else:
             words = r["words"] if isinstance(r["words"], list) else json.loads(r["words"])
             tags = r["tags"] if isinstance(r["tags"], list) else json.loads(r["tags"])
@@ -115,12 +118,15 @@ def _batches(items: list[Any], size: int):
         yield items[i:i + size]
 
 
-def evaluate(plex: Any, task_name: str, examples: list[dict[str, Any]], choose: Callable[[list[dict]], list[Any]],
-             labels: dict[str, list[str]], bs: int = 32) -> dict[str, float]:
+def evaluate(plex: Plex, task_name: str, examples: list[dict[str, Any]], choose: Callable[[list[dict]], list[Any]],
+             labels: dict[str, list[str]], bs: int = 32, record: list[dict[str, Any]] | None = None
+             ) -> dict[str, float]:
     """Metrics of one task's test examples; ``choose`` gives each row's adapter choice (a name or None).
 
     A row answered by another task's head counts as wrong (no class / all-``O`` tags). A token row longer than the
-    window comes as several windows; each tags the words it owns, and entities are scored over whole rows."""
+    window comes as several windows; each tags the words it owns, and entities are scored over whole rows. With
+    ``record``, one prediction per test row is appended to it: ``{row, text, gold, pred, adapters}`` (``gold`` and
+    ``pred`` a label, or a tag per word; ``adapters`` the choice of each of the row's windows)."""
     from loraplex.train.data import first_tokens
     from loraplex.train.predict import classification_metrics, entity_metrics
 
@@ -128,24 +134,32 @@ def evaluate(plex: Any, task_name: str, examples: list[dict[str, Any]], choose: 
     pad = plex.tokenizer.pad_token_id or 0
     gold, pred = [], []
     row_tags: dict[int, tuple[list[str], list[str]]] = {}  # token rows: (gold, predicted) tags
+    rows: dict[int, dict[str, Any]] = {}  # row -> its prediction record
     with torch.no_grad():
         for chunk in _batches(examples, bs):
             ids, mask = pad_batch([e["ids"] for e in chunk], pad)
-            out = plex(ids, attention_mask=mask, adapters=choose(chunk))
+            choices = choose(chunk)
+            out = plex(ids, attention_mask=mask, adapters=choices)
             for j, e in enumerate(chunk):
                 head = out.heads[j]
                 logit = out.logits[j]
                 own = head is not None and plex.model.tasks[head].task == task
                 names = labels.get(head or "", [])
+                rec = rows.setdefault(e["row"], {"row": e["row"], "text": e["text"], "adapters": []})
+                rec["adapters"].append(choices[j])
                 if task == "classification":
                     gold.append(e["gold"])
                     pred.append(names[int(logit.argmax())] if own else "<other-task>")
+                    rec.update(gold=gold[-1], pred=pred[-1])
                 else:
                     tags = row_tags.setdefault(e["row"], (e["gold"], ["O"] * len(e["gold"])))[1]
+                    rec.update(gold=e["gold"], pred=tags)
                     if own:
                         best = logit.argmax(-1).tolist()
                         for pos, w in first_tokens(e["word_ids"], e["own"]):
                             tags[w] = names[best[pos]]
+    if record is not None:
+        record.extend(rows.values())
     if task == "classification":
         m = classification_metrics(gold, pred)
         return {"score": m["accuracy"], "macro_f1": m["macro_f1"], "n": m["n"]}
@@ -153,10 +167,9 @@ def evaluate(plex: Any, task_name: str, examples: list[dict[str, Any]], choose: 
     return {"score": m["f1"], "precision": m["precision"], "recall": m["recall"], "n": m["n"]}
 
 
-def train_probe(plex: Any, name: str, examples: list[dict[str, Any]], labels: list[str], *, steps: int = 300,
-                seed: int = 0) -> Any:
+def train_probe(plex: Plex, name: str, examples: list[dict[str, Any]], labels: list[str], *, steps: int = 300,
+                seed: int = 0) -> LoraAdapter:
     """A linear head on the frozen base (no LoRA): the "base + head" baseline, as a head-only adapter."""
-    from loraplex.adapters.io import LoraAdapter
     from loraplex.adapters.spec import LoraSpec
     from loraplex.train.data import first_tokens
 
@@ -192,10 +205,8 @@ def train_probe(plex: Any, name: str, examples: list[dict[str, Any]], labels: li
     return LoraAdapter(f"{name}@probe", spec, {}, {"classifier": sd}, None, {"task": task, "labels": labels})
 
 
-def with_head(merged: Any, donor: Any, name: str) -> Any:
+def with_head(merged: LoraAdapter, donor: LoraAdapter, name: str) -> LoraAdapter:
     """The merged LoRA weights carrying ``donor``'s head and task (so a classification task can use it)."""
-    from loraplex.adapters.io import LoraAdapter
-
     return LoraAdapter(name, merged.spec.copy(modules_to_save=["classifier"]), merged.modules,
                        {"classifier": donor.saved_modules["classifier"]}, None, dict(donor.meta))
 
@@ -204,7 +215,11 @@ def with_head(merged: Any, donor: Any, name: str) -> Any:
 def run_demo(out_dir: str | os.PathLike = "runs/demo", *, per_class: int = 80, test_per_class: int = 40,
              epochs: int = 3, seed: int = 0, serve: bool = True, learning_rate: float = 2e-3, max_length: int = 48,
              log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the whole demo; returns the result table as a dict (also written to ``<out_dir>/results.json``)."""
+    """Run the whole demo; returns the result table as a dict (also written to ``<out_dir>/results.json``).
+
+    Every test row's prediction by every method (``probe``, ``own``, ``merged``, ``auto``) is written to
+    ``<out_dir>/predictions.jsonl`` (see :func:`evaluate`), next to ``results.md``, ``data/``, ``adapters/`` and
+    ``router/``."""
     from loraplex.adapters.io import load_adapter
     from loraplex.compose.moe import RoutedModel
     from loraplex.compose.router import load_router
@@ -263,16 +278,27 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", *, per_class: int = 80, t
         return choose
 
     table: dict[str, dict[str, Any]] = {}
+    predictions: list[dict[str, Any]] = []
+
+    def scored(n: str, method: str, choose: Callable[[list[dict]], list[Any]]) -> dict[str, float]:
+        recs: list[dict[str, Any]] = []
+        metrics = evaluate(plex, n, tests[n], choose, labels, record=recs)
+        predictions.extend({"task": n, "method": method, **r} for r in recs)
+        return metrics
+
     for n in TASKS:
-        row = {"probe": evaluate(plex, n, tests[n], lambda c, n=n: [f"{n}@probe"] * len(c), labels),
-               "own": evaluate(plex, n, tests[n], lambda c, n=n: [n] * len(c), labels)}
+        row = {"probe": scored(n, "probe", lambda c, n=n: [f"{n}@probe"] * len(c)),
+               "own": scored(n, "own", lambda c, n=n: [n] * len(c))}
         if f"{MERGED}@{n}" in plex.adapters:
-            row["merged"] = evaluate(plex, n, tests[n], lambda c, n=n: [f"{MERGED}@{n}"] * len(c), labels)
+            row["merged"] = scored(n, "merged", lambda c, n=n: [f"{MERGED}@{n}"] * len(c))
         hits0, n0 = route_hits, route_n
-        row["auto"] = evaluate(plex, n, tests[n], auto(n), labels)
+        row["auto"] = scored(n, "auto", auto(n))
         row["routing_accuracy"] = (route_hits - hits0) / max(route_n - n0, 1)
         table[n] = row
     routing_acc = route_hits / max(route_n, 1)
+    with open(out / "predictions.jsonl", "w", encoding="utf-8") as fh:
+        for rec in predictions:
+            fh.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
 
     served = None
     if serve:
@@ -298,7 +324,7 @@ def _read(path: Path) -> list[dict[str, Any]]:
     return read_rows(path)
 
 
-def _serve_once(plex: Any, routed: Any, examples: list[dict[str, Any]]) -> Any:
+def _serve_once(plex: Plex, routed: Any, examples: list[dict[str, Any]]) -> Any:
     """One ``auto`` classify request through the HTTP app (in-process client; None without httpx installed)."""
     from loraplex.serve.app import create_classify_app
 

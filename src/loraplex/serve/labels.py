@@ -27,7 +27,7 @@ def sequence_scores(logits: torch.Tensor, labels: Sequence[str], top_k: int | No
 
 def text_words(text: str) -> list[tuple[int, int]]:
     """Character ranges of the words of ``text`` (the training datasets' word definition)."""
-    from loraplex.demo.corpora import tokenize_words
+    from loraplex.demo.entities import tokenize_words
 
     return [(int(s), int(e)) for s, e in tokenize_words(text)[1]]
 
