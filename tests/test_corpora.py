@@ -43,9 +43,9 @@ from loraplex.demo.corpora import (
     scrub_section_refs,
     split_for,
     tag_entities,
-    tokenize_words,
     troff_to_text,
 )
+from loraplex.tokens import tokenize_words
 
 MAX_FILES = 60
 SIZES = {"train": 40, "validation": 8, "test": 15}

@@ -40,7 +40,6 @@ from loraplex.demo.corpora import (
     parse_dep5,
     split_for,
     tag_entities,
-    tokenize_words,
     troff_to_text,
 )
 
@@ -84,6 +83,5 @@ __all__ = [
     "parse_dep5",
     "split_for",
     "tag_entities",
-    "tokenize_words",
     "troff_to_text",
 ]

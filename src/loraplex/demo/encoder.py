@@ -20,7 +20,7 @@ import typer
 import yaml
 
 from loraplex.compose.features import minilm_path
-from loraplex.tokens import pad_batch
+from loraplex.tokens import pad_batch, pad_id
 
 TASKS = {  # adapter name -> (task, dataset builder name)
     "proglang": ("classification", "code_language"),
@@ -121,11 +121,11 @@ def evaluate(plex: Any, task_name: str, examples: list[dict[str, Any]], choose: 
 
     A row answered by another task's head counts as wrong (no class / all-``O`` tags). A token row longer than the
     window comes as several windows; each tags the words it owns, and entities are scored over whole rows."""
-    from loraplex.train.data import first_tokens
+    from loraplex.tokens import first_tokens
     from loraplex.train.predict import classification_metrics, entity_metrics
 
     task = TASKS[task_name][0]
-    pad = plex.tokenizer.pad_token_id or 0
+    pad = pad_id(plex.tokenizer)
     gold, pred = [], []
     row_tags: dict[int, tuple[list[str], list[str]]] = {}  # token rows: (gold, predicted) tags
     with torch.no_grad():
@@ -158,10 +158,10 @@ def train_probe(plex: Any, name: str, examples: list[dict[str, Any]], labels: li
     """A linear head on the frozen base (no LoRA): the "base + head" baseline, as a head-only adapter."""
     from loraplex.adapters.io import LoraAdapter
     from loraplex.adapters.spec import LoraSpec
-    from loraplex.train.data import first_tokens
+    from loraplex.tokens import first_tokens
 
     task = TASKS[name][0]
-    pad = plex.tokenizer.pad_token_id or 0
+    pad = pad_id(plex.tokenizer)
     feats, ys = [], []
     with torch.no_grad(), plex.disabled():
         for chunk in _batches(examples, 64):

@@ -33,11 +33,12 @@ from loraplex.errors import LoraplexError, UnknownAdapterError
 from loraplex.serve.app import (ApiError, _json_body, _Metered, _parse, api_error, install_admin_endpoints,
                                 install_error_handlers, until_disconnect)
 from loraplex.serve.encode import AUTO, EncoderBatcher, NoTaskHead, head_owner
-from loraplex.serve.labels import bio_entities, sequence_scores, text_words, word_tags
+from loraplex.serve.labels import bio_entities, sequence_scores, word_tags
 from loraplex.serve.metrics import CONTENT_TYPE
 from loraplex.serve.registry import AUTO as AUTO_NAME
 from loraplex.serve.registry import ModelRegistry
 from loraplex.serve.schemas import _Body
+from loraplex.tokens import split_words
 
 
 class ClassifyRequest(_Body):
@@ -191,7 +192,7 @@ def create_classify_app(plex: Any, *, router: Any = None, registry: ModelRegistr
                 label, score, scores = sequence_scores(res.logits, info.labels, req.top_k)
                 item.update(label=label, score=score, scores=scores)
             else:
-                words = text_words(text)
+                words = split_words(text)
                 item["entities"] = bio_entities(text, words, word_tags(res.logits, offsets, words, info.labels))
             item["served_by"] = res.served_by
             data.append(item)
