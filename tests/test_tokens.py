@@ -18,8 +18,8 @@ import torch
 from conftest import minilm_path
 
 from loraplex.serve.labels import word_tags
-from loraplex.tokens import (bos_id, encode_words, eos_id, eos_ids, first_token_per_word, first_tokens, join_words,
-                             pad_batch, pad_id, split_words, token_words, tokenize_words)
+from loraplex.tokens import (bos_id, encode_offsets, encode_words, eos_id, eos_ids, first_token_per_word, first_tokens,
+                             join_words, pad_batch, pad_id, split_words, token_words, tokenize_words)
 from loraplex.train.data import IGNORE, Columns, examples_for_task, token_example, token_examples, words_from_spans
 
 TRICKY = [
@@ -268,9 +268,10 @@ def test_training_labels_and_served_tags_use_the_same_first_sub_token(real_tok: 
             assert train_first[w] is None
             train_first[w] = pos
 
-    enc = tok(text, return_offsets_mapping=True, truncation=False, max_length=None)  # as /v1/classify encodes
-    offsets = [tuple(o) for o in enc["offset_mapping"]]
-    assert list(enc["input_ids"]) == ex.input_ids  # the model sees the same input in training and serving
+    ids, offsets = encode_offsets(tok, text)  # what /v1/classify runs and reads tags by
+    assert ids == ex.input_ids  # the model sees the same input in training and serving
+    enc = tok(text, return_offsets_mapping=True)  # encode_offsets is the tokenizer's own encoding
+    assert ids == enc["input_ids"] and offsets == [tuple(o) for o in enc["offset_mapping"]]
     n_tok = len(offsets)
     tag_names = [f"T{t}" for t in range(n_tok)]
     logits = torch.eye(n_tok) * 10  # token t's best tag is "T<t>": word_tags tells which token it read

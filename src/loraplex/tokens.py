@@ -19,8 +19,8 @@ from typing import Any, Iterable, Iterator, Protocol, Sequence
 import torch
 
 __all__ = [
-    "bos_id", "encode_words", "eos_id", "eos_ids", "first_token_per_word", "first_tokens", "join_words", "pad_batch",
-    "pad_id", "split_words", "token_words", "tokenize_words",
+    "CharSpan", "bos_id", "encode_offsets", "encode_words", "eos_id", "eos_ids", "first_token_per_word", "first_tokens",
+    "join_words", "pad_batch", "pad_id", "split_words", "token_words", "tokenize_words",
 ]
 
 WORD_RE = re.compile(r"\w+|[^\w\s]")
@@ -169,11 +169,18 @@ def first_token_per_word(word_ids: Sequence[int | None], n_words: int) -> list[i
     return out
 
 
+def encode_offsets(tokenizer: Any, text: str, max_length: int | None = None) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of ``text`` (special tokens included, truncated to ``max_length`` when given) and each token's
+    character range ``(start, end)`` in it (``(0, 0)`` for special tokens): the one tokenization of a text for
+    classification and token tasks, in training and serving. Needs a fast (Rust-backed) tokenizer."""
+    enc = tokenizer(text, return_offsets_mapping=True, truncation=max_length is not None, max_length=max_length)
+    return list(enc["input_ids"]), [(int(s), int(e)) for s, e in enc["offset_mapping"]]
+
+
 def encode_words(tokenizer: Any, text: str, words: Sequence[Sequence[int]], max_length: int | None = None
                  ) -> tuple[list[int], list[int | None]]:
-    """Token ids of ``text`` (special tokens included, truncated to ``max_length`` when given) and the word of each
-    token (:func:`token_words` of the offset mapping over the words' character ranges ``words``).
-
-    The one encoding of a token-classification input: training labels and served tags are both placed on it."""
-    enc = tokenizer(text, return_offsets_mapping=True, truncation=max_length is not None, max_length=max_length)
-    return list(enc["input_ids"]), token_words(enc["offset_mapping"], words)
+    """Token ids of ``text`` (:func:`encode_offsets`) and the word of each token (:func:`token_words` over the
+    words' character ranges ``words``): the encoding of a token-classification input, on which training puts
+    labels and serving reads tags."""
+    ids, offsets = encode_offsets(tokenizer, text, max_length)
+    return ids, token_words(offsets, words)

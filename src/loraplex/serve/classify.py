@@ -38,7 +38,7 @@ from loraplex.serve.metrics import CONTENT_TYPE
 from loraplex.serve.registry import AUTO as AUTO_NAME
 from loraplex.serve.registry import ModelRegistry
 from loraplex.serve.schemas import _Body
-from loraplex.tokens import split_words
+from loraplex.tokens import encode_offsets, split_words
 
 
 class ClassifyRequest(_Body):
@@ -129,13 +129,12 @@ def create_classify_app(plex: Any, *, router: Any = None, registry: ModelRegistr
         return items
 
     def encode(text: str, i: int, truncate: bool) -> tuple[list[int], list[tuple[int, int]]]:
-        enc = tokenizer(text, return_offsets_mapping=True, truncation=truncate, max_length=limit if truncate else None)
-        ids = list(enc["input_ids"])
+        ids, offsets = encode_offsets(tokenizer, text, limit if truncate else None)
         if len(ids) > limit:
             raise ApiError(400, f"input[{i}] has {len(ids)} tokens; this server accepts at most {limit} tokens per "
                                 f"input (max_length); send \"truncate\": true to cut longer inputs",
                            "context_length_exceeded", "input")
-        return ids, [tuple(o) for o in enc["offset_mapping"]]
+        return ids, offsets
 
     def resolve(model: str, need_head: bool) -> tuple[Any, list[str]]:
         """(row choice or AUTO, served_by) of a model name; refuses a headless model for classification."""
