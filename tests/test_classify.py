@@ -21,9 +21,10 @@ from conftest import make_peft_adapter, minilm_model, minilm_path
 
 from loraplex.errors import AdapterError
 from loraplex.serve import ServerThread, create_classify_app
-from loraplex.serve.labels import bio_entities, first_tokens, text_words
+from loraplex.serve.labels import bio_entities
 from loraplex.serve.testing import task_adapters
 from loraplex.tasks import load_encoder_plex
+from loraplex.tokens import first_token_per_word, split_words, token_words
 
 BIO = ["O", "B-EMAIL", "I-EMAIL", "B-DATE", "I-DATE"]
 TASKS = {
@@ -199,7 +200,7 @@ def test_top_k_limits_the_scores(env):
 # --------------------------------------------------------------------------- pure span helpers
 def test_bio_entities_from_word_tags():
     text = "Mail bob@x.org on 2024-01-31, ok"
-    words = text_words(text)
+    words = split_words(text)
     assert [text[s:e] for s, e in words] == ["Mail", "bob", "@", "x", ".", "org", "on", "2024", "-", "01", "-",
                                              "31", ",", "ok"]
     tags = ["O", "B-EMAIL", "I-EMAIL", "I-EMAIL", "I-EMAIL", "I-EMAIL", "O", "B-DATE", "I-DATE", "I-DATE", "I-DATE",
@@ -215,13 +216,13 @@ def test_bio_entities_from_word_tags():
 def test_first_tokens_use_the_offset_mapping(env):
     text = "Café naïve: bob@x.org"
     enc = env["tok"](text, return_offsets_mapping=True)
-    words = text_words(text)
-    firsts = first_tokens(enc["offset_mapping"], words)
+    words = split_words(text)
+    firsts = first_token_per_word(token_words(enc["offset_mapping"], words), len(words))
     toks = enc.tokens()
     assert [toks[t] for t in firsts] == ["cafe", "naive", ":", "bob", "@", "x", ".", "org"]
     # truncation: words past the last token have none
     enc = env["tok"](text, return_offsets_mapping=True, truncation=True, max_length=4)
-    assert first_tokens(enc["offset_mapping"], words)[:3] == [1, 2, None]
+    assert first_token_per_word(token_words(enc["offset_mapping"], words), len(words))[:3] == [1, 2, None]
 
 
 # --------------------------------------------------------------------------- auto

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraplex.demo.entities import ENTITY_LABELS, tokenize_words
+from loraplex.demo.entities import ENTITY_LABELS
+from loraplex.tokens import tokenize_words
 from loraplex.demo.text import DatasetBuildError
 
 PER_CLASS, TEST_PER_CLASS, MAX_LENGTH = 8, 3, 32

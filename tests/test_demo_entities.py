@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from loraplex.demo.entities import ENTITY_LABELS, bio_labels, bio_tags, tag_entities, tokenize_words
+from loraplex.demo.entities import ENTITY_LABELS, bio_labels, bio_tags, tag_entities
+from loraplex.tokens import tokenize_words
 
 
 @pytest.mark.parametrize(

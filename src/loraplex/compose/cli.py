@@ -22,6 +22,7 @@ from typing import Any, Optional
 import typer
 
 from loraplex.errors import LoraplexError
+from loraplex.tokens import pad_batch, pad_id
 
 EXIT_BAD_INPUT = 2
 
@@ -125,17 +126,11 @@ def _read_rows(path: str) -> list[dict[str, Any]]:
 
 
 def tokenize(tokenizer: Any, texts: list[str], max_length: int, device: Any = None) -> tuple[Any, Any]:
-    """Right-padded ids and mask (a pad token is borrowed from EOS when the tokenizer has none)."""
+    """Right-padded ids and mask (:func:`loraplex.tokens.pad_id` fills the padding; the tokenizer is not changed)."""
     if tokenizer is None:
         raise LoraplexError("the base model has no tokenizer; the router needs one to read text")
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token is None:
-            raise LoraplexError("the tokenizer has neither a pad nor an EOS token")
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    return (ids.to(device), mask.to(device)) if device is not None else (ids, mask)
+    seqs = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    return pad_batch(seqs, pad_id(tokenizer), device=device)
 
 
 def run_route(*, base: str, adapters: dict[str, str], data: str, out: str, val_data: str | None = None,

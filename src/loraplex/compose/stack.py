@@ -26,7 +26,7 @@ from loraplex.compose import functional as F
 from loraplex.compose.blend import FixedBlend
 from loraplex.compose.plan import base_plan, check_experts, layer_hooks, slot_factors
 from loraplex.errors import LoraplexError
-from loraplex.tokens import pad_batch
+from loraplex.tokens import pad_batch, pad_id
 
 
 class AdditiveStack(FixedBlend):
@@ -167,27 +167,20 @@ class Pipeline:
     def _encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         tok = self.tokenizer
         dev = self.plex.bank.device
-        if self.encode is not None:  # left-padded batch of the given ids
-            pad = getattr(tok, "pad_token_id", None)
-            pad = pad if pad is not None else getattr(tok, "eos_token_id", None) or 0
-            ids, mask = pad_batch([list(self.encode(p)) or [0] for p in prompts], pad, left=True, device=dev)
-            return {"input_ids": ids, "attention_mask": mask}
-        old = getattr(tok, "padding_side", "right")
-        tok.padding_side = "left"  # decoder-only generation continues the last real token
-        try:
-            kw: dict[str, Any] = {"return_tensors": "pt", "padding": True}
+        if self.encode is not None:  # the given ids
+            seqs = [list(self.encode(p)) or [0] for p in prompts]
+        else:
+            kw: dict[str, Any] = {}
             if self.add_special_tokens is not None:
                 kw["add_special_tokens"] = self.add_special_tokens
-            enc = tok(list(prompts), **kw)
-        finally:
-            tok.padding_side = old
-        return {"input_ids": enc["input_ids"].to(dev), "attention_mask": enc["attention_mask"].to(dev)}
+            seqs = [list(s) for s in tok(list(prompts), **kw)["input_ids"]]
+        # left-padded: decoder-only generation continues the last real token
+        ids, mask = pad_batch(seqs, pad_id(tok, self.plex.model), left=True, device=dev)
+        return {"input_ids": ids, "attention_mask": mask}
 
     def _stage(self, adapter: Any, prompts: list[str], gen: dict[str, Any]) -> list[str]:
         enc = self._encode(prompts)
-        pad = getattr(self.tokenizer, "pad_token_id", None)
-        if pad is not None:
-            gen.setdefault("pad_token_id", pad)
+        gen.setdefault("pad_token_id", pad_id(self.tokenizer, self.plex.model))
         out = self.plex.generate(enc["input_ids"], attention_mask=enc["attention_mask"], adapters=adapter, **gen)
         seqs = out.sequences if hasattr(out, "sequences") else out
         new = seqs[:, enc["input_ids"].shape[1]:]

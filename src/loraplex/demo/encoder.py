@@ -24,7 +24,7 @@ from loraplex.api import Plex
 from loraplex.compose.features import minilm_path
 from loraplex.demo.datasets import build_dataset
 from loraplex.demo.text import DatasetBuildError
-from loraplex.tokens import pad_batch
+from loraplex.tokens import pad_batch, pad_id
 
 TASKS = {  # adapter name -> (task, dataset builder name)
     "proglang": ("classification", "code_language"),
@@ -127,11 +127,11 @@ def evaluate(plex: Plex, task_name: str, examples: list[dict[str, Any]], choose:
     window comes as several windows; each tags the words it owns, and entities are scored over whole rows. With
     ``record``, one prediction per test row is appended to it: ``{row, text, gold, pred, adapters}`` (``gold`` and
     ``pred`` a label, or a tag per word; ``adapters`` the choice of each of the row's windows)."""
-    from loraplex.train.data import first_tokens
+    from loraplex.tokens import first_tokens
     from loraplex.train.predict import classification_metrics, entity_metrics
 
     task = TASKS[task_name][0]
-    pad = plex.tokenizer.pad_token_id or 0
+    pad = pad_id(plex.tokenizer)
     gold, pred = [], []
     row_tags: dict[int, tuple[list[str], list[str]]] = {}  # token rows: (gold, predicted) tags
     rows: dict[int, dict[str, Any]] = {}  # row -> its prediction record
@@ -171,10 +171,10 @@ def train_probe(plex: Plex, name: str, examples: list[dict[str, Any]], labels: l
                 seed: int = 0) -> LoraAdapter:
     """A linear head on the frozen base (no LoRA): the "base + head" baseline, as a head-only adapter."""
     from loraplex.adapters.spec import LoraSpec
-    from loraplex.train.data import first_tokens
+    from loraplex.tokens import first_tokens
 
     task = TASKS[name][0]
-    pad = plex.tokenizer.pad_token_id or 0
+    pad = pad_id(plex.tokenizer)
     feats, ys = [], []
     with torch.no_grad(), plex.disabled():
         for chunk in _batches(examples, 64):

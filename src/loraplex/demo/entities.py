@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from loraplex.tokens import tokenize_words
+
 #: Entity types of the ``entities`` dataset, in tagging priority order (earlier wins overlaps).
 ENTITY_LABELS: tuple[str, ...] = ("URL", "EMAIL", "PATH", "DATE", "VERSION", "NUMBER")
 
@@ -108,25 +110,6 @@ def tag_entities(text: str) -> list[Span]:
                 continue
             taken.append(Span(s, e, label))
     return sorted(taken, key=lambda sp: sp.start)
-
-
-_WORD_RE = re.compile(r"\w+|[^\w\s]")
-
-
-def tokenize_words(text: str, spans: Sequence[Span] = ()) -> tuple[list[str], list[list[int]]]:
-    """Words of ``text`` (runs of word characters, or single punctuation marks) and their offsets.
-
-    The text is first cut at every span boundary, so each span starts at a word start and ends
-    at a word end (a URL becomes several words tagged ``B-URL I-URL ...``).
-    """
-    cuts = sorted({0, len(text), *(sp.start for sp in spans), *(sp.end for sp in spans)})
-    words: list[str] = []
-    offsets: list[list[int]] = []
-    for a, b in zip(cuts, cuts[1:]):
-        for m in _WORD_RE.finditer(text, a, b):
-            words.append(m.group(0))
-            offsets.append([m.start(), m.end()])
-    return words, offsets
 
 
 def bio_tags(word_offsets: Sequence[Sequence[int]], spans: Sequence[Span]) -> list[str]:

@@ -33,11 +33,12 @@ from loraplex.errors import LoraplexError, UnknownAdapterError
 from loraplex.serve.app import (ApiError, _json_body, _Metered, _parse, api_error, install_admin_endpoints,
                                 install_error_handlers, until_disconnect)
 from loraplex.serve.encode import AUTO, EncoderBatcher, NoTaskHead, head_owner
-from loraplex.serve.labels import bio_entities, sequence_scores, text_words, word_tags
+from loraplex.serve.labels import bio_entities, sequence_scores, word_tags
 from loraplex.serve.metrics import CONTENT_TYPE
 from loraplex.serve.registry import AUTO as AUTO_NAME
 from loraplex.serve.registry import ModelRegistry
 from loraplex.serve.schemas import _Body
+from loraplex.tokens import encode_offsets, split_words
 
 
 class ClassifyRequest(_Body):
@@ -128,13 +129,12 @@ def create_classify_app(plex: Any, *, router: Any = None, registry: ModelRegistr
         return items
 
     def encode(text: str, i: int, truncate: bool) -> tuple[list[int], list[tuple[int, int]]]:
-        enc = tokenizer(text, return_offsets_mapping=True, truncation=truncate, max_length=limit if truncate else None)
-        ids = list(enc["input_ids"])
+        ids, offsets = encode_offsets(tokenizer, text, limit if truncate else None)
         if len(ids) > limit:
             raise ApiError(400, f"input[{i}] has {len(ids)} tokens; this server accepts at most {limit} tokens per "
                                 f"input (max_length); send \"truncate\": true to cut longer inputs",
                            "context_length_exceeded", "input")
-        return ids, [tuple(o) for o in enc["offset_mapping"]]
+        return ids, offsets
 
     def resolve(model: str, need_head: bool) -> tuple[Any, list[str]]:
         """(row choice or AUTO, served_by) of a model name; refuses a headless model for classification."""
@@ -191,7 +191,7 @@ def create_classify_app(plex: Any, *, router: Any = None, registry: ModelRegistr
                 label, score, scores = sequence_scores(res.logits, info.labels, req.top_k)
                 item.update(label=label, score=score, scores=scores)
             else:
-                words = text_words(text)
+                words = split_words(text)
                 item["entities"] = bio_entities(text, words, word_tags(res.logits, offsets, words, info.labels))
             item["served_by"] = res.served_by
             data.append(item)

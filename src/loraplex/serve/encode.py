@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from loraplex.tokens import pad_batch
+from loraplex.tokens import pad_batch, pad_id
 from loraplex.errors import AdapterError, LoraplexError
 from loraplex.serve.engine import EngineClosed, QueueFull
 from loraplex.serve.metrics import Counter, ServeMetrics
@@ -132,7 +132,7 @@ class EncoderBatcher:
         self.max_batch_size = max_batch_size
         self.batch_window = max(0.0, batch_window_ms / 1000.0)
         self.max_queue = max_queue
-        self.pad_token_id = int(getattr(self.tokenizer, "pad_token_id", None) or 0)
+        self.pad_token_id = pad_id(self.tokenizer, self.model)
         self.metrics = metrics or EncoderMetrics()
         self.metrics.attach_engine(self)
         self._cv = threading.Condition()

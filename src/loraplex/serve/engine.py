@@ -39,7 +39,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 import torch
 
 from loraplex.errors import LoraplexError, UnknownAdapterError
-from loraplex.tokens import pad_batch
+from loraplex.tokens import eos_ids, pad_batch, pad_id
 from loraplex.serve import kv
 from loraplex.serve.detok import TextStream
 from loraplex.serve.metrics import ServeMetrics
@@ -235,9 +235,9 @@ class Engine:
              if (v := getattr(cfg, k, None))), None)
         self.max_prompt_tokens = max_prompt_tokens or ((self.context_length - 1) if self.context_length else 4096)
         self.max_tokens_cap = max_tokens_cap or (self.context_length or 4096)
-        self.eos_token_ids = frozenset(eos_token_ids if eos_token_ids is not None else _eos_ids(self.model,
-                                                                                              self.tokenizer))
-        self.pad_token_id = _pad_id(self.model, self.tokenizer, self.eos_token_ids)
+        self.eos_token_ids = frozenset(eos_token_ids if eos_token_ids is not None else eos_ids(self.tokenizer,
+                                                                                             self.model))
+        self.pad_token_id = pad_id(self.tokenizer, self.model)
         self.metrics = metrics or ServeMetrics()
         self.metrics.attach_engine(self)
         self.device = plex.bank.device
@@ -648,23 +648,3 @@ class Engine:
             if not r.handle.done:
                 self._finish(r, "error", exc)
 
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    out: set[int] = set()
-    for src in (getattr(model, "generation_config", None), getattr(model, "config", None)):
-        v = getattr(src, "eos_token_id", None)
-        if v is not None:
-            out.update([v] if isinstance(v, int) else list(v))
-            break
-    if not out and tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
-        out.add(int(tokenizer.eos_token_id))
-    return out
-
-
-def _pad_id(model: Any, tokenizer: Any, eos: frozenset[int]) -> int:
-    for v in (getattr(tokenizer, "pad_token_id", None),
-              getattr(getattr(model, "generation_config", None), "pad_token_id", None),
-              getattr(getattr(model, "config", None), "pad_token_id", None)):
-        if isinstance(v, int):
-            return v
-    return min(eos) if eos else 0

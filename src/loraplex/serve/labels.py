@@ -1,9 +1,9 @@
 """Pure functions from head logits to answers: sequence labels with scores, and entity spans from BIO tags.
 
 Token tasks are tagged per *word* (as in training: runs of word characters or single punctuation marks, see
-:func:`loraplex.demo.corpora.tokenize_words`). A word takes the tag of its first sub-token; tokens are placed in
-words through the tokenizer's offset mapping, so every span's ``start``/``end`` are character offsets into the
-original text and ``text[start:end]`` is the entity.
+:func:`loraplex.tokens.split_words`). A word takes the tag of its first sub-token, placed by the rule training puts
+labels by (:func:`loraplex.tokens.token_words` over the tokenizer's offset mapping), so every span's
+``start``/``end`` are character offsets into the original text and ``text[start:end]`` is the entity.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+
+from loraplex.tokens import first_token_per_word, token_words
 
 
 def sequence_scores(logits: torch.Tensor, labels: Sequence[str], top_k: int | None = None
@@ -25,31 +27,6 @@ def sequence_scores(logits: torch.Tensor, labels: Sequence[str], top_k: int | No
     return labels[best], float(probs[best]), scores
 
 
-def text_words(text: str) -> list[tuple[int, int]]:
-    """Character ranges of the words of ``text`` (the training datasets' word definition)."""
-    from loraplex.demo.entities import tokenize_words
-
-    return [(int(s), int(e)) for s, e in tokenize_words(text)[1]]
-
-
-def first_tokens(offsets: Sequence[Sequence[int]], words: Sequence[tuple[int, int]]) -> list[int | None]:
-    """Per word, the index of its first token (by the token's start offset), or None when no token starts in it.
-
-    Special tokens (empty offsets ``(0, 0)``) belong to no word."""
-    out: list[int | None] = [None] * len(words)
-    w = 0
-    for t, (s, e) in enumerate(offsets):
-        if e <= s:  # special token
-            continue
-        while w < len(words) and words[w][1] <= s:
-            w += 1
-        if w == len(words):
-            break
-        if words[w][0] <= s < words[w][1] and out[w] is None:
-            out[w] = t
-    return out
-
-
 def word_tags(token_logits: torch.Tensor, offsets: Sequence[Sequence[int]], words: Sequence[tuple[int, int]],
               labels: Sequence[str]) -> list[tuple[str, float]]:
     """(tag, probability) per word from per-token logits [L, num_labels] (words without a token: ``("O", 1.0)``,
@@ -57,7 +34,7 @@ def word_tags(token_logits: torch.Tensor, offsets: Sequence[Sequence[int]], word
     probs = torch.softmax(token_logits.float(), dim=-1)
     best_p, best = probs.max(dim=-1)
     out: list[tuple[str, float]] = []
-    for t in first_tokens(offsets, words):
+    for t in first_token_per_word(token_words(offsets, words), len(words)):
         if t is None or t >= probs.shape[0]:
             out.append(("O", 1.0))
         else:
@@ -108,4 +85,4 @@ def bio_entities(text: str, words: Sequence[tuple[int, int]], tags: Sequence[tup
     return ents
 
 
-__all__ = ["bio_entities", "first_tokens", "sequence_scores", "text_words", "word_tags"]
+__all__ = ["bio_entities", "sequence_scores", "word_tags"]

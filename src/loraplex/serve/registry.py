@@ -276,12 +276,11 @@ class ModelRegistry:
         if kind == "texts":
             return list(self.router.route_texts(list(prompts)))  # type: ignore[union-attr]
         if kind == "routed":
-            from loraplex.tokens import pad_batch
+            from loraplex.tokens import pad_batch, pad_id
 
             tok = self.plex.tokenizer
             seqs = [list(tok(p)["input_ids"]) for p in prompts]
-            pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-            ids, mask = pad_batch(seqs, pad, device=self.plex.bank.device)
+            ids, mask = pad_batch(seqs, pad_id(tok), device=self.plex.bank.device)
             return list(self.router.route(ids, mask, texts=list(prompts)).choices())  # type: ignore[union-attr]
         return [self.router(p) for p in prompts]  # type: ignore[operator, misc]
 

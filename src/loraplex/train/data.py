@@ -9,8 +9,9 @@ Three row kinds, chosen by the adapter's task:
 * ``classification``: a text column and a label column; labels become class ids (label names sorted, as strings).
 * ``token_classification``: ``words`` + ``tags`` list columns (JSON lists in CSV cells), or ``text`` + ``spans``
   (``[{"start", "end", "label"}]`` character spans, turned into BIO tags over whitespace/punctuation words).
-  Tags are aligned to the first sub-token of each word through the tokenizer's ``word_ids()``; other sub-tokens,
-  special tokens and padding get -100.
+  A row is tokenized as one text (its own text, or the words joined by spaces) and tags go on the first sub-token
+  of each word (:mod:`loraplex.tokens`, the rule serving reads tags by); other sub-tokens, special tokens and
+  padding get -100.
 
 Every problem is a :class:`DataError` naming the file, and where it applies the row (1-based, as a spreadsheet
 would show it counting the header as row 1 for CSV; the line for JSONL) and the column.
@@ -22,22 +23,21 @@ import csv
 import json
 import os
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
 from loraplex.errors import LoraplexError
+from loraplex.tokens import bos_id, encode_words, eos_id, first_tokens, join_words, split_words
 
 __all__ = [
     "AdapterData", "DataError", "Example", "bio_spans", "collate", "examples_for_task", "load_adapter_data",
-    "read_rows", "row_label", "words_from_spans", "first_tokens", "token_examples", "word_windows",
+    "read_rows", "row_label", "words_from_spans", "token_examples", "word_windows",
 ]
 
 IGNORE = -100
-_WORD_RE = re.compile(r"\w+|[^\w\s]")
 
 
 class DataError(LoraplexError, ValueError):
@@ -255,13 +255,8 @@ def words_from_spans(text: str, spans: Sequence[dict[str, Any]]) -> tuple[list[s
 
     The text is cut at every span boundary first, so a span always covers whole words.
     """
-    cuts = sorted({0, len(text), *(int(s["start"]) for s in spans), *(int(s["end"]) for s in spans)})
-    words: list[str] = []
-    offsets: list[tuple[int, int]] = []
-    for a, b in zip(cuts, cuts[1:]):
-        for m in _WORD_RE.finditer(text, a, b):
-            words.append(m.group(0))
-            offsets.append((m.start(), m.end()))
+    offsets = split_words(text, [int(s[k]) for s in spans for k in ("start", "end")])
+    words = [text[s:e] for s, e in offsets]
     tags = ["O"] * len(words)
     for sp in sorted(spans, key=lambda s: int(s["start"])):
         first = True
@@ -289,17 +284,9 @@ def bio_spans(tags: Sequence[str]) -> set[tuple[int, int, str]]:
 
 
 # --------------------------------------------------------------------------------------------------- tokenizing
-def _special(tokenizer: Any) -> tuple[int | None, int | None, int]:
-    """(bos, eos, pad) ids for causal LM rows; BERT-style tokenizers use [CLS] / [SEP]."""
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
-    return bos, eos, int(pad)
-
-
 def encode_prompt(tokenizer: Any, prompt: str, max_length: int) -> list[int]:
     """``[bos] prompt`` ids (left-truncated to ``max_length``), the input for generation."""
-    bos, _, _ = _special(tokenizer)
+    bos = bos_id(tokenizer)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     head = [bos] if bos is not None else []
     keep = max(max_length - len(head), 1)
@@ -314,7 +301,7 @@ def encode_response(tokenizer: Any, response: str) -> list[int]:
 def causal_example(tokenizer: Any, prompt: str | None, response: str | None, max_length: int,
                    row: int = 0) -> Example | None:
     """``[bos] prompt response [eos]`` with labels on the response and eos; None if nothing is left to learn."""
-    bos, eos, _ = _special(tokenizer)
+    bos, eos = bos_id(tokenizer), eos_id(tokenizer)
     head = [bos] if bos is not None else []
     tail = [eos] if eos is not None else []
     if prompt is None:  # plain text: learn every token
@@ -343,29 +330,24 @@ def classification_example(tokenizer: Any, text: str, label: int, max_length: in
 
 
 def token_example(tokenizer: Any, words: list[str], tag_ids: list[int] | None, max_length: int,
-                  row: int = 0) -> tuple[Example, list[int | None]]:
-    """Tokenize pre-split words; labels on the first sub-token of each word. Also returns ``word_ids``."""
-    return _labelled(tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length), tag_ids, row)
+                  row: int = 0, *, text: str | None = None, spans: Sequence[tuple[int, int]] | None = None
+                  ) -> tuple[Example, list[int | None]]:
+    """One input for a row of words (truncated to ``max_length``), labels on the first sub-token of each word, and the
+    word of each token (None for special tokens). The words are ``text[s:e]`` for their ``spans`` when given, else
+    they are joined by spaces (:func:`loraplex.tokens.join_words`)."""
+    if text is None or spans is None:
+        text, spans = join_words(words)
+    return _labelled(*encode_words(tokenizer, text, spans, max_length), tag_ids, row)
 
 
-def _labelled(enc: Any, tag_ids: list[int] | None, row: int) -> tuple[Example, list[int | None]]:
-    """The example of one tokenizer encoding of pre-split words (labels on first sub-tokens), and its word_ids."""
-    word_ids = enc.word_ids()
+def _labelled(ids: list[int], word_ids: list[int | None], tag_ids: list[int] | None, row: int
+              ) -> tuple[Example, list[int | None]]:
+    """The example of one encoding of a row's words (labels on first sub-tokens), and its word of each token."""
     labels = [IGNORE] * len(word_ids)
     if tag_ids is not None:
         for pos, w in first_tokens(word_ids):
             labels[pos] = int(tag_ids[w])
-    return Example(list(enc["input_ids"]), labels, row), word_ids
-
-
-def first_tokens(word_ids: Sequence[int | None], own: tuple[int, int] | None = None) -> Iterator[tuple[int, int]]:
-    """``(position, word)`` of the first sub-token of each word (of the words ``own[0] <= word < own[1]`` only,
-    when given): where a word's label goes in training and where its tag is read in prediction."""
-    prev = None
-    for pos, w in enumerate(word_ids):
-        if w is not None and w != prev and (own is None or own[0] <= w < own[1]):
-            yield pos, w
-        prev = w
+    return Example(ids, labels, row), word_ids
 
 
 @dataclass(frozen=True)
@@ -407,16 +389,20 @@ def word_windows(word_tokens: Sequence[int], budget: int, overlap: int | None = 
     return [WordWindow(s, e, max(s, bounds[k]), min(e, bounds[k + 1])) for k, (s, e) in enumerate(spans)]
 
 
-def token_examples(tokenizer: Any, words: list[str], tag_ids: list[int] | None, max_length: int, row: int = 0
+def token_examples(tokenizer: Any, words: list[str], tag_ids: list[int] | None, max_length: int, row: int = 0,
+                   *, text: str | None = None, spans: Sequence[tuple[int, int]] | None = None
                    ) -> list[tuple[Example, list[int | None], WordWindow]]:
-    """A row of pre-split words as one or more inputs of at most ``max_length`` tokens (:func:`word_windows`; a
-    long row is not truncated): per window the example (labels only on its owned words), the *row's* word index of
-    each token (None for special tokens), and the window."""
-    whole = tokenizer(words, is_split_into_words=True)  # the row in one input, special tokens included
-    if len(whole["input_ids"]) <= max_length:  # it fits: one example (what token_example gives), no re-tokenizing
-        return [(*_labelled(whole, tag_ids, row), WordWindow(0, len(words), 0, len(words)))]
+    """A row of words as one or more inputs of at most ``max_length`` tokens (:func:`word_windows`; a long row is not
+    truncated): per window the example (labels only on its owned words), the *row's* word index of each token (None
+    for special tokens), and the window. ``text`` / ``spans`` as in :func:`token_example`; a window is the text from
+    its first word's start to its last word's end."""
+    if text is None or spans is None:
+        text, spans = join_words(words)
+    ids, word_ids = encode_words(tokenizer, text, spans)  # the row in one input, special tokens included
+    if len(ids) <= max_length:  # it fits: one example (what token_example gives), no re-tokenizing
+        return [(*_labelled(ids, word_ids, tag_ids, row), WordWindow(0, len(words), 0, len(words)))]
     counts = [0] * len(words)
-    for w in whole.word_ids():
+    for w in word_ids:
         if w is not None:
             counts[w] += 1
     budget = max_length - tokenizer.num_special_tokens_to_add(pair=False)
@@ -426,15 +412,23 @@ def token_examples(tokenizer: Any, words: list[str], tag_ids: list[int] | None, 
         tags = None
         if tag_ids is not None:
             tags = [tag_ids[w] if win.own_start <= w < win.own_end else IGNORE for w in range(win.start, win.end)]
-        ex, local = token_example(tokenizer, words[win.start:win.end], tags, max_length, row)
-        out.append((ex, [None if w is None else w + win.start for w in local], win))
+        a = spans[win.start][0] if win.end > win.start else 0
+        b = spans[win.end - 1][1] if win.end > win.start else 0
+        local = [(s - a, e - a) for s, e in spans[win.start:win.end]]
+        ex, wid = token_example(tokenizer, words[win.start:win.end], tags, max_length, row, text=text[a:b],
+                                spans=local)
+        out.append((ex, [None if w is None else w + win.start for w in wid], win))
     return out
 
 
+_TokenRow = tuple[list[str], list[str] | None, str | None, list[tuple[int, int]] | None]
+
+
 def _token_rows(rows: list[dict[str, Any]], path: str, words_col: str | None, tags_col: str | None,
-                text_col: str | None, need_tags: bool) -> list[tuple[list[str], list[str] | None]]:
-    """(words, tags) per row from words+tags columns or text+spans columns."""
-    out: list[tuple[list[str], list[str] | None]] = []
+                text_col: str | None, need_tags: bool) -> list[_TokenRow]:
+    """(words, tags, text, word spans) per row from words+tags columns (no text: the words are joined by spaces) or
+    text+spans columns."""
+    out: list[_TokenRow] = []
     for i, r in enumerate(rows):
         if words_col is not None:
             words = r.get(words_col)
@@ -457,7 +451,7 @@ def _token_rows(rows: list[dict[str, Any]], path: str, words_col: str | None, ta
                 tags = [str(t) for t in tags]
             elif need_tags:
                 raise DataError(f"{_where(path, i)}, column {tags_col or 'tags'!r}: missing tags")
-            out.append((words, tags))
+            out.append((words, tags, None, None))
         else:
             assert text_col is not None
             text = _text(r.get(text_col), path, i, text_col)
@@ -473,10 +467,10 @@ def _token_rows(rows: list[dict[str, Any]], path: str, words_col: str | None, ta
                     raise DataError(f"{_where(path, i)}, column 'spans': expected a JSON list of "
                                     f"{{\"start\", \"end\", \"label\"}} objects, got {spans!r:.80}")
                 spans_list = spans
-            words, _, tags = words_from_spans(text, spans_list)
+            words, offsets, tags = words_from_spans(text, spans_list)
             if not words:
                 raise DataError(f"{_where(path, i)}, column {text_col!r}: no words in the text")
-            out.append((words, tags if spans not in (None, "") else None))
+            out.append((words, tags if spans not in (None, "") else None, text, offsets))
     return out
 
 
@@ -600,14 +594,14 @@ def examples_for_task(rows: list[dict[str, Any]], path: str, task: str, columns:
     # token classification
     word_rows = _token_rows(rows, path, columns.words, columns.tags, columns.text, need_labels)
     if labels is None:
-        seen = sorted({t for _, tags in word_rows for t in (tags or [])}, key=_tag_key)
+        seen = sorted({t for _, tags, _, _ in word_rows for t in (tags or [])}, key=_tag_key)
         labels = (["O"] if "O" not in seen else []) + seen if seen else ["O"]
         labels = ["O"] + [t for t in labels if t != "O"]
         if need_labels and len(labels) < 2:
             raise DataError(f"{path}: token classification needs at least one entity tag besides 'O'")
     index = {n: k for k, n in enumerate(labels)}
     out = []
-    for i, (words, tags) in enumerate(word_rows):
+    for i, (words, tags, text, spans) in enumerate(word_rows):
         tag_ids = None
         if tags is not None:
             bad = [t for t in tags if t not in index]
@@ -619,7 +613,7 @@ def examples_for_task(rows: list[dict[str, Any]], path: str, task: str, columns:
                                 f"of the adapter's tags {labels}")
             if tag_ids is None:
                 tag_ids = [index[t] for t in tags]
-        for ex, word_ids, win in token_examples(tokenizer, words, tag_ids, max_length, i):
+        for ex, word_ids, win in token_examples(tokenizer, words, tag_ids, max_length, i, text=text, spans=spans):
             out.append(ex)
             extras.append((words, word_ids, tags, win))
     return out, labels, extras

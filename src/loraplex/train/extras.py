@@ -83,8 +83,8 @@ def build_router(trainer: "Trainer", result: "TrainResult", *, retrained: bool) 
 
     from loraplex.adapters.io import load_adapter
     from loraplex.train.data import read_rows, resolve_columns
-    from loraplex.tokens import pad_batch
-    from loraplex.train.trainer import ADAPTERS_DIR, ROUTER_DIR, _pad_id, load_state
+    from loraplex.tokens import pad_batch, pad_id
+    from loraplex.train.trainer import ADAPTERS_DIR, ROUTER_DIR, load_state
 
     cfg = trainer.config
     rc = cfg.router
@@ -140,7 +140,7 @@ def build_router(trainer: "Trainer", result: "TrainResult", *, retrained: bool) 
             else:
                 seqs.append(list(tok(text, truncation=True, max_length=max_len)["input_ids"]))
     dev = next(plex.model.parameters()).device
-    ids, mask = pad_batch(seqs, _pad_id(tok), device=dev)
+    ids, mask = pad_batch(seqs, pad_id(tok), device=dev)
     if rc.pooling == "embedding":
         from loraplex.compose.features import get_embedder
 

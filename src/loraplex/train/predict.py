@@ -27,11 +27,11 @@ from torch import nn
 
 from loraplex.adapters.io import CONFIG_NAME, atomic_write_text, load_adapter
 from loraplex.errors import LoraplexError
-from loraplex.tokens import pad_batch
+from loraplex.tokens import eos_id, first_tokens, pad_batch, pad_id
 from loraplex.train.config import TrainConfig, load_config
-from loraplex.train.data import (IGNORE, DataError, bio_spans, encode_response, examples_for_task, first_tokens,
-                                 read_rows, resolve_columns, write_rows)
-from loraplex.train.trainer import ADAPTERS_DIR, _pad_id, load_state, load_training_plex
+from loraplex.train.data import (IGNORE, DataError, bio_spans, encode_response, examples_for_task, read_rows,
+                                 resolve_columns, write_rows)
+from loraplex.train.trainer import ADAPTERS_DIR, load_state, load_training_plex
 
 __all__ = ["PredictResult", "Runner", "classification_metrics", "entity_metrics", "load_trained_plex", "make_runner",
            "predict", "rows_for_choice"]
@@ -295,8 +295,8 @@ def _predict_causal(runner: Runner, rows: list[dict[str, Any]], path: str, colum
     from loraplex.train.data import encode_prompt
 
     tok = runner.plex.tokenizer
-    pad = _pad_id(tok)
-    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    pad = pad_id(tok)
+    eos = eos_id(tok)
     # teacher-forced examples (loss) and prompt-only inputs (generation)
     scored, _, _ = examples_for_task(rows, path, "causal_lm", columns, tok, max_len, need_labels=False)
     by_row = {e.row: e for e in scored if isinstance(e.labels, list) and any(x != IGNORE for x in e.labels)}
@@ -374,7 +374,7 @@ def _predict_pipeline(pipe: Any, rows: list[dict[str, Any]], columns: Any, max_l
 
     tok = pipe.tokenizer
     new, _ = _new_tokens(tok, rows, columns, max_new_tokens)
-    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    eos = eos_id(tok)
     pipe.encode = lambda text: encode_prompt(tok, text, max_len)
     records: list[dict[str, Any]] = [dict(r) for r in rows]
     exact, n_ref = 0, 0
@@ -416,7 +416,7 @@ def _predict_encoder(runner: Runner, task: str, rows: list[dict[str, Any]], path
     seen = -1  # rows are encoded in order; a long token row comes as several consecutive windows
     for s in range(0, len(exs), bs):
         chunk = exs[s:s + bs]
-        ids, mask = pad_batch([e.input_ids for e in chunk], _pad_id(tok), device=dev)
+        ids, mask = pad_batch([e.input_ids for e in chunk], pad_id(tok), device=dev)
         res = runner.forward(ids, mask)
         for j, e in enumerate(chunk):
             rec = records[e.row]

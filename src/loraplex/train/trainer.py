@@ -46,7 +46,7 @@ from loraplex.adapters.io import CONFIG_NAME, LoraAdapter, LoraModule, atomic_wr
 from loraplex.adapters.spec import LoraSpec
 from loraplex.errors import LoraplexError
 from loraplex.hostmem import tune_cpu_allocator
-from loraplex.tokens import pad_batch
+from loraplex.tokens import pad_batch, pad_id
 from loraplex.runtime import MultiLoraLinear, SavedModuleSwitch
 from loraplex.train import checkpoint as ckpt
 from loraplex.train.config import ConfigError, TrainConfig, load_config
@@ -579,7 +579,7 @@ class Trainer:
             exs += [run.data.examples[j] for j in idx]
             rows += [run.row_spec] * len(idx)
             spans.append((run, start, len(exs)))
-        batch = pad_batch([e.input_ids for e in exs], _pad_id(plex.tokenizer), device=self.device)
+        batch = pad_batch([e.input_ids for e in exs], pad_id(plex.tokenizer), device=self.device)
         ids, mask = batch
         self._install_stacks(active, slots)
         rates = {run.dropout for run, _, _ in spans}
@@ -657,7 +657,7 @@ class Trainer:
         bs = cfg.trainer.batch_size
         for i in range(0, len(data.examples), bs):
             exs = data.examples[i:i + bs]
-            ids, mask = pad_batch([e.input_ids for e in exs], _pad_id(self.plex.tokenizer), device=self.device)
+            ids, mask = pad_batch([e.input_ids for e in exs], pad_id(self.plex.tokenizer), device=self.device)
             with self.plex.using([run.row_spec] * len(exs), len(exs)), _autocast(self.device, self.precision):
                 loss = self._losses([(run, 0, len(exs))], exs, ids, mask)[0]
             total += float(loss) * len(exs)
@@ -757,13 +757,6 @@ def _seed_numpy(seed: int) -> None:
         np.random.seed(seed % (2 ** 32))
     except ImportError:
         pass
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(tokenizer, "eos_token_id", None)
-    return int(pad) if pad is not None else 0
 
 
 def _label_matrix(exs: Sequence[Example], length: int, device: torch.device) -> torch.Tensor:
