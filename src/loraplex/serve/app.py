@@ -13,7 +13,7 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 import anyio
 from fastapi import FastAPI, Request
