@@ -256,3 +256,38 @@ def test_an_unexpected_exception_is_a_json_500(gen):
     r = TestClient(app, raise_server_exceptions=False).get("/boom")
     err = error_of(r, 500)
     assert err["code"] == "internal_error" and "RuntimeError: kaboom" in err["message"]
+
+
+def test_in_process_asgi_call_answers_a_crash_in_openai_shape():
+    """The Ray replica runs the app in-process (distributed.asgi.call): a crash is the app's own JSON 500, and an
+    app that dies before answering gets the OpenAI-shaped error of its exception."""
+    import asyncio
+    import json
+
+    from loraplex.distributed.asgi import call
+    from loraplex.errors import UnknownAdapterError
+    from loraplex.serve.http import new_app
+
+    class Metrics:
+        class requests:
+            @staticmethod
+            def inc(**_):
+                pass
+
+    app = new_app(title="t", description="t", metrics=Metrics())
+
+    @app.post("/boom")
+    async def boom():
+        raise RuntimeError("kaboom")
+
+    async def bare(scope, receive, send):  # an ASGI app that raises before sending anything
+        raise UnknownAdapterError("zz", ["a", "b"])
+
+    async def collect(target):
+        items = [item async for item in call(target, "POST", "/boom", b"{}")]
+        return items[0], json.loads(b"".join(items[1:]))
+
+    (status, ctype), body = asyncio.run(collect(app))
+    assert status == 500 and ctype == "application/json" and body["error"]["code"] == "internal_error"
+    (status, _), body = asyncio.run(collect(bare))
+    assert status == 404 and body["error"]["code"] == "model_not_found" and body["error"]["known_models"] == ["a", "b"]

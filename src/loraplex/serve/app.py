@@ -4,7 +4,8 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (streaming wi
 ``GET /health``, ``GET /metrics`` (Prometheus text), and the admin endpoints ``POST /v1/load_lora_adapter`` /
 ``POST /v1/unload_lora_adapter`` (``Authorization: Bearer <admin token>``; paths confined to the adapter roots).
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``; a response says which adapters
-served it in ``x_loraplex: {"served_by": [...], "arm": ...}``.
+served it in ``x_loraplex: {"served_by": [...], "arm": ...}``. Errors, body limits, metering and the info and admin
+endpoints come from :mod:`loraplex.serve.http` (shared with the encoder app).
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ embeddings are the encoder's last hidden state mean-pooled over the real tokens 
 
 Rows of concurrent requests (different adapters included) are batched by an
 :class:`~loraplex.serve.encode.EncoderBatcher`: one mixed-adapter forward per batch. Errors use OpenAI's shape;
-``/v1/models``, ``/health`` and ``/metrics`` as in the completion server.
+``/v1/models``, ``/health``, ``/metrics`` and the admin endpoints as in the completion server
+(:mod:`loraplex.serve.http`).
 """
 
 from __future__ import annotations

@@ -327,7 +327,7 @@ class Engine(WorkerThread):
         """Submit and wait (blocking)."""
         return self.submit(prompt_ids, choice, params).result(timeout)
 
-    # ------------------------------------------------------------------ adapters (thread-safe; call_on_worker: WorkerThread)
+    # ------------------------------------------------------------------ adapters (thread-safe)
     def register_adapter(self, name: str, adapter: Any, *, replace: bool = False, timeout: float = 30.0) -> Any:
         """Register an adapter (a :class:`LoraAdapter`, best read from disk beforehand on the caller's thread).
 

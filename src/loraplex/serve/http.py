@@ -384,7 +384,7 @@ async def until_disconnect(request: Request, awaitable: Any, on_hangup: Callable
     return results.result()
 
 
-__all__ = ["MAX_BODY_BYTES", "PREFIX_CHARS_PER_TOKEN", "ApiError", "RequestMetering", "api_error", "body_limit", "check_admin_token",
-           "install_admin_endpoints", "install_error_handlers", "install_info_endpoints", "json_body",
-           "lone_surrogate", "new_app", "parse_json_object", "tokens_over_limit", "until_disconnect",
+__all__ = ["MAX_BODY_BYTES", "PREFIX_CHARS_PER_TOKEN", "ApiError", "RequestMetering", "api_error", "body_limit",
+           "check_admin_token", "install_admin_endpoints", "install_error_handlers", "install_info_endpoints",
+           "json_body", "lone_surrogate", "new_app", "parse_json_object", "tokens_over_limit", "until_disconnect",
            "validate_body"]
