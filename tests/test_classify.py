@@ -465,11 +465,13 @@ def test_serve_cli_builds_the_classify_server_for_an_encoder(env, tmp_path, monk
 
         with TestClient(app) as client:
             seen["classify"] = client.post("/v1/classify", json={"model": "intent", "input": TEXTS[0]}).json()
+            seen["big"] = client.post("/v1/classify", json={"model": "intent", "input": "x" * 2**20})
 
     monkeypatch.setattr(server_mod, "serve", fake_run)
-    args = ["serve", "--base", minilm_path(), "--adapter", f"intent={env['paths']['intent']}"]
+    args = ["serve", "--base", minilm_path(), "--adapter", f"intent={env['paths']['intent']}", "--max-body-mb", "1"]
     res = CliRunner().invoke(cli_app, args)
     assert res.exit_code == 0, res.output
+    assert seen["big"].status_code == 413 and seen["big"].json()["error"]["code"] == "request_too_large"
     assert_matches_reference(env, "intent", TEXTS[0], seen["classify"]["data"][0])
     bad = tmp_path / "bad"
     shutil.copytree(env["paths"]["intent"], bad)

@@ -326,7 +326,7 @@ def _read(path: Path) -> list[dict[str, Any]]:
 
 def _serve_once(plex: Plex, routed: Any, examples: list[dict[str, Any]]) -> Any:
     """One ``auto`` classify request through the HTTP app (in-process client; None without httpx installed)."""
-    from loraplex.serve.app import create_classify_app
+    from loraplex.serve.classify import create_classify_app
 
     try:
         from fastapi.testclient import TestClient

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any, AsyncIterator, Mapping
+
+from loraplex.serve.http import api_error
+
+log = logging.getLogger("loraplex.distributed")
 
 
 async def call(app: Any, method: str, path: str, body: bytes = b"",
@@ -13,7 +18,9 @@ async def call(app: Any, method: str, path: str, body: bytes = b"",
     """Yield ``(status, content_type)`` first, then the body's chunks as they are sent.
 
     The app sees a client that stays connected until this generator is closed (e.g. the caller gave up), at
-    which point it sees a disconnect, so the loraplex app cancels the generation."""
+    which point it sees a disconnect, so the loraplex app cancels the generation. An app that crashes answers
+    through the shared error handlers (:mod:`loraplex.serve.http`): its JSON 500 when it sent one, else the
+    OpenAI-shaped error of the exception."""
     hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     hdrs += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
@@ -41,19 +48,29 @@ async def call(app: Any, method: str, path: str, body: bytes = b"",
             await out.put(None)
 
     task = asyncio.ensure_future(run())
+    started = False
     try:
         while True:
             msg = await out.get()
             if msg is None:
                 break
             if msg["type"] == "http.response.start":
+                started = True
                 ctype = next((v.decode("latin-1") for k, v in msg.get("headers", []) if k.lower() == b"content-type"),
                              "application/json")
                 yield int(msg["status"]), ctype
             elif msg["type"] == "http.response.body":
                 if msg.get("body"):
                     yield bytes(msg["body"])
-        await task  # re-raises an app crash
+        try:
+            await task
+        except Exception as exc:  # noqa: BLE001 - answered as the single-process server answers it
+            if started:
+                log.error("%s %s failed after its answer started", method, path, exc_info=exc)
+            else:
+                err = api_error(exc)
+                yield err.status, "application/json"
+                yield json.dumps(err.body()).encode()
     finally:
         gone.set()
         if not task.done():

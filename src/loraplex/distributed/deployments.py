@@ -29,7 +29,7 @@ from loraplex.distributed.naming import adapters_of, target
 from loraplex.distributed.settings import RaySettings
 from loraplex.distributed.store import StoreCatalog
 from loraplex.errors import LoraplexError, UnknownAdapterError
-from loraplex.serve.app import ApiError, _json_body, api_error, install_error_handlers
+from loraplex.serve.http import ApiError, api_error, install_error_handlers, json_body
 
 log = logging.getLogger("loraplex.distributed")
 
@@ -257,7 +257,7 @@ class LoraplexIngress:
         self.core = IngressCore(settings)
 
     async def forward(self, request: Request, path: str) -> Any:
-        body = await _json_body(request)
+        body = await json_body(request)
         model = body.get("model")
         if not isinstance(model, str):
             raise ApiError(400, "model: a model name (string) is required", "invalid_request", "model")

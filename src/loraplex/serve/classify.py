@@ -11,7 +11,8 @@ embeddings are the encoder's last hidden state mean-pooled over the real tokens 
 
 Rows of concurrent requests (different adapters included) are batched by an
 :class:`~loraplex.serve.encode.EncoderBatcher`: one mixed-adapter forward per batch. Errors use OpenAI's shape;
-``/v1/models``, ``/health`` and ``/metrics`` as in the completion server.
+``/v1/models``, ``/health``, ``/metrics`` and the admin endpoints as in the completion server
+(:mod:`loraplex.serve.http`).
 """
 
 from __future__ import annotations
@@ -20,28 +21,29 @@ import asyncio
 import base64
 import contextlib
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal, Mapping, Sequence
 
+import anyio
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse
 from pydantic import Field
 
-from loraplex.errors import LoraplexError, UnknownAdapterError
-from loraplex.serve.app import (ApiError, _json_body, _Metered, _parse, api_error, install_admin_endpoints,
-                                install_error_handlers, until_disconnect)
+from loraplex.errors import LoraplexError
 from loraplex.serve.encode import AUTO, EncoderBatcher, NoTaskHead, head_owner
+from loraplex.serve.http import (MAX_BODY_BYTES, ApiError, api_error, install_admin_endpoints, install_info_endpoints,
+                                 json_body, new_app, tokens_over_limit, until_disconnect, validate_body)
 from loraplex.serve.labels import bio_entities, sequence_scores, word_tags
-from loraplex.serve.metrics import CONTENT_TYPE
 from loraplex.serve.registry import AUTO as AUTO_NAME
 from loraplex.serve.registry import ModelRegistry
-from loraplex.serve.schemas import _Body
+from loraplex.serve.schemas import RequestBody
 from loraplex.tokens import encode_offsets, split_words
 
 
-class ClassifyRequest(_Body):
+class ClassifyRequest(RequestBody):
     model: str
     input: str | list[str]
     top_k: int | None = Field(default=None, ge=1)
@@ -49,7 +51,7 @@ class ClassifyRequest(_Body):
     user: str | None = None
 
 
-class EmbeddingRequest(_Body):
+class EmbeddingRequest(RequestBody):
     model: str
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
@@ -75,7 +77,7 @@ def create_classify_app(plex: Any, *, router: Any = None, registry: ModelRegistr
                         batch_window_ms: float = 5.0, max_queue: int = 1024, max_length: int | None = None,
                         max_inputs: int = 256, compositions: Mapping[str, str] | None = None,
                         admin_token: str | None = None, adapter_roots: Sequence[str] = (),
-                        unload_timeout: float = 30.0) -> FastAPI:
+                        unload_timeout: float = 30.0, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI app over an encoder Plex (:func:`loraplex.tasks.load_encoder_plex`).
 
     ``router``: serves model ``auto`` (a :class:`~loraplex.compose.moe.RoutedModel`, an object with
@@ -83,7 +85,8 @@ def create_classify_app(plex: Any, *, router: Any = None, registry: ModelRegistr
     (default: the model's ``max_position_embeddings``); longer inputs are a 400 unless the request sets
     ``truncate``. Without ``batcher`` the app starts its own (closed at the app's shutdown). ``admin_token`` and
     ``adapter_roots`` enable ``/v1/load_lora_adapter`` / ``/v1/unload_lora_adapter`` as in the completion server
-    (an adapter's task head comes and goes with it)."""
+    (an adapter's task head comes and goes with it). ``max_body_bytes``: larger request bodies are answered 413;
+    texts are tokenized on a worker thread, a long one checked on a prefix first."""
     if router is None:
         router = registry.router if registry is not None else batcher.router if batcher is not None else None
     owned = batcher is None
@@ -108,11 +111,9 @@ def create_classify_app(plex: Any, *, router: Any = None, registry: ModelRegistr
         if owned:
             batcher.close()
 
-    app = FastAPI(title="loraplex-encoder", description="Multi-task encoder: classify, extract, embed",
-                  docs_url=None, redoc_url=None, lifespan=lifespan)
+    app = new_app(title="loraplex-encoder", description="Multi-task encoder: classify, extract, embed",
+                  metrics=metrics, max_body_bytes=max_body_bytes, lifespan=lifespan)
     app.state.batcher, app.state.registry = batcher, registry
-    app.add_middleware(_Metered, metrics=metrics)
-    install_error_handlers(app)
 
     @app.exception_handler(NoTaskHead)
     async def _no_head(_: Request, exc: NoTaskHead) -> JSONResponse:
@@ -128,13 +129,31 @@ def create_classify_app(plex: Any, *, router: Any = None, registry: ModelRegistr
                            "too_many_inputs", "input")
         return items
 
+    # one tokenizer call at a time: a call with truncation changes the tokenizer's settings, which a concurrent
+    # call on another thread must not see
+    tokenizer_lock = threading.Lock()
+
+    def too_long(i: int, n: str) -> ApiError:
+        return ApiError(400, f"input[{i}] has {n} tokens; this server accepts at most {limit} tokens per input "
+                             f"(max_length); send \"truncate\": true to cut longer inputs", "context_length_exceeded",
+                        "input")
+
     def encode(text: str, i: int, truncate: bool) -> tuple[list[int], list[tuple[int, int]]]:
-        ids, offsets = encode_offsets(tokenizer, text, limit if truncate else None)
+        """Token ids and character offsets of one input (runs on a worker thread)."""
+        with tokenizer_lock:
+            if not truncate:
+                over = tokens_over_limit(lambda s: len(tokenizer(s)["input_ids"]), text, limit)
+                if over is not None:
+                    raise too_long(i, f"more than {over}")
+            ids, offsets = encode_offsets(tokenizer, text, limit if truncate else None)
         if len(ids) > limit:
-            raise ApiError(400, f"input[{i}] has {len(ids)} tokens; this server accepts at most {limit} tokens per "
-                                f"input (max_length); send \"truncate\": true to cut longer inputs",
-                           "context_length_exceeded", "input")
+            raise too_long(i, str(len(ids)))
         return ids, offsets
+
+    async def encode_all(texts: Sequence[Any], truncate: bool) -> list[Any]:
+        """:func:`encode` of each text input (None for token id lists), off the event loop."""
+        return await anyio.to_thread.run_sync(
+            lambda: [encode(t, i, truncate) if isinstance(t, str) else None for i, t in enumerate(texts)])
 
     def resolve(model: str, need_head: bool) -> tuple[Any, list[str]]:
         """(row choice or AUTO, served_by) of a model name; refuses a headless model for classification."""
@@ -174,10 +193,10 @@ def create_classify_app(plex: Any, *, router: Any = None, registry: ModelRegistr
     # ------------------------------------------------------------------ endpoints
     @app.post("/v1/classify")
     async def classify(request: Request) -> Any:
-        req = _parse(ClassifyRequest, await _json_body(request))
+        req = validate_body(ClassifyRequest, await json_body(request))
         texts = inputs_of(req.input, "input")
         choice, _ = resolve(req.model, need_head=True)
-        encoded = [encode(t, i, req.truncate) for i, t in enumerate(texts)]
+        encoded = await encode_all(texts, req.truncate)
         results = await run(request, [(ids, choice, t, True) for (ids, _), t in zip(encoded, texts)])
         heads = batcher.heads
         data, served, n_tokens = [], [], 0
@@ -206,7 +225,7 @@ def create_classify_app(plex: Any, *, router: Any = None, registry: ModelRegistr
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Any:
-        req = _parse(EmbeddingRequest, await _json_body(request))
+        req = validate_body(EmbeddingRequest, await json_body(request))
         if req.dimensions is not None and req.dimensions != hidden:
             raise ApiError(400, f"dimensions={req.dimensions} is not supported: this model's embeddings have "
                                 f"{hidden} dimensions", "unsupported_parameter", "dimensions")
@@ -214,10 +233,11 @@ def create_classify_app(plex: Any, *, router: Any = None, registry: ModelRegistr
         if all(isinstance(x, int) for x in items):  # one token id list
             items = [items]
         choice, _ = resolve(req.model, need_head=False)
+        encoded = await encode_all(items, req.truncate)
         rows = []
         for i, x in enumerate(items):
             if isinstance(x, str):
-                ids, text = encode(x, i, req.truncate)[0], x
+                ids, text = encoded[i][0], x
             else:
                 ids = [int(t) for t in x]
                 bad = [t for t in ids if t < 0 or (vocab and t >= vocab)]
@@ -256,29 +276,10 @@ def create_classify_app(plex: Any, *, router: Any = None, registry: ModelRegistr
             out.append(card)
         return out
 
-    @app.get("/v1/models")
-    async def models() -> Any:
-        return {"object": "list", "data": cards()}
-
-    @app.get("/v1/models/{model_id:path}")
-    async def model_card(model_id: str) -> Any:
-        for card in cards():
-            if card["id"] == model_id:
-                return card
-        raise api_error(UnknownAdapterError(model_id, registry.known()))
-
-    @app.get("/health")
-    async def health() -> Any:
-        body = {"status": "ok" if batcher.alive else "unavailable", "queue_depth": batcher.queue_depth,
-                "running": batcher.running_count, "adapters": len(plex.adapters), "heads": len(batcher.heads),
-                "max_length": limit}
-        if not batcher.alive:
-            body["error"] = str(batcher.dead or "encoder worker stopped")
-        return JSONResponse(body, status_code=200 if batcher.alive else 503)
-
-    @app.get("/metrics")
-    async def prometheus() -> Any:
-        return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
+    install_info_endpoints(
+        app, cards=cards, known=registry.known, worker=batcher, metrics=metrics,
+        health=lambda: {"queue_depth": batcher.queue_depth, "running": batcher.running_count,
+                        "adapters": len(plex.adapters), "heads": len(batcher.heads), "max_length": limit})
 
     # ------------------------------------------------------------------ admin endpoints
     # the worker runs the change between two forwards, so no batch ever sees half an adapter; rows already queued

@@ -133,6 +133,7 @@ def serve(
     max_queue: int = typer.Option(256, "--max-queue", help="Waiting requests before answering 429."),
     max_prompt_tokens: Optional[int] = typer.Option(None, "--max-prompt-tokens"),
     max_tokens_cap: Optional[int] = typer.Option(None, "--max-tokens-cap"),
+    max_body_mb: float = typer.Option(4.0, "--max-body-mb", min=0.001, help="Largest request body, MiB (413 past)."),
     max_slots: int = typer.Option(32, "--max-slots", help="Adapters resident on the device at once."),
     cpu_budget_mb: Optional[float] = typer.Option(None, "--cpu-budget-mb",
                                                   help="CPU-tier byte budget (LRU adapters re-read from disk)."),
@@ -198,6 +199,7 @@ def serve(
     except (LoraplexError, NotImplementedError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    app.state.max_body_bytes = int(max_body_mb * 2**20)  # read by loraplex.serve.http.json_body
     if host not in ("127.0.0.1", "localhost", "::1") and not admin_token:
         typer.echo(f"note: listening on {host} with admin endpoints disabled (no --admin-token)", err=True)
     try:

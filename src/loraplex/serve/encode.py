@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -31,7 +29,7 @@ from loraplex.errors import AdapterError, LoraplexError
 from loraplex.serve.engine import EngineClosed, QueueFull
 from loraplex.serve.metrics import Counter, ServeMetrics
 from loraplex.serve.registry import choice_names
-from loraplex.serve.worker import ControlQueue
+from loraplex.serve.worker import WorkerThread
 
 log = logging.getLogger("loraplex.serve")
 
@@ -118,7 +116,7 @@ def route_rows(router: Any, plex: Any, texts: list[str], ids: torch.Tensor, mask
     return [router(t)[0] for t in texts]
 
 
-class EncoderBatcher:
+class EncoderBatcher(WorkerThread):
     """The worker that batches encoder rows across requests (see the module docstring)."""
 
     def __init__(self, plex: Any, *, router: Any = None, max_batch_size: int = 32, batch_window_ms: float = 5.0,
@@ -135,39 +133,12 @@ class EncoderBatcher:
         self.pad_token_id = pad_id(self.tokenizer, self.model)
         self.metrics = metrics or EncoderMetrics()
         self.metrics.attach_engine(self)
-        self._cv = threading.Condition()
-        self._pending: deque[_Row] = deque()
-        self._control = ControlQueue(self._cv)  # adapter loads/swaps, run by the worker between forwards
+        super().__init__("loraplex-encoder", EngineClosed)
         self._running = 0
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self.dead: BaseException | None = None
         if start:
             self.start()
 
-    # ------------------------------------------------------------------ lifecycle
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._worker, name="loraplex-encoder", daemon=True)
-            self._thread.start()
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop the worker; queued rows fail with :class:`EngineClosed`."""
-        with self._cv:
-            self._stopping = True
-            self._cv.notify_all()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-        self._fail_pending(EngineClosed("the server is shutting down"))
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
-
-    @property
-    def queue_depth(self) -> int:
-        return len(self._pending)
-
+    # ------------------------------------------------------------------ state (start, close, alive: WorkerThread)
     @property
     def running_count(self) -> int:
         return self._running
@@ -196,10 +167,6 @@ class EncoderBatcher:
         """Submit and wait (blocking); raises the first row's error."""
         return [f.result(timeout) for f in self.submit_many(rows)]
 
-    def call_on_worker(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
-        """Run ``fn`` on the worker thread between two forwards; its result (or exception)."""
-        return self._control.call(fn, self._thread, timeout)
-
     # ------------------------------------------------------------------ worker
     def _worker(self) -> None:
         torch.set_grad_enabled(False)
@@ -224,8 +191,8 @@ class EncoderBatcher:
             log.exception("encoder worker crashed")
             self.dead = exc
         finally:
-            self._fail_pending(EngineClosed(f"the encoder stopped ({self.dead})" if self.dead else
-                                            "the encoder stopped"))
+            self._fail_all(EngineClosed(f"the encoder stopped ({self.dead})" if self.dead else
+                                        "the encoder stopped"))
 
     def _take(self) -> list[_Row]:
         """The next batch: wait for a row, then up to the batching window for more."""
@@ -313,7 +280,7 @@ class EncoderBatcher:
             r.future.set_result(Encoded(r.choice, served_names(r.choice), out.heads[j], lg, emb[j]))
             self.metrics.request_latency.observe(now - r.submitted)
 
-    def _fail_pending(self, exc: BaseException) -> None:
+    def _fail_all(self, exc: BaseException) -> None:
         with self._cv:
             pending = list(self._pending)
             self._pending.clear()

@@ -31,7 +31,7 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
@@ -44,7 +44,7 @@ from loraplex.serve import kv
 from loraplex.serve.detok import TextStream
 from loraplex.serve.metrics import ServeMetrics
 from loraplex.serve.sampling import SamplingParams, sample_rows
-from loraplex.serve.worker import ControlQueue
+from loraplex.serve.worker import WorkerThread
 
 log = logging.getLogger("loraplex.serve")
 
@@ -214,7 +214,7 @@ class _Row:
 
 
 # --------------------------------------------------------------------------- engine
-class Engine:
+class Engine(WorkerThread):
     """Continuous mixed-adapter batching over one :class:`loraplex.Plex` (see the module docstring)."""
 
     def __init__(self, plex: Any, *, max_batch_size: int = 16, batch_window_ms: float = 5.0, max_queue: int = 256,
@@ -246,9 +246,7 @@ class Engine:
         except (TypeError, ValueError):
             self._logits_to_keep = False
 
-        self._cv = threading.Condition()
-        self._pending: deque[_Row] = deque()
-        self._control = ControlQueue(self._cv)  # adapter loads/swaps, run by the worker between forwards
+        super().__init__("loraplex-engine", EngineClosed)
         self._draining: dict[str, str] = {}  # adapter -> "unload" | "replace"
         self._in_use: Counter[str] = Counter()  # admitted requests per adapter
         self._running: list[_Row] = []
@@ -256,42 +254,10 @@ class Engine:
         self._mask: torch.Tensor | None = None
         self._plan: ExitStack | None = None
         self._continuous: bool | None = None  # decided at the first prefill
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self.dead: BaseException | None = None
         if start:
             self.start()
 
-    # ------------------------------------------------------------------ lifecycle
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._worker, name="loraplex-engine", daemon=True)
-        self._thread.start()
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop the worker; queued and running requests end with :class:`EngineClosed`."""
-        with self._cv:
-            self._stopping = True
-            self._cv.notify_all()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-        self._fail_all(EngineClosed("the server is shutting down"))
-
-    def __enter__(self) -> "Engine":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
-
-    @property
-    def queue_depth(self) -> int:
-        return len(self._pending)
-
+    # ------------------------------------------------------------------ state (start, close, alive: WorkerThread)
     @property
     def running_count(self) -> int:
         return len(self._running)
@@ -362,10 +328,6 @@ class Engine:
         return self.submit(prompt_ids, choice, params).result(timeout)
 
     # ------------------------------------------------------------------ adapters (thread-safe)
-    def call_on_worker(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
-        """Run ``fn`` on the worker thread between two forwards; its result (or exception)."""
-        return self._control.call(fn, self._thread, timeout)
-
     def register_adapter(self, name: str, adapter: Any, *, replace: bool = False, timeout: float = 30.0) -> Any:
         """Register an adapter (a :class:`LoraAdapter`, best read from disk beforehand on the caller's thread).
 

@@ -16,13 +16,16 @@ class SamplingParams:
     temperature: float = 1.0  # 0: greedy (argmax), equal to ``generate(do_sample=False)``
     top_p: float = 1.0
     stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one found
-    seed: int | None = None  # seeds this request's own generator: same seed, same prompt -> same sample
+    seed: int | None = None  # seeds this request's own generator: same seed, same prompt -> same sample; any
+    # integer is accepted and reduced mod 2**64 (torch's seed range; -1 and 2**64 - 1 are the same seed)
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self.stop = tuple(s for s in self.stop if s)
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        if self.seed is not None:
+            self.seed = int(self.seed) % 2**64
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if not 0.0 <= self.temperature <= 100.0:

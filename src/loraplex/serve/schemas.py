@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+#: ``max_tokens`` of a completion request that sets none (OpenAI's default).
+COMPLETION_MAX_TOKENS = 16
 
 
-class _Body(BaseModel):
+class RequestBody(BaseModel):
+    """A request body: unknown fields are ignored (as OpenAI's server does)."""
+
     model_config = ConfigDict(extra="ignore")
 
 
-class _Sampling(_Body):
+class _Sampling(RequestBody):
     model: str
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
@@ -47,10 +52,15 @@ class _Sampling(_Body):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int = Field(default=COMPLETION_MAX_TOKENS, ge=1)  # null (as OpenAI's client sends it): the default
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def _null_is_default(cls, v: Any) -> Any:
+        return COMPLETION_MAX_TOKENS if v is None else v
 
     def unsupported(self) -> str | None:
         if self.echo:
@@ -62,12 +72,12 @@ class CompletionRequest(_Sampling):
         return super().unsupported()
 
 
-class ContentPart(_Body):
+class ContentPart(RequestBody):
     type: str
     text: str | None = None
 
 
-class ChatMessage(_Body):
+class ChatMessage(RequestBody):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -97,13 +107,13 @@ class ChatCompletionRequest(_Sampling):
         return super().unsupported()
 
 
-class LoadAdapterRequest(_Body):
+class LoadAdapterRequest(RequestBody):
     lora_name: str = Field(min_length=1, max_length=200)
     lora_path: str = Field(min_length=1)
     replace: bool = False
 
 
-class UnloadAdapterRequest(_Body):
+class UnloadAdapterRequest(RequestBody):
     lora_name: str = Field(min_length=1)
     timeout: float | None = Field(default=None, ge=0.0, le=3600.0)
 
@@ -118,7 +128,8 @@ def describe(exc: ValidationError) -> str:
 
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 409: "conflict_error", 429: "rate_limit_error", 503: "service_unavailable"}
+          404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          503: "service_unavailable"}
 
 
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None,

@@ -1,7 +1,8 @@
-"""Calls queued by any thread for a worker thread to run between two forwards (adapter loads, swaps, removals).
+"""The worker thread that alone touches the model, and the calls other threads queue for it (adapter loads, swaps,
+removals, run between two forwards).
 
 Shared by the completion engine (:mod:`loraplex.serve.engine`) and the encoder batcher
-(:mod:`loraplex.serve.encode`): each owns one worker thread that alone touches the model.
+(:mod:`loraplex.serve.encode`): both are a :class:`WorkerThread`.
 """
 
 from __future__ import annotations
@@ -118,3 +119,60 @@ class Coalescer:
             return
         for (_, fut), res in zip(batch, results):
             fut.set_result(res)
+
+
+class WorkerThread:
+    """The lifecycle of one worker thread and its request queue: ``start``, ``close``, ``alive``, ``call_on_worker``.
+
+    A subclass runs its loop in ``_worker()`` (calling ``self._control.run_pending()`` between forwards and leaving
+    when ``self._stopping``), records a crash in ``self.dead``, and ends every queued and running request with
+    ``_fail_all(exc)``. ``_cv`` guards ``_pending`` (the queue) and wakes the worker."""
+
+    def __init__(self, name: str, closed: Callable[[str], BaseException]) -> None:
+        self._thread_name = name
+        self._closed = closed  # the error of requests still queued or running at close
+        self._cv = threading.Condition()
+        self._pending: deque[Any] = deque()
+        self._control = ControlQueue(self._cv)  # adapter loads/swaps, run by the worker between forwards
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.dead: BaseException | None = None
+
+    def _worker(self) -> None:
+        raise NotImplementedError
+
+    def _fail_all(self, exc: BaseException) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Start the worker thread (once)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._worker, name=self._thread_name, daemon=True)
+            self._thread.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the worker; queued and running requests end with the ``closed`` error."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        self._fail_all(self._closed("the server is shutting down"))
+
+    def __enter__(self) -> "WorkerThread":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    def call_on_worker(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
+        """Run ``fn`` on the worker thread between two forwards; its result (or exception)."""
+        return self._control.call(fn, self._thread, timeout)
