@@ -209,8 +209,8 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", *, per_class: int = 80, t
     from loraplex.compose.moe import RoutedModel
     from loraplex.compose.router import load_router
     from loraplex.merge import merge_adapters
-    from loraplex.train.config import load_config
-    from loraplex.train.predict import load_trained_plex
+    from loraplex.config import load_config
+    from loraplex.run import load_trained_plex
     from loraplex.train.trainer import train
 
     torch.manual_seed(seed)
