@@ -24,9 +24,10 @@ def project(tmp_path: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------------- layout
 def test_default_folder_and_layout(project: Path, tmp_path: Path) -> None:
-    cfg = load_config(project / "train.yaml")
-    assert TrainedRun.of(cfg).root == Path("runs/train")  # runs/<config stem>
+    (project / "exp1.yaml").write_text((project / "train.yaml").read_text())
+    assert TrainedRun.of(load_config(project / "exp1.yaml")).root == Path("runs/exp1")  # runs/<config stem>
     assert TrainedRun.of(load_config(example_dict())).root == Path("runs/train")  # a dict: runs/train
+    cfg = load_config(project / "train.yaml")
     d = example_dict()
     d["output_dir"] = str(tmp_path / "elsewhere")
     assert TrainedRun.of(load_config(d)).root == tmp_path / "elsewhere"

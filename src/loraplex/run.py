@@ -26,11 +26,13 @@ from typing import Any, Mapping
 import torch
 
 from loraplex.adapters.io import CONFIG_NAME, atomic_write_text, load_adapter
+from loraplex.api import Plex, load_base
 from loraplex.config.explain import ConfigError
 from loraplex.config.load import resolve_base_model
 from loraplex.config.schema import MergeConfig, TrainConfig
 from loraplex.config.validate import DEFAULT_RUN_NAME
 from loraplex.errors import LoraplexError
+from loraplex.tasks import load_encoder_plex
 
 __all__ = ["ADAPTERS_DIR", "CHECKPOINTS_DIR", "FINGERPRINT_VERSION", "LOGS_DIR", "PLOTS_DIR", "PREDICTIONS_DIR", "ROUTER_DIR",
            "ROUTER_FILE", "STATE_NAME", "TrainedRun", "adapter_fingerprint", "load_base_plex", "load_trained_plex",
@@ -223,9 +225,6 @@ def router_fingerprint(config: TrainConfig) -> str:
 def load_base_plex(config: TrainConfig, *, device: str | torch.device | None = None, max_slots: int = 8) -> Any:
     """A :class:`~loraplex.api.Plex` over the config's base model (a multi-task encoder for ``model_type:
     encoder``), with no adapters."""
-    from loraplex.api import Plex, load_base
-    from loraplex.tasks import load_encoder_plex
-
     base = resolve_base_model(config)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if config.model_type == "encoder":
