@@ -1,4 +1,4 @@
-"""The training config schema: defaults, Ludwig compatibility, readable errors, fingerprints, PEFT fields."""
+"""The training config (loraplex.config): defaults, Ludwig compatibility, readable errors, PEFT fields."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Any, Callable
 import pytest
 import yaml
 
-from loraplex.errors import UnknownAdapterError
 from loraplex.adapters.spec import LoraSpec
 from loraplex.config import ConfigError, TrainConfig, load_config
-from train_project import EXAMPLE_CONFIG, example_dict, example_project
+from train_project import example_dict, example_project
+
 
 @pytest.fixture()
 def project(tmp_path: Path) -> Path:
@@ -322,3 +322,26 @@ def test_lora_spec_writes_the_peft_config(project: Path) -> None:
     # the trainer's resolved targets and Conv1D layout replace the config's
     other = load_config(project / "p.yaml").lora_spec("coding", target_modules=["c_attn"], fan_in_fan_out=True)
     assert other.target_modules == ["c_attn"] and other.to_peft_config()["fan_in_fan_out"] is True
+
+
+# ---------------------------------------------------------------------------------------------------- completion
+def test_complete_returns_a_new_config_and_leaves_its_input_alone(tmp_path: Path) -> None:
+    """Cross-field defaults come from a pure function: the schema-checked input is not changed."""
+    from loraplex.config.validate import complete
+
+    raw = {"base_model": "m", "adapter": {"r": 4, "dataset": "d.csv"}, "input_features": [{"name": "q"}]}
+    fields = TrainConfig.model_validate(raw)
+    before = fields.model_dump()
+    done = complete(fields, base_dir=tmp_path, config_stem="exp")
+    assert fields.model_dump() == before and fields.adapter is not None and fields.adapters is None
+    assert done is not fields and done.adapter is None and done.single_adapter and not fields.single_adapter
+    assert done.adapter_names == ["default"] and done.active == "default" and done.output_dir == "runs/exp"
+    a = done.get_adapter("default")
+    assert (a.task, a.prompt_column, a.response_column) == ("causal_lm", "q", "response")
+    assert a.dataset == str(tmp_path / "d.csv") and fields.adapter.dataset == "d.csv"
+    assert done.adapter_path("default") == "adapter"
+    merged = complete(TrainConfig.model_validate({"base_model": "m", "adapters": {
+        "adapters": {"a": {}, "b": {}}, "merge": {"weights": [3, 1]}, "router": {}}}))
+    assert merged.merges[0].sources == ["a", "b"] and merged.merges[0].weights == pytest.approx([0.75, 0.25])
+    assert merged.router is not None and merged.router.experts == ["a", "b"]
+    assert merged.adapter_path("b") == "adapters.adapters.b"

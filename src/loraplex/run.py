@@ -27,6 +27,7 @@ import torch
 
 from loraplex.adapters.io import CONFIG_NAME, atomic_write_text, load_adapter
 from loraplex.api import Plex, load_base
+from loraplex.compose.router import ROUTER_JSON
 from loraplex.config.explain import ConfigError
 from loraplex.config.load import resolve_base_model
 from loraplex.config.schema import MergeConfig, TrainConfig
@@ -34,14 +35,13 @@ from loraplex.config.validate import DEFAULT_RUN_NAME
 from loraplex.errors import LoraplexError
 from loraplex.tasks import load_encoder_plex
 
-__all__ = ["ADAPTERS_DIR", "CHECKPOINTS_DIR", "FINGERPRINT_VERSION", "LOGS_DIR", "PLOTS_DIR", "PREDICTIONS_DIR", "ROUTER_DIR",
-           "ROUTER_FILE", "STATE_NAME", "TrainedRun", "adapter_fingerprint", "load_base_plex", "load_trained_plex",
-           "merge_fingerprint", "router_fingerprint", "serve_arguments"]
+__all__ = ["ADAPTERS_DIR", "CHECKPOINTS_DIR", "FINGERPRINT_VERSION", "LOGS_DIR", "PLOTS_DIR", "PREDICTIONS_DIR",
+           "ROUTER_DIR", "STATE_NAME", "STATE_VERSION", "TrainedRun", "adapter_fingerprint", "load_base_plex",
+           "load_trained_plex", "merge_fingerprint", "router_fingerprint", "serve_arguments"]
 
 STATE_NAME = "state.json"
 ADAPTERS_DIR = "adapters"
 ROUTER_DIR = "router"
-ROUTER_FILE = "router.json"
 CHECKPOINTS_DIR = "checkpoints"
 LOGS_DIR = "logs"
 PLOTS_DIR = "plots"
@@ -107,7 +107,7 @@ class TrainedRun:
 
     def has_router(self) -> bool:
         """Whether a trained router has been written."""
-        return (self.router_dir / ROUTER_FILE).is_file()
+        return (self.router_dir / ROUTER_JSON).is_file()
 
     def present(self, names: list[str]) -> list[str]:
         """The names of ``names`` that have been written, in order."""
