@@ -141,7 +141,7 @@ def main() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from loraplex.train.config import load_config
+    from loraplex.config import load_config
     from loraplex.train.trainer import train
 
     hf_logging.set_verbosity_error()

@@ -1,4 +1,4 @@
-"""The training config schema: defaults, Ludwig compatibility, readable errors, fingerprints, PEFT fields."""
+"""The training config (loraplex.config): defaults, Ludwig compatibility, readable errors, PEFT fields."""
 
 from __future__ import annotations
 
@@ -9,37 +9,15 @@ from typing import Any, Callable
 import pytest
 import yaml
 
-from loraplex.errors import UnknownAdapterError
-from loraplex.train.config import ConfigError, TrainConfig, load_config
-
-EXAMPLE = """\
-base_model: PATH_OR_HUB_ID
-model_type: llm            # or encoder
-adapters:
-  adapters:
-    coding: {type: lora, r: 16, alpha: 32, dropout: 0.05, target_modules: [q_proj, v_proj], dataset: data/code.jsonl}
-    chat:   {type: lora, r: 8,  alpha: 16, target_modules: [q_proj, v_proj], dataset: data/chat.csv}
-  merge: {name: coding_chat, sources: [coding, chat], weights: [0.7, 0.3], combination_type: ties, density: 0.7}
-  router: {type: mlp, top_k: 1, load_balance: switch}   # optional
-  active: coding_chat
-input_features: [{name: prompt, type: text}]
-output_features: [{name: response, type: text}]
-trainer: {epochs: 3, learning_rate: 2e-4, batch_size: 8, max_length: 512}
-"""
+from loraplex.adapters.spec import LoraSpec
+from loraplex.config import ConfigError, TrainConfig, load_config
+from train_project import example_dict, example_project
 
 
 @pytest.fixture()
 def project(tmp_path: Path) -> Path:
     """A folder with the example config and its two dataset files."""
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "code.jsonl").write_text('{"prompt": "def f(", "response": "x): pass"}\n')
-    (tmp_path / "data" / "chat.csv").write_text("prompt,response\nhi,hello\n")
-    (tmp_path / "train.yaml").write_text(EXAMPLE)
-    return tmp_path
-
-
-def example_dict() -> dict[str, Any]:
-    return yaml.safe_load(EXAMPLE)
+    return example_project(tmp_path)
 
 
 def problems_of(data: dict[str, Any], **kwargs: Any) -> list[tuple[str, str]]:
@@ -129,9 +107,9 @@ def test_encoder_defaults_and_columns() -> None:
     topic, ner = cfg.get_adapter("topic"), cfg.get_adapter("ner")
     assert topic.task == "classification" and topic.label_column == "label" and topic.text_column == "sentence"
     assert ner.task == "token_classification" and ner.label_column == "tags"
-    peft = cfg.to_peft_config_dict("ner")
+    peft = cfg.lora_spec("ner").to_peft_config()
     assert peft["task_type"] == "TOKEN_CLS" and peft["modules_to_save"] == ["classifier"]
-    assert cfg.to_peft_config_dict("topic")["task_type"] == "SEQ_CLS"
+    assert cfg.lora_spec("topic").to_peft_config()["task_type"] == "SEQ_CLS"
 
 
 def test_router_mode_derivation_and_active_router() -> None:
@@ -317,66 +295,53 @@ def test_require_datasets() -> None:
     assert problems[0][0] == "adapters.adapters.a.dataset" and "required for training" in problems[0][1]
 
 
-# ---------------------------------------------------------------------------------------------------- fingerprint
-def test_fingerprint_tracks_config_base_and_data(project: Path) -> None:
-    cfg = load_config(project / "train.yaml")
-    fp = cfg.adapter_fingerprint("coding")
-    assert len(fp) == 64 and fp == load_config(project / "train.yaml").adapter_fingerprint("coding")
-    assert fp != cfg.adapter_fingerprint("chat")
-
-    # unrelated change: another adapter, the merge, checkpointing -> unchanged
-    d = example_dict()
-    d["adapters"]["adapters"]["chat"]["r"] = 4
-    d["adapters"]["merge"]["density"] = 0.2
-    d["trainer"]["checkpoint_every"] = 100
-    (project / "other.yaml").write_text(yaml.safe_dump(d))
-    assert load_config(project / "other.yaml").adapter_fingerprint("coding") == fp
-
-    # own settings, base model, trainer -> changed
-    for change in (lambda d: d["adapters"]["adapters"]["coding"].update(r=8),
-                   lambda d: d.update(base_model="other"),
-                   lambda d: d["trainer"].update(epochs=4)):
-        d = example_dict()
-        change(d)
-        (project / "changed.yaml").write_text(yaml.safe_dump(d))
-        assert load_config(project / "changed.yaml").adapter_fingerprint("coding") != fp
-
-    # data content -> changed; same content at another path -> same
-    (project / "data" / "code.jsonl").write_text('{"prompt": "x", "response": "y"}\n')
-    assert load_config(project / "train.yaml").adapter_fingerprint("coding") != fp
-
-
-def test_fingerprint_follows_stack_on(tmp_path: Path) -> None:
-    for n in ("a", "b"):
-        (tmp_path / f"{n}.csv").write_text("prompt,response\n1,2\n")
-    data = {"base_model": "m", "adapters": {"adapters": {"a": {"dataset": "a.csv"},
-                                                         "b": {"dataset": "b.csv", "stack_on": "a"}}}}
-    cfg = load_config(data, base_dir=tmp_path)
-    fp_b = cfg.adapter_fingerprint("b")
-    (tmp_path / "a.csv").write_text("prompt,response\n3,4\n")
-    assert load_config(data, base_dir=tmp_path).adapter_fingerprint("b") != fp_b
-
-
-def test_fingerprint_missing_dataset_and_unknown_adapter(tmp_path: Path) -> None:
-    cfg = load_config({"base_model": "m", "adapter": {"dataset": "gone.csv"}}, base_dir=tmp_path)
-    with pytest.raises(ConfigError, match="adapter.dataset: cannot read"):
-        cfg.adapter_fingerprint("default")
-    with pytest.raises(UnknownAdapterError, match="unknown adapter 'x'"):
-        cfg.adapter_fingerprint("x")
-
-
 # ---------------------------------------------------------------------------------------------------- PEFT
-def test_to_peft_config_dict(project: Path) -> None:
+def test_lora_spec_writes_the_peft_config(project: Path) -> None:
+    """An adapter's settings become its ``adapter_config.json`` through LoraSpec, which reads it back unchanged."""
     d = example_dict()
     d["adapters"]["adapters"]["coding"].update(use_rslora=True, rank_pattern={"q_proj": 4},
                                                alpha_pattern={"v_proj": 8}, layers_to_transform=3,
                                                modules_to_save="lm_head")
     (project / "p.yaml").write_text(yaml.safe_dump(d))
-    peft = load_config(project / "p.yaml").to_peft_config_dict("coding")
-    assert peft == {
+    spec = load_config(project / "p.yaml").lora_spec("coding")
+    peft = spec.to_peft_config()
+    expected = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "PATH_OR_HUB_ID",
         "r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"],
         "use_rslora": True, "use_dora": False, "rank_pattern": {"q_proj": 4}, "alpha_pattern": {"v_proj": 8},
         "modules_to_save": ["lm_head"], "layers_to_transform": [3], "bias": "none",
     }
+    assert {k: peft[k] for k in expected} == expected
+    assert peft["fan_in_fan_out"] is False and peft["inference_mode"] is True
     assert isinstance(peft["lora_alpha"], int)
+    again = LoraSpec.from_peft_config(peft)
+    assert again.to_peft_config() == peft
+    assert (again.r, again.lora_alpha, again.rank_for("model.layers.0.q_proj"), again.alpha_for("x.v_proj")) == \
+        (16, 32.0, 4, 8.0)
+    assert spec.scaling_for("model.layers.3.v_proj") == pytest.approx(8 / 16 ** 0.5)  # rsLoRA: alpha / sqrt(r)
+    # the trainer's resolved targets and Conv1D layout replace the config's
+    other = load_config(project / "p.yaml").lora_spec("coding", target_modules=["c_attn"], fan_in_fan_out=True)
+    assert other.target_modules == ["c_attn"] and other.to_peft_config()["fan_in_fan_out"] is True
+
+
+# ---------------------------------------------------------------------------------------------------- completion
+def test_complete_returns_a_new_config_and_leaves_its_input_alone(tmp_path: Path) -> None:
+    """Cross-field defaults come from a pure function: the schema-checked input is not changed."""
+    from loraplex.config.validate import complete
+
+    raw = {"base_model": "m", "adapter": {"r": 4, "dataset": "d.csv"}, "input_features": [{"name": "q"}]}
+    fields = TrainConfig.model_validate(raw)
+    before = fields.model_dump()
+    done = complete(fields, base_dir=tmp_path, config_stem="exp")
+    assert fields.model_dump() == before and fields.adapter is not None and fields.adapters is None
+    assert done is not fields and done.adapter is None and done.single_adapter and not fields.single_adapter
+    assert done.adapter_names == ["default"] and done.active == "default" and done.output_dir == "runs/exp"
+    a = done.get_adapter("default")
+    assert (a.task, a.prompt_column, a.response_column) == ("causal_lm", "q", "response")
+    assert a.dataset == str(tmp_path / "d.csv") and fields.adapter.dataset == "d.csv"
+    assert done.adapter_path("default") == "adapter"
+    merged = complete(TrainConfig.model_validate({"base_model": "m", "adapters": {
+        "adapters": {"a": {}, "b": {}}, "merge": {"weights": [3, 1]}, "router": {}}}))
+    assert merged.merges[0].sources == ["a", "b"] and merged.merges[0].weights == pytest.approx([0.75, 0.25])
+    assert merged.router is not None and merged.router.experts == ["a", "b"]
+    assert merged.adapter_path("b") == "adapters.adapters.b"

@@ -274,7 +274,7 @@ def test_ray_train_fans_adapters_out_and_equals_sequential_training(local_ray, t
 
     from loraplex.distributed import ray_train
     from loraplex.train import train
-    from loraplex.train.trainer import load_state
+    from loraplex.run import TrainedRun
 
     save_tiny_llama(tmp_path / "base")
     write_csv(tmp_path / "a.csv", pairs("a", 8, 3))
@@ -298,7 +298,7 @@ def test_ray_train_fans_adapters_out_and_equals_sequential_training(local_ray, t
     out = tmp_path / "out"
     assert sorted(res.trained) == ["a", "b"] and res.merges == ["ab"]
     assert not (out / ".ray-work").exists()
-    state = load_state(out)
+    state = TrainedRun(out).load_state()
     assert sorted(state["adapters"]) == ["a", "b"] and "ab" in state["merges"]
     for n in ("a", "b"):
         assert res.losses[n] == pytest.approx(seq.losses[n], abs=1e-6)

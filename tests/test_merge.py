@@ -20,7 +20,6 @@ import json
 import math
 import re
 import shutil
-from types import SimpleNamespace
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -507,10 +506,8 @@ def test_config_merge_block(llama: Setup) -> None:
     merged, report = merge_from_config({"name": "mix", "sources": ["a", "b"], "weights": [3, 1],
                                         "combination_type": "magnitude_prune", "density": 0.4}, llama.adapters)
     assert merged.name == "mix" and report.weights == [0.75, 0.25] and report.density == 0.4
-    try:
-        from loraplex.train.config import MergeConfig
-    except Exception:  # the config schema lives elsewhere; the dict form above is the contract
-        return
+    from loraplex.config import MergeConfig
+
     cfg = MergeConfig(name="mix2", sources=["a", "c"], combination_type="ties", density=0.7)
     merged, report = merge_from_config(cfg, llama.adapters)
     assert merged.name == "mix2" and report.method == "ties" and report.weights == [0.5, 0.5]
@@ -525,11 +522,11 @@ def _adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_config_merge_block_after_training_equals_python_call(llama: Setup, tmp_path: Path) -> None:
-    """The training config's ``merge:`` block (built by train/extras.py after training) writes the same adapter as
-    the Python call with the same options; the trainer's seed drives the DARE masks."""
-    from loraplex.train.config import load_config
-    from loraplex.train.extras import build_merges
-    from loraplex.train.trainer import load_state
+    """The training config's ``merge:`` block (built by train/postbuild.py after training) writes the same adapter
+    as the Python call with the same options; the trainer's seed drives the DARE masks."""
+    from loraplex.config import load_config
+    from loraplex.run import TrainedRun
+    from loraplex.train.postbuild import build_merges
 
     cfg = load_config({"base_model": "tiny", "trainer": {"seed": 5}, "adapters": {
         "adapters": {"a": {"r": 4}, "b": {"r": 8}, "c": {"r": 6}},
@@ -538,9 +535,8 @@ def test_config_merge_block_after_training_equals_python_call(llama: Setup, tmp_
     for n in ("a", "c"):  # what training leaves behind: <output_dir>/adapters/<name>/
         shutil.copytree(llama.paths[n], tmp_path / "adapters" / n)
     log: list[str] = []
-    trainer = SimpleNamespace(config=cfg, output_dir=tmp_path, log=log.append)
-    result = SimpleNamespace(notes=[], merges=[])
-    build_merges(trainer, result)  # type: ignore[arg-type]
+    run = TrainedRun(tmp_path)
+    result = build_merges(cfg, run, log=log.append)
     assert result.merges == ["ab"] and result.notes == []
     out = tmp_path / "adapters" / "ab"
     report = json.loads((out / "merge_report.json").read_text())
@@ -555,9 +551,8 @@ def test_config_merge_block_after_training_equals_python_call(llama: Setup, tmp_
     other, _ = merge_adapters(llama.adapters, ["a", "c"], [0.75, 0.25], "dare_ties_svd", density=0.7,
                               majority_sign_method="frequency", svd_rank=3, seed=0)
     assert any(not torch.equal(other.modules[k].A, m.A) for k, m in py.modules.items())
-    assert load_state(tmp_path)["merges"]["ab"]["combination_type"] == "dare_ties_svd"
-    result2 = SimpleNamespace(notes=[], merges=[])
-    build_merges(trainer, result2)  # type: ignore[arg-type]
+    assert run.load_state()["merges"]["ab"]["combination_type"] == "dare_ties_svd"
+    result2 = build_merges(cfg, run, log=log.append)
     assert result2.merges == []  # unchanged sources and settings: not rebuilt
 
 

@@ -357,18 +357,18 @@ def test_cli_serve_command_and_build_server(files):
         engine.close()
 
 
-def test_config_hook_explains_what_is_missing(monkeypatch, tmp_path):
-    import sys
-    import types
-
+def test_config_hook_explains_what_is_missing(tmp_path):
+    """Serving a config that was never trained says so, naming the config and the command to run."""
+    from loraplex.config import ConfigError
     from loraplex.serve.cli import build_engine_from_config
 
-    monkeypatch.setitem(sys.modules, "loraplex.train.config", None)  # module absent
-    with pytest.raises(NotImplementedError, match="--base"):
-        build_engine_from_config(tmp_path / "x.yaml")
-    monkeypatch.setitem(sys.modules, "loraplex.train.config", types.ModuleType("loraplex.train.config"))
-    with pytest.raises(NotImplementedError, match="load_serve_config"):
-        build_engine_from_config(tmp_path / "x.yaml")
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text(f"base_model: m\noutput_dir: {tmp_path / 'out'}\nadapters: {{adapters: {{a: {{}}}}}}\n")
+    with pytest.raises(ConfigError, match=r"cannot serve .*x\.yaml: no trained adapters in .*out/adapters; "
+                                          r"run `loraplex train .*x\.yaml` first"):
+        build_engine_from_config(cfg)
+    with pytest.raises(ConfigError, match="config file not found"):
+        build_engine_from_config(tmp_path / "missing.yaml")
 
 
 def test_auto_with_a_routed_model_runs_on_the_worker(engine, plex):

@@ -80,7 +80,7 @@ def test_predict_tags_long_rows_window_by_window_like_peft(tmp_path: Path) -> No
 
     from loraplex.serve.testing import task_adapters
     from loraplex.tasks import load_encoder_plex
-    from loraplex.train.config import load_config
+    from loraplex.config import load_config
     from loraplex.train.predict import predict
 
     paths = task_adapters(tmp_path / "adapters", {"ner": ("token_classification", BIO)})

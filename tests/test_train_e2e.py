@@ -410,8 +410,8 @@ def test_encoder_adapter_loads_in_peft_with_identical_logits(encoder_project: di
     from peft import PeftModel
     from transformers import AutoTokenizer, BertForSequenceClassification
 
-    from loraplex.train.config import load_config
-    from loraplex.train.predict import load_trained_plex
+    from loraplex.config import load_config
+    from loraplex.run import load_trained_plex
 
     out = encoder_project["out"]
     plex = load_trained_plex(load_config(encoder_project["cfg"]), out)
@@ -432,10 +432,11 @@ def test_encoder_adapter_loads_in_peft_with_identical_logits(encoder_project: di
 def test_serve_hook_serves_trained_adapters_and_active(project: dict[str, Any]) -> None:
     """``loraplex serve CONFIG.yaml``: the trained adapters and merge by name, ``active`` as an alias."""
     from loraplex.serve.cli import build_engine_from_config
-    from loraplex.train.config import load_serve_config
+    from loraplex.config import load_config
+    from loraplex.run import serve_arguments
 
     out = project["out"]
-    args = load_serve_config(project["cfg"])
+    args = serve_arguments(load_config(project["cfg"]))
     assert args == {"base": str(project["root"] / "base"),
                     "adapters": {n: str(out / "adapters" / n) for n in ("a", "b", "c", "ab")},
                     "compositions": {"active": "a"}}

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import importlib
-
 import typer
+
+from loraplex.adapters import cli as adapters_cli
+from loraplex.compose import cli as compose_cli
+from loraplex.demo import encoder as demo_cli
+from loraplex.merge import cli as merge_cli
+from loraplex.serve import cli as serve_cli
+from loraplex.train import cli as train_cli
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Many LoRA adapters on one base model: inspect, merge, train, predict, route, serve.")
-
 
 
 @app.callback()
@@ -16,22 +20,12 @@ def _main() -> None:
     """Keep sub-command names even when only one command is registered."""
 
 
-#: Modules that define ``register(app: typer.Typer) -> None``; a missing one is skipped.
-_COMMAND_MODULES = (
-    "loraplex.adapters.cli",   # inspect
-    "loraplex.merge.cli",      # merge
-    "loraplex.train.cli",      # train, predict
-    "loraplex.compose.cli",    # route
-    "loraplex.serve.cli",      # serve
-    "loraplex.demo.encoder",   # demo
-)
-
-for _mod in _COMMAND_MODULES:
-    try:
-        importlib.import_module(_mod).register(app)
-    except ModuleNotFoundError as exc:
-        if exc.name != _mod:
-            raise
+adapters_cli.register(app)  # inspect
+merge_cli.register(app)  # merge
+train_cli.register(app)  # train, predict
+compose_cli.register(app)  # route
+serve_cli.register(app)  # serve
+demo_cli.register(app)  # demo
 
 if __name__ == "__main__":
     app()

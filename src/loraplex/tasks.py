@@ -15,7 +15,8 @@ from torch import nn
 
 from loraplex.errors import AdapterError, LoraplexError
 
-TASKS = ("classification", "token_classification")
+#: Tasks an adapter's head can do (``loraplex_meta.json`` ``task``).
+HEAD_TASKS = ("classification", "token_classification")
 HEAD_MODULE = "classifier"
 
 
@@ -29,8 +30,9 @@ class TaskInfo:
     @classmethod
     def from_meta(cls, meta: dict[str, Any], adapter: str) -> "TaskInfo":
         task = meta.get("task")
-        if task not in TASKS:
-            raise AdapterError(f"adapter {adapter!r}: loraplex_meta.json 'task' must be one of {TASKS}, got {task!r}")
+        if task not in HEAD_TASKS:
+            raise AdapterError(f"adapter {adapter!r}: loraplex_meta.json 'task' must be one of {HEAD_TASKS}, "
+                               f"got {task!r}")
         labels = meta.get("labels")
         if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
             raise AdapterError(f"adapter {adapter!r}: loraplex_meta.json 'labels' must be a non-empty list of strings")

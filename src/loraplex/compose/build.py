@@ -120,10 +120,8 @@ def build_composition(plex: Any, spec: str | S.Node, *, routers: Mapping[str, An
 
 def register_merge(plex: Any, node: S.Merge, name: str | None = None) -> str:
     """Build ``node``'s merged adapter with :mod:`loraplex.merge` and register it (once); returns its name."""
-    try:
-        from loraplex.merge.merge import merge_adapters
-    except ImportError as exc:  # pragma: no cover - merge ships with loraplex
-        raise LoraplexError(f"merge(...) needs loraplex.merge ({exc})") from exc
+    from loraplex.merge.merge import merge_adapters
+
     name = name or "merge-" + hashlib.sha1(str(node).encode()).hexdigest()[:10]
     if name in plex.bank:
         return name

@@ -13,10 +13,7 @@ writes ``router.safetensors`` + ``router.json`` (with the adapters' folders) int
 
 from __future__ import annotations
 
-import csv
-import json
 import random
-from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -93,11 +90,9 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
 
 
 def read_labelled(path: str, text_column: str = "text", label_column: str = "label") -> list[tuple[str, str]]:
-    """(text, label) rows of a CSV / JSONL / JSON file."""
-    try:
-        from loraplex.train.data import read_rows
-    except ImportError:  # pragma: no cover - the training package ships with loraplex
-        read_rows = _read_rows
+    """(text, label) rows of a CSV / JSONL / JSON / Parquet file."""
+    from loraplex.train.data import read_rows
+
     rows = read_rows(path)
     if not rows:
         raise LoraplexError(f"{path}: no rows")
@@ -108,21 +103,6 @@ def read_labelled(path: str, text_column: str = "text", label_column: str = "lab
                                 f"{sorted(row)}")
         out.append((str(row[text_column]), str(row[label_column])))
     return out
-
-
-def _read_rows(path: str) -> list[dict[str, Any]]:
-    p = Path(path)
-    if not p.is_file():
-        raise LoraplexError(f"dataset file not found: {p}")
-    if p.suffix.lower() == ".csv":
-        with open(p, newline="", encoding="utf-8") as fh:
-            return list(csv.DictReader(fh))
-    if p.suffix.lower() == ".jsonl":
-        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-    if p.suffix.lower() == ".json":
-        data = json.loads(p.read_text())
-        return data["data"] if isinstance(data, dict) else data
-    raise LoraplexError(f"{p}: use .csv, .jsonl or .json")
 
 
 def tokenize(tokenizer: Any, texts: list[str], max_length: int, device: Any = None) -> tuple[Any, Any]:

@@ -220,12 +220,11 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", *, per_class: int = 80, t
     Every test row's prediction by every method (``probe``, ``own``, ``merged``, ``auto``) is written to
     ``<out_dir>/predictions.jsonl`` (see :func:`evaluate`), next to ``results.md``, ``data/``, ``adapters/`` and
     ``router/``."""
-    from loraplex.adapters.io import load_adapter
     from loraplex.compose.moe import RoutedModel
     from loraplex.compose.router import load_router
     from loraplex.merge import merge_adapters
-    from loraplex.train.config import load_config
-    from loraplex.train.predict import load_trained_plex
+    from loraplex.config import load_config
+    from loraplex.run import load_trained_plex
     from loraplex.train.trainer import train
 
     torch.manual_seed(seed)

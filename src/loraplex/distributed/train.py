@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 from loraplex.adapters.io import replace_dir
 from loraplex.errors import LoraplexError
+from loraplex.run import TrainedRun
 
 WORK_DIR = ".ray-work"
 
@@ -29,33 +30,31 @@ def _train_one(config: Any, name: str, work_dir: str, output_dir: str, device: s
     """Ray task: train adapter ``name`` alone into ``work_dir`` (its stack_on bases copied from ``output_dir``)."""
     import torch
 
-    from loraplex.train.config import load_config
-    from loraplex.train.trainer import ADAPTERS_DIR, Trainer
+    from loraplex.config import load_config
+    from loraplex.train.trainer import Trainer
 
     torch.set_num_threads(max(1, threads))
     cfg = load_config(config, check_files=True, require_datasets=True) if isinstance(config, (str, Path)) else config
-    work = Path(work_dir)
-    shutil.rmtree(work, ignore_errors=True)
+    work = TrainedRun(work_dir)
+    shutil.rmtree(work.root, ignore_errors=True)
     for below in cfg.stack_chain(name):
-        shutil.copytree(Path(output_dir) / ADAPTERS_DIR / below, work / ADAPTERS_DIR / below)
-    trainer = Trainer(cfg, output_dir=work, device=device, progress=False, joint=False,
+        shutil.copytree(TrainedRun(output_dir).adapter_dir(below), work.adapter_dir(below))
+    trainer = Trainer(cfg, output_dir=work.root, device=device, progress=False, joint=False,
                       log=lambda msg: print(f"[{name}] {msg}", file=sys.stderr))
-    res = trainer.run(only=[name], force=True, build_extras=False)
+    res = trainer.run(only=[name], force=True, merges_and_router=False)
     return {"losses": res.losses.get(name, []), "eval_loss": res.eval_losses.get(name), "tokens": res.tokens,
             "train_seconds": res.train_seconds, "notes": res.notes}
 
 
-def _collect(work: Path, out: Path, name: str) -> None:
+def _collect(work: TrainedRun, out: TrainedRun, name: str) -> None:
     """Move ``name``'s adapter folder, log and loss plot from a task's work folder into ``out``."""
-    from loraplex.train.trainer import ADAPTERS_DIR, LOGS_DIR, PLOTS_DIR
-
-    (out / ADAPTERS_DIR).mkdir(parents=True, exist_ok=True)
-    replace_dir(work / ADAPTERS_DIR / name, out / ADAPTERS_DIR / name)
-    for sub, fname in ((LOGS_DIR, f"{name}.json"), (PLOTS_DIR, f"{name}_loss.png")):
-        src = work / sub / fname
+    out.adapters_dir.mkdir(parents=True, exist_ok=True)
+    replace_dir(work.adapter_dir(name), out.adapter_dir(name))
+    for src, dst in ((work.logs_dir / f"{name}.json", out.logs_dir / f"{name}.json"),
+                     (work.plots_dir / f"{name}_loss.png", out.plots_dir / f"{name}_loss.png")):
         if src.is_file():
-            (out / sub).mkdir(parents=True, exist_ok=True)
-            os.replace(src, out / sub / fname)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
 
 
 def ray_train(config: Any, *, only: Sequence[str] | None = None, output_dir: str | os.PathLike | None = None,
@@ -64,8 +63,8 @@ def ray_train(config: Any, *, only: Sequence[str] | None = None, output_dir: str
     """Train as Ray tasks (Ray must be initialised, see :func:`loraplex.distributed.init_ray`); a
     :class:`~loraplex.train.trainer.TrainResult` whose ``train_seconds`` is the wall time of the parallel waves.
     ``gpus_per_task`` defaults to 1 when the cluster has GPUs and ``device`` is not ``cpu``."""
+    from loraplex.config import TrainConfig, load_config
     from loraplex.distributed.cluster import require_ray
-    from loraplex.train.config import TrainConfig, load_config
     from loraplex.train.trainer import Trainer, TrainResult
 
     ray = require_ray()
@@ -96,7 +95,7 @@ def ray_train(config: Any, *, only: Sequence[str] | None = None, output_dir: str
                 except ray.exceptions.RayTaskError as exc:  # the task's own error, without Ray's traceback
                     cause = getattr(exc, "cause", None) or exc
                     raise LoraplexError(f"training adapter {n!r} failed in its Ray task: {cause}") from None
-                _collect(work / n, out, n)
+                _collect(TrainedRun(work / n), TrainedRun(out), n)
                 result.trained.append(n)
                 result.losses[n] = list(got["losses"])
                 if got["eval_loss"] is not None:
@@ -107,7 +106,6 @@ def ray_train(config: Any, *, only: Sequence[str] | None = None, output_dir: str
         shutil.rmtree(work, ignore_errors=True)
     result.train_seconds = time.perf_counter() - t0
     final = Trainer(cfg, output_dir=out, device=device, progress=False, log=log)
-    final._build_merges(result)
-    final._build_router(result, retrained=bool(todo))
-    final._write_state(result)
+    final.build_merges_and_router(result)
+    final.write_state(result)
     return result

@@ -347,20 +347,17 @@ def build_classify_server(*, base: str, adapters: Mapping[str, str] | None = Non
 def build_classify_from_config(path: str | os.PathLike, **kw: Any) -> tuple[EncoderBatcher, ModelRegistry, FastAPI]:
     """(batcher, registry, app) from a ``model_type: encoder`` training config: the trained adapters (and merges)
     of its ``output_dir``, and its trained router (``<output_dir>/router``) as model ``auto`` when present."""
-    from loraplex.train.config import load_config
-    from loraplex.train.predict import load_trained_plex
-    from loraplex.train.trainer import ROUTER_DIR
+    from loraplex.config import load_config
+    from loraplex.run import TrainedRun, load_trained_plex
 
     config = load_config(path)
     if config.model_type != "encoder":
         raise LoraplexError(f"{path}: model_type is {config.model_type!r}; the classify server needs "
                             f"model_type: encoder")
-    out = Path(config.output_dir or "runs/train")
-    plex = load_trained_plex(config, out, device=kw.pop("device", None))
-    router_dir = out / ROUTER_DIR
+    run = TrainedRun.of(config)
+    plex = load_trained_plex(config, run.root, device=kw.pop("device", None))
     return build_classify_server(base=str(config.base_model), plex=plex, base_id=kw.pop("base_id", None),
-                                 router_dir=str(router_dir) if (router_dir / "router.json").is_file() else None,
-                                 **kw)
+                                 router_dir=str(run.router_dir) if run.has_router() else None, **kw)
 
 
 def config_is_encoder(path: str | os.PathLike) -> bool:

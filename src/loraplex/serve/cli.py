@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from pathlib import Path
@@ -10,7 +9,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 import typer
 
+from loraplex.config import load_config
 from loraplex.errors import LoraplexError
+from loraplex.run import serve_arguments
 
 
 def _pairs(items: Sequence[str], what: str) -> dict[str, str]:
@@ -84,29 +85,13 @@ def build_server(*, base: str, adapters: Mapping[str, str] | None = None, adapte
 
 
 def build_engine_from_config(path: str | os.PathLike, **options: Any) -> Any:
-    """(engine, registry, app) from a loraplex YAML config; ``options`` (e.g. ``admin_token``, ``adapter_roots``)
-    are passed on to the server builder.
-
-    Hook for the config owner: ``loraplex.train.config`` must provide ``load_serve_config(path) -> dict`` whose
-    keys are :func:`build_server`'s arguments (base, adapters, compositions, ab_splits, admin_token, ...)."""
+    """(engine, registry, app) over the trained run of a loraplex YAML config (:func:`loraplex.run.serve_arguments`);
+    ``options`` (e.g. ``admin_token``, ``adapter_roots``) are passed on to :func:`build_server`."""
     from loraplex.serve.classify import build_classify_from_config, config_is_encoder
 
     if config_is_encoder(path):  # a multi-task encoder: the classify/embeddings server over its trained output
         return build_classify_from_config(path, **options)
-    try:
-        config = importlib.import_module("loraplex.train.config")
-    except ModuleNotFoundError as exc:
-        if exc.name != "loraplex.train.config":
-            raise
-        raise NotImplementedError(
-            f"cannot serve {path}: YAML configs need loraplex.train.config, which is not installed in this build; "
-            f"use --base and --adapter/--adapters-dir instead") from None
-    loader = getattr(config, "load_serve_config", None)
-    if not callable(loader):
-        raise NotImplementedError(
-            f"cannot serve {path}: loraplex.train.config has no load_serve_config(path) yet; use --base and "
-            f"--adapter/--adapters-dir instead")
-    return build_server(**{**dict(loader(path)), **options})
+    return build_server(**{**serve_arguments(load_config(path)), **options})
 
 
 def serve(
@@ -196,7 +181,7 @@ def serve(
                     base_id=base_id, device=device, dtype=dtype, max_slots=max_slots, cpu_budget_mb=cpu_budget_mb,
                     trust_pickle=trust_pickle, max_batch_size=max_batch_size, batch_window_ms=batch_window_ms,
                     max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, max_tokens_cap=max_tokens_cap)
-    except (LoraplexError, NotImplementedError) as exc:
+    except LoraplexError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     app.state.max_body_bytes = int(max_body_mb * 2**20)  # read by loraplex.serve.http.json_body

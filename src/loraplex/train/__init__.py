@@ -1,18 +1,17 @@
-"""Training: the YAML config, data loading, joint mixed-batch LoRA training, prediction.
+"""Training: data loading, joint mixed-batch LoRA training, merges and router after training, prediction.
 
 Python equivalents of the CLI: :func:`train` (``loraplex train CONFIG``) and :func:`predict`
-(``loraplex predict CONFIG --dataset FILE``). Submodules are imported lazily so ``import loraplex.train.config``
-stays light.
+(``loraplex predict CONFIG --dataset FILE``). The config itself is :mod:`loraplex.config`; the output folder
+:mod:`loraplex.run`. Submodules are imported on first use, so ``import loraplex.train.data`` stays light.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ConfigError", "PredictResult", "TrainConfig", "TrainResult", "Trainer", "load_config", "predict", "train"]
+__all__ = ["PredictResult", "TrainResult", "Trainer", "predict", "train"]
 
 _LAZY = {
-    "ConfigError": "loraplex.train.config", "TrainConfig": "loraplex.train.config", "load_config": "loraplex.train.config",
     "TrainResult": "loraplex.train.trainer", "Trainer": "loraplex.train.trainer", "train": "loraplex.train.trainer",
     "PredictResult": "loraplex.train.predict", "predict": "loraplex.train.predict",
 }

@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
                                                                                "(default: start one locally)."),
     ) -> None:
         """Train the config's new or changed adapters (all in one mixed-batch job), then its merges and router."""
-        from loraplex.train.config import load_config
+        from loraplex.config import load_config
         from loraplex.hostmem import tune_cpu_allocator
         from loraplex.train.trainer import train
 
@@ -94,7 +94,7 @@ def register(app: typer.Typer) -> None:
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     ) -> None:
         """Write predictions for a dataset (and metrics when it has labels / responses)."""
-        from loraplex.train.config import load_config
+        from loraplex.config import load_config
         from loraplex.train.predict import predict
 
         try:

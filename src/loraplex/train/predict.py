@@ -8,7 +8,7 @@
   ``precision`` / ``recall`` / ``f1`` (exact span and type, conlleval rules) and ``token_accuracy``.
 
 Rows run in batches through the mixed-batch runtime. The adapter choice is ``--adapter NAME``, ``--compose SPEC``
-(``blend(a=0.7,b=0.3)``, ``stack(a,b)``, ... through :mod:`loraplex.compose` when it is available) or, by
+(``blend(a=0.7,b=0.3)``, ``stack(a,b)``, ... through :mod:`loraplex.compose`) or, by
 default, the config's ``active``.
 """
 
@@ -20,21 +20,21 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from loraplex.adapters.io import CONFIG_NAME, atomic_write_text, load_adapter
+from loraplex.adapters.io import atomic_write_text
+from loraplex.config import TrainConfig, load_config
 from loraplex.errors import LoraplexError
+from loraplex.run import TrainedRun, load_trained_plex
 from loraplex.tokens import eos_id, first_tokens, pad_batch, pad_id
-from loraplex.train.config import TrainConfig, load_config
 from loraplex.train.data import (IGNORE, DataError, bio_spans, encode_response, examples_for_task, read_rows,
                                  resolve_columns, write_rows)
-from loraplex.train.trainer import ADAPTERS_DIR, load_state, load_training_plex
 
-__all__ = ["PredictResult", "Runner", "classification_metrics", "entity_metrics", "load_trained_plex", "make_runner",
-           "predict", "rows_for_choice"]
+__all__ = ["PredictResult", "Runner", "classification_metrics", "entity_metrics", "make_runner", "predict",
+           "rows_for_choice"]
 
 RowSpec = list[tuple[str, float]]
 
@@ -83,22 +83,7 @@ def entity_metrics(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]])
             "n": len(gold)}
 
 
-# ------------------------------------------------------------------------------------------------ loading
-def load_trained_plex(config: TrainConfig, output_dir: str | os.PathLike[str] | None = None, *,
-                      device: str | torch.device | None = None, names: Sequence[str] | None = None) -> Any:
-    """A Plex over the config's base model with the trained adapters (and merges) of ``output_dir`` registered."""
-    out = Path(output_dir if output_dir is not None else config.output_dir or "runs/train")
-    folder = out / ADAPTERS_DIR
-    wanted = list(names) if names is not None else config.adapter_names + [m.name for m in config.merges]
-    present = [n for n in wanted if (folder / n / CONFIG_NAME).is_file()]
-    if not present:
-        raise LoraplexError(f"no trained adapters in {folder}; run `loraplex train` first")
-    plex = load_training_plex(config, device=device, max_slots=max(len(present), 2))
-    for n in present:
-        plex.add_adapter(n, load_adapter(folder / n, n))
-    return plex
-
-
+# ------------------------------------------------------------------------------------------------ choices
 def rows_for_choice(plex: Any, config: TrainConfig, choice: str) -> RowSpec | None:
     """The per-row adapter spec for an adapter name, ``base``, ``blend(...)`` or an additive ``stack(...)`` (stacked
     adapters bring the adapters they were trained on); None for compositions that need :mod:`loraplex.compose`."""
@@ -146,9 +131,7 @@ class Runner:
 
 def make_runner(plex: Any, config: TrainConfig, choice: str, output_dir: Path) -> tuple[Runner, list[str]]:
     """The runner for ``choice`` and the adapter names it may use."""
-    from loraplex.train.trainer import ROUTER_DIR
-
-    router_dir = output_dir / ROUTER_DIR
+    router_dir = TrainedRun(output_dir).router_dir
     if choice in ("router", "auto"):
         choice = f"moe({router_dir})" if choice == "router" else "auto"
     rowspec = rows_for_choice(plex, config, choice)
@@ -223,8 +206,9 @@ def predict(config: TrainConfig | str | os.PathLike[str], dataset: str | os.Path
         raise LoraplexError("give --adapter or --compose, not both")
     if not isinstance(config, TrainConfig):
         config = load_config(config)
-    out_dir = Path(output_dir if output_dir is not None else config.output_dir or "runs/train")
-    choice = adapter or compose or load_state(out_dir).get("active") or config.active
+    run = TrainedRun.of(config, output_dir)
+    out_dir = run.root
+    choice = adapter or compose or run.active(config)
     if plex is None:
         plex = load_trained_plex(config, out_dir, device=device)
     if adapter is not None and adapter not in plex.adapters:
@@ -245,7 +229,7 @@ def predict(config: TrainConfig | str | os.PathLike[str], dataset: str | os.Path
     dev = next(plex.model.parameters()).device
     safe = re.sub(r"[^A-Za-z0-9_.=-]+", "_", choice).strip("_") or "base"
     ext = ".csv" if path.lower().endswith(".csv") else ".jsonl"
-    target = Path(out) if out is not None else out_dir / "predictions" / f"{Path(path).stem}.{safe[:80]}{ext}"
+    target = Path(out) if out is not None else run.predictions_dir / f"{Path(path).stem}.{safe[:80]}{ext}"
     bar = _bar(len(rows), progress)
     from loraplex.compose.stack import Pipeline
 

@@ -13,8 +13,10 @@ Joint training
 
 Data order, initialisation and dropout do not depend on which other adapters train in the same job (seeds are
 derived from ``trainer.seed`` and the adapter name, or ``init_seed``), so adding an adapter later never changes
-the others, and they are not retrained at all (continual learning): ``<output_dir>/state.json`` records each
-adapter's config fingerprint and only new or changed adapters train; the others' files are left untouched.
+the others, and they are not retrained at all (continual learning): the run's ``state.json``
+(:class:`loraplex.run.TrainedRun`) records each adapter's config fingerprint and only new or changed adapters train;
+the others' files are left untouched. After training, :mod:`loraplex.train.postbuild` (re)builds the merges and the
+router whose inputs changed.
 
 The frozen base runs in eval mode (no base dropout); LoRA dropout is applied per row with each adapter's rate.
 ``stack_on: other`` trains on top of the frozen, already trained ``other`` (rows carry ``[(self, 1), (other, 1)]``).
@@ -37,31 +39,26 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from loraplex.adapters.io import CONFIG_NAME, LoraAdapter, LoraModule, atomic_write_text, load_adapter, module_dims
+from loraplex.adapters.io import LoraAdapter, LoraModule, atomic_write_text, load_adapter, module_dims, save_adapter
 from loraplex.adapters.spec import LoraSpec
+from loraplex.config import ConfigError, TrainConfig, load_config
 from loraplex.errors import LoraplexError
 from loraplex.hostmem import tune_cpu_allocator
 from loraplex.tokens import pad_batch, pad_id
 from loraplex.runtime import MultiLoraLinear, SavedModuleSwitch
+from loraplex.run import ADAPTERS_DIR, TrainedRun, adapter_fingerprint, load_base_plex
 from loraplex.train import checkpoint as ckpt
-from loraplex.train.config import ConfigError, TrainConfig, load_config
+from loraplex.train import postbuild
 from loraplex.train.data import IGNORE, AdapterData, Example, epoch_order, load_adapter_data
 from loraplex.train.plot import plot_losses
 
-__all__ = ["AdapterRun", "STATE_NAME", "TrainResult", "Trainer", "default_target_modules", "load_state",
-           "load_training_plex", "resolve_base_model", "train", "tune_cpu_allocator"]
+__all__ = ["AdapterRun", "TrainResult", "Trainer", "default_target_modules", "train", "tune_cpu_allocator"]
 
-STATE_NAME = "state.json"
-ADAPTERS_DIR = "adapters"
-CHECKPOINTS_DIR = "checkpoints"
-PLOTS_DIR = "plots"
-LOGS_DIR = "logs"
-ROUTER_DIR = "router"
 #: test hook: seconds to sleep after every micro-step (lets a test kill a run between checkpoints)
 STEP_SLEEP_ENV = "LORAPLEX_TRAIN_STEP_SLEEP"
 
@@ -94,7 +91,7 @@ class TrainResult:
         return self.tokens / self.train_seconds if self.train_seconds > 0 else 0.0
 
     def adapter_dir(self, name: str) -> Path:
-        return self.output_dir / ADAPTERS_DIR / name
+        return TrainedRun(self.output_dir).adapter_dir(name)
 
 
 @dataclass
@@ -139,30 +136,15 @@ class AdapterRun:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def resolve_base_model(config: TrainConfig) -> str:
-    """``base_model`` as a usable path: relative folders resolve against the config file's folder first."""
-    base = config.base_model
-    p = Path(os.path.expanduser(base))
-    if p.is_absolute():
-        return str(p)
-    if config.source is not None:
-        cand = config.source.resolve().parent / p
-        if cand.exists():
-            return str(cand)
-    return str(p) if p.exists() else base
-
-
 def _seed_of(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:6], "big")
 
 
 def default_target_modules(model: nn.Module) -> list[str]:
     """PEFT's default LoRA targets for the model's architecture (what ``LoraConfig()`` would use)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as mapping
+
     mt = getattr(getattr(model, "config", None), "model_type", None)
-    try:
-        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as mapping
-    except ImportError:  # pragma: no cover - peft is a dependency
-        mapping = _FALLBACK_TARGETS
     targets = mapping.get(mt) or _FALLBACK_TARGETS.get(mt or "")
     if not targets:
         raise LoraplexError(f"no default LoRA target modules for model_type {mt!r}; set target_modules "
@@ -187,45 +169,6 @@ def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def load_state(output_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """``<output_dir>/state.json`` (an empty state when there is none)."""
-    p = Path(output_dir) / STATE_NAME
-    if not p.is_file():
-        return {"version": 1, "adapters": {}, "merges": {}}
-    try:
-        state = json.loads(p.read_text())
-    except ValueError as exc:
-        raise LoraplexError(f"{p}: not valid JSON ({exc}); delete it to retrain everything") from None
-    state.setdefault("adapters", {})
-    state.setdefault("merges", {})
-    return state
-
-
-def load_training_plex(config: TrainConfig, *, device: str | torch.device | None = None, max_slots: int = 8):
-    """A :class:`~loraplex.api.Plex` over the config's base model (a multi-task encoder for ``model_type: encoder``)."""
-    from loraplex.api import Plex, load_base
-    from loraplex.tasks import load_encoder_plex
-
-    base = resolve_base_model(config)
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if config.model_type == "encoder":
-        from transformers import AutoModel, AutoTokenizer
-
-        try:
-            enc = AutoModel.from_pretrained(base)
-            tok = AutoTokenizer.from_pretrained(base)
-        except Exception as exc:
-            raise LoraplexError(f"base_model {config.base_model!r}: cannot load the encoder ({exc})") from exc
-        plex = load_encoder_plex(enc.to(dev), tokenizer=tok, max_slots=max_slots)
-    else:
-        model, tok = load_base(base)
-        if tok is None:
-            raise LoraplexError(f"base_model {config.base_model!r}: no tokenizer found next to the model; "
-                                f"save one into the model folder")
-        plex = Plex(model.to(dev), tok, max_slots=max_slots)
-    return plex
-
-
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -246,7 +189,8 @@ class Trainer:
         if not isinstance(config, TrainConfig):
             config = load_config(config, check_files=True, require_datasets=True)
         self.config = config
-        self.output_dir = Path(output_dir if output_dir is not None else config.output_dir or "runs/train")
+        self.folder = TrainedRun.of(config, output_dir)
+        self.output_dir = self.folder.root
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         self.progress = progress
@@ -261,14 +205,14 @@ class Trainer:
     # -------------------------------------------------------------- planning
     @property
     def adapters_dir(self) -> Path:
-        return self.output_dir / ADAPTERS_DIR
+        return self.folder.adapters_dir
 
     @property
     def checkpoints_dir(self) -> Path:
-        return self.output_dir / CHECKPOINTS_DIR
+        return self.folder.checkpoints_dir
 
     def fingerprints(self) -> dict[str, str]:
-        return {n: self.config.adapter_fingerprint(n) for n in self.config.adapter_names}
+        return {n: adapter_fingerprint(self.config, n) for n in self.config.adapter_names}
 
     def pending(self, only: Sequence[str] | None = None, force: bool = False) -> tuple[list[str], list[str]]:
         """(adapters to train, adapters up to date), in training order."""
@@ -276,14 +220,14 @@ class Trainer:
         if only:
             for n in only:
                 cfg.get_adapter(n)  # UnknownAdapterError lists the known names
-        state = load_state(self.output_dir)
+        state = self.folder.load_state()
         fps = self.fingerprints()
         todo, done = [], []
         for n in cfg.training_order():
             if only and n not in only:
                 continue
             rec = state["adapters"].get(n) or {}
-            fresh = rec.get("fingerprint") == fps[n] and (self.adapters_dir / n / CONFIG_NAME).is_file()
+            fresh = rec.get("fingerprint") == fps[n] and self.folder.has_adapter(n)
             (done if fresh and not force else todo).append(n)
         # an adapter stacked on one that retrains has a new fingerprint already (it covers stack_on's)
         return todo, done
@@ -305,8 +249,9 @@ class Trainer:
 
     # -------------------------------------------------------------- the run
     def run(self, *, resume: bool = False, only: Sequence[str] | None = None, force: bool = False,
-            build_extras: bool = True) -> TrainResult:
-        """Train new/changed adapters, then (re)build merges and the router; returns what was done."""
+            merges_and_router: bool = True) -> TrainResult:
+        """Train new/changed adapters, then (``merges_and_router``) (re)build the merges and the router; returns what
+        was done."""
         todo, done = self.pending(only, force)
         result = TrainResult(self.output_dir, [], done, {})
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -325,16 +270,15 @@ class Trainer:
             self._train_group(group, fps, result, resume=resume)
         if todo:
             ckpt.remove_checkpoints(self.checkpoints_dir)
-        if build_extras:
-            self._build_merges(result)
-            self._build_router(result, retrained=bool(todo))
-        self._write_state(result)
+        if merges_and_router:
+            self.build_merges_and_router(result)
+        self.write_state(result)
         return result
 
     # -------------------------------------------------------------- model
     def _ensure_plex(self, n_slots: int) -> Any:
         if self.plex is None or self.plex.bank.max_slots < n_slots:
-            self.plex = load_training_plex(self.config, device=self.device, max_slots=max(n_slots, 2))
+            self.plex = load_base_plex(self.config, device=self.device, max_slots=max(n_slots, 2))
         return self.plex
 
     def _target_modules(self, name: str, model: nn.Module) -> tuple[list[str], list[str] | str]:
@@ -354,7 +298,7 @@ class Trainer:
         probe = LoraSpec(r=a.r, target_modules=written, layers_to_transform=a.layers_to_transform)
         mods = sorted(n for n in linear if probe.matches(n))
         if not mods:
-            loc = "adapter" if self.config._single else f"adapters.adapters.{name}"
+            loc = self.config.adapter_path(name)
             sample = ", ".join(sorted({n.rsplit('.', 1)[-1] for n in linear})[:12])
             raise ConfigError([(f"{loc}.target_modules", f"no Linear module of the base model matches {targets!r}; "
                                                          f"its linear layers are named: {sample}")],
@@ -364,16 +308,13 @@ class Trainer:
     def _new_run(self, name: str, fps: dict[str, str], model: nn.Module) -> AdapterRun:
         cfg = self.config
         a = cfg.get_adapter(name)
-        task = a.task or ("causal_lm" if cfg.model_type == "llm" else "classification")
+        task = cfg.task_of(name)
         data = load_adapter_data(cfg, name, self.plex.tokenizer)
         mods, written = self._target_modules(name, model)
-        peft = cfg.to_peft_config_dict(name)
-        peft["target_modules"] = written
         from transformers.pytorch_utils import Conv1D
 
-        if any(isinstance(_linear_modules(model)[m], Conv1D) for m in mods):
-            peft["fan_in_fan_out"] = True
-        spec = LoraSpec.from_peft_config(peft, source=f"adapter {name!r}")
+        spec = cfg.lora_spec(name, target_modules=written,
+                             fan_in_fan_out=any(isinstance(_linear_modules(model)[m], Conv1D) for m in mods))
         seed = a.init_seed if a.init_seed is not None else _seed_of(cfg.trainer.seed, name, "init")
         gen = torch.Generator().manual_seed(seed)
         linear = _linear_modules(model)
@@ -435,8 +376,8 @@ class Trainer:
     def _ensure_frozen(self, names: Sequence[str]) -> None:
         for n in names:
             if n not in self.plex.adapters:
-                folder = self.adapters_dir / n
-                if not (folder / CONFIG_NAME).is_file():
+                folder = self.folder.adapter_dir(n)
+                if not self.folder.has_adapter(n):
                     raise LoraplexError(f"adapter {n!r} is needed (stack_on) but {folder} does not exist; "
                                         f"train it first")
                 self.plex.add_adapter(n, load_adapter(folder, n))
@@ -499,7 +440,7 @@ class Trainer:
             self._save_run(run)
             result.trained.append(run.name)
             result.losses[run.name] = list(run.losses)
-        self._write_state(result, partial=True)
+        self.write_state(result)
 
     def _loop(self, runs: list[AdapterRun], slots: dict[str, int], start: int, tokens: int,
               key: dict[str, Any]) -> tuple[int, float, float]:
@@ -700,16 +641,14 @@ class Trainer:
 
     # -------------------------------------------------------------- outputs
     def _save_run(self, run: AdapterRun) -> None:
-        from loraplex.adapters.io import save_adapter
-
         ad = self._snapshot(run)
-        save_adapter(ad, self.adapters_dir / run.name)
+        save_adapter(ad, self.folder.adapter_dir(run.name))
         log = {"adapter": run.name, "task": run.task, "fingerprint": run.fingerprint, "losses": run.losses,
                "steps": run.n_steps, "examples": len(run.data), "dataset": run.data.path,
                "columns": run.data.columns, "eval_loss": run.eval_loss, "joint": self.joint}
-        atomic_write_text(self.output_dir / LOGS_DIR / f"{run.name}.json", json.dumps(log, indent=2))
+        atomic_write_text(self.folder.logs_dir / f"{run.name}.json", json.dumps(log, indent=2))
         try:
-            plot_losses(self.output_dir / PLOTS_DIR / f"{run.name}_loss.png", f"{run.name} ({run.task})", run.losses)
+            plot_losses(self.folder.plots_dir / f"{run.name}_loss.png", f"{run.name} ({run.task})", run.losses)
         except Exception as exc:  # a plot must never fail a training run
             self.log(f"warning: could not draw the loss curve of {run.name!r}: {exc}")
 
@@ -717,36 +656,35 @@ class Trainer:
         """Make the bank serve the trained weights (later groups may stack on them)."""
         self.plex.add_adapter(run.name, self._snapshot(run), replace=True)
 
-    def _write_state(self, result: TrainResult, partial: bool = False) -> None:
-        state = load_state(self.output_dir)
+    def write_state(self, result: TrainResult) -> None:
+        """Record the adapters ``result`` trained (fingerprint, task, steps, losses) and the config's base model,
+        model type and active choice in the run's ``state.json``."""
         cfg = self.config
+        records: dict[str, dict[str, Any]] = {}
         for name in result.trained:
-            rec = {"fingerprint": cfg.adapter_fingerprint(name), "task": cfg.get_adapter(name).task,
-                   "steps": len(result.losses.get(name, [])), "path": f"{ADAPTERS_DIR}/{name}"}
+            rec: dict[str, Any] = {"fingerprint": adapter_fingerprint(cfg, name), "task": cfg.get_adapter(name).task,
+                                   "steps": len(result.losses.get(name, [])), "path": f"{ADAPTERS_DIR}/{name}"}
             losses = result.losses.get(name) or []
             if losses:
                 rec["first_loss"], rec["final_loss"] = losses[0], losses[-1]
             if name in result.eval_losses:
                 rec["eval_loss"] = result.eval_losses[name]
-            state["adapters"][name] = rec
-        state["version"] = 1
-        state["base_model"] = cfg.base_model
-        state["model_type"] = cfg.model_type
-        state["active"] = cfg.active
+            records[name] = rec
+        fields: dict[str, Any] = {"base_model": cfg.base_model, "model_type": cfg.model_type, "active": cfg.active}
         if cfg.source is not None:
-            state["config"] = str(cfg.source)
-        atomic_write_text(self.output_dir / STATE_NAME, json.dumps(state, indent=2, sort_keys=True))
+            fields["config"] = str(cfg.source)
+        self.folder.update_state(adapters=records, **fields)
 
     # -------------------------------------------------------------- merges and router
-    def _build_merges(self, result: TrainResult) -> None:
-        from loraplex.train import extras
-
-        extras.build_merges(self, result)
-
-    def _build_router(self, result: TrainResult, retrained: bool) -> None:
-        from loraplex.train import extras
-
-        extras.build_router(self, result, retrained=retrained)
+    def build_merges_and_router(self, result: TrainResult) -> None:
+        """(Re)build the config's merges and router whose inputs changed (see :mod:`loraplex.train.postbuild`)."""
+        built = postbuild.build_merges(self.config, self.folder, log=self.log)
+        result.merges += built.merges
+        result.notes += built.notes
+        built = postbuild.build_router(self.config, self.folder, lambda n_slots: self._ensure_plex(n_slots),
+                                       log=self.log)
+        result.router = built.router or result.router
+        result.notes += built.notes
 
 
 # ------------------------------------------------------------------------------------------------ functions
@@ -788,10 +726,8 @@ def _causal_forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor
 def _progress(total: int, initial: int, desc: str, enabled: bool | None) -> Any:
     if enabled is False:
         return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return None
+    from tqdm.auto import tqdm
+
     return tqdm(total=total, initial=initial, desc=desc[:40], unit="step", dynamic_ncols=True,
                 disable=None if enabled is None else not enabled, leave=True)
 
