@@ -351,3 +351,89 @@ def test_real_peft_configs_load_and_match_peft(kind: str, tmp_path: Path) -> Non
         plain = base(input_ids=ids).logits
     assert not torch.allclose(want, plain, atol=1e-4)  # the adapter does change the output
     assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+
+
+# --------------------------------------------------------------------------- fuzzing the loader
+JUNK = [None, "x", "", -1, 0, 1, 4.7, 10**30, float("nan"), float("inf"), True, [], {}, [None], {"a": "b"},
+        ["q_proj", 1], "((", "all-linear", {"q_proj": -3}, [[1]], "LORA", 2**63]
+
+
+def _mutate_config(cfg: dict, rng) -> object:
+    cfg = copy.deepcopy(cfg)
+    roll = rng.random()
+    if roll < 0.05:
+        return rng.choice([[], 3, "text", None])  # not an object at all
+    keys = sorted(cfg)
+    for _ in range(rng.randint(1, 3)):
+        key = rng.choice(keys + ["r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules"])
+        if rng.random() < 0.15:
+            cfg.pop(key, None)
+        elif rng.random() < 0.3 and isinstance(cfg.get(key), dict):
+            cfg[key] = {rng.choice(["q_proj", "v_proj", "(", ".*"]): rng.choice(JUNK)}
+        else:
+            cfg[key] = rng.choice(JUNK)
+    return cfg
+
+
+def _mutate_weights(data: bytes, rng) -> bytes:
+    n = int.from_bytes(data[:8], "little")
+    header = bytearray(data[8:8 + n])
+    roll = rng.random()
+    if roll < 0.15:  # a wrong header length
+        return rng.choice([0, 1, n - 1, n + 1, 2**40, len(data)]).to_bytes(8, "little") + data[8:]
+    if roll < 0.3:  # truncation anywhere
+        return data[: rng.randrange(len(data))]
+    meta = json.loads(header)
+    keys = [k for k in meta if k != "__metadata__"]
+    if roll < 0.75 and keys:  # a semantic change in one tensor's entry
+        entry = meta[rng.choice(keys)]
+        field = rng.choice(["dtype", "shape", "data_offsets"])
+        entry[field] = rng.choice({"dtype": ["F16", "I8", "BOOL", "F8_E4M3", "X", 3],
+                                   "shape": [[], [0], [1, 1], [2, 3, 4], [-1, 4], [10**9, 10**9], "x"],
+                                   "data_offsets": [[0, 0], [0, 10**12], [8, 4], [0], "x"]}[field])
+        if rng.random() < 0.3:
+            meta[rng.choice(keys)] = rng.choice([None, 1, [], {"dtype": "F32"}])
+        text = json.dumps(meta).encode()
+        return len(text).to_bytes(8, "little") + text + data[8 + n:]
+    for _ in range(rng.randint(1, 4)):  # random byte flips in the header or the data
+        i = rng.randrange(len(data))
+        data = data[:i] + bytes([rng.randrange(256)]) + data[i + 1:]
+    return data
+
+
+def test_fuzzed_adapter_files_load_or_fail_cleanly(env, tmp_path: Path) -> None:
+    import random
+
+    rng = random.Random(18)
+    good = env["good"]
+    cfg = json.loads((good / CONFIG_NAME).read_text())
+    weights = (good / WEIGHTS_NAME).read_bytes()
+    folder = tmp_path / "fuzzed"
+    shutil.copytree(good, folder)
+    outcomes = {"loaded": 0, "refused": 0}
+    t0 = time.perf_counter()
+    for i in range(600):
+        which = rng.random()
+        (folder / CONFIG_NAME).write_text(json.dumps(_mutate_config(cfg, rng)) if which < 0.5
+                                          else json.dumps(cfg))
+        (folder / WEIGHTS_NAME).write_bytes(_mutate_weights(weights, rng) if which >= 0.4 else weights)
+        try:
+            ad = load_adapter(folder)
+        except AdapterError as exc:
+            assert str(folder) in str(exc), (i, str(exc))
+            outcomes["refused"] += 1
+            continue
+        except Exception as exc:  # noqa: BLE001 -- the point of the test
+            raise AssertionError(f"mutation {i}: {type(exc).__name__}: {exc}\n"
+                                 f"config: {(folder / CONFIG_NAME).read_text()[:400]}") from exc
+        assert ad.modules or ad.saved_modules
+        outcomes["loaded"] += 1
+    assert time.perf_counter() - t0 < 60
+    assert outcomes["refused"] > 100 and outcomes["loaded"] > 10, outcomes
+
+
+def test_inspect_names_a_missing_base_folder(env, cli_app, tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such" / "base"
+    res = runner.invoke(cli_app, ["inspect", str(env["good"]), "--base", str(missing)])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert f"base model folder not found: {missing}" in res.output and "Repo id" not in res.output

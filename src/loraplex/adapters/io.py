@@ -160,6 +160,10 @@ def read_config(folder: Path, *, roots: Iterable[str | os.PathLike] | None = Non
         raise AdapterError(f"{cfg_path}: not valid JSON ({exc})") from exc
     except (UnicodeDecodeError, RecursionError, ValueError) as exc:
         raise AdapterError(f"{cfg_path}: unreadable JSON ({type(exc).__name__}: {exc})") from exc
+    except PathNotAllowedError:
+        raise
+    except OSError as exc:
+        raise AdapterError(f"{cfg_path}: cannot read it ({exc})") from exc
     return LoraSpec.from_peft_config(cfg, source=str(cfg_path))
 
 
@@ -265,7 +269,7 @@ def load_adapter(path: str | os.PathLike, name: str | None = None, *, trust_pick
     if meta.is_file():
         try:
             adapter.meta = json.loads(confine(meta, roots).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise AdapterError(f"{meta}: not valid JSON ({exc})") from exc
     return adapter.to(dtype=dtype) if dtype is not None else adapter
 
