@@ -144,8 +144,9 @@ def confine(path: Path, roots: Iterable[str | os.PathLike] | None) -> Path:
 
 
 def is_hidden_or_leftover(name: str) -> bool:
-    """Whether a folder name is hidden (``.x``) or one of loraplex's write leftovers: never an adapter."""
-    return name.startswith(".") or LEFTOVER_NAME.match(name) is not None
+    """Whether a folder name is hidden (``.x``), as loraplex's write leftovers (:data:`LEFTOVER_NAME`) all are:
+    such a folder is never an adapter."""
+    return name.startswith(".")
 
 
 # --------------------------------------------------------------------------- loading
