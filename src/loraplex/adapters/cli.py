@@ -136,6 +136,8 @@ def load_base_skeleton(base: str, task_type: str | None = None) -> torch.nn.Modu
     import transformers
     from transformers import AutoConfig
 
+    if not Path(base).expanduser().exists() and (base.startswith((".", "~", "/")) or base.count("/") > 1):
+        raise LoraplexError(f"base model folder not found: {base}")
     config = AutoConfig.from_pretrained(base)
     candidates: list[Any] = []
     if task_type in _TASK_CLASSES:

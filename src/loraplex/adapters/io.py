@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -22,6 +24,13 @@ PICKLE_NAME = "adapter_model.bin"
 META_NAME = "loraplex_meta.json"  # optional: task, labels, parents (PEFT ignores it)
 _PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+#: Names of loraplex's own write leftovers: ``.NAME.tmp-XXXX`` (a write in progress or killed) and ``.NAME.old-PID``
+#: (the previous version during a replace).
+LEFTOVER_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[A-Za-z0-9_]+$")
+#: Leftovers older than this (seconds since their last change) are stale: :func:`clean_leftovers` removes them.
+STALE_SECONDS = 3600.0
+
+log = logging.getLogger("loraplex.adapters")
 
 
 @dataclass
@@ -115,43 +124,67 @@ def resolve_adapter_path(path_or_id: str | os.PathLike, *, roots: Iterable[str |
 
 
 def check_path_allowed(path: str | os.PathLike, roots: Iterable[str | os.PathLike]) -> Path:
-    """``path`` resolved, or :class:`PathNotAllowedError` when it is outside every root."""
-    real = Path(path).expanduser().resolve()
-    root_list = [Path(r).expanduser().resolve() for r in roots]
+    """``path`` with every symlink resolved (``os.path.realpath``), or :class:`PathNotAllowedError` naming it when
+    that real path lies outside every root (each root's real path; ``os.path.commonpath`` decides)."""
+    real = os.path.realpath(os.path.expanduser(os.fspath(path)))
+    root_list = [os.path.realpath(os.path.expanduser(os.fspath(r))) for r in roots]
     for root in root_list:
-        if real == root or root in real.parents:
-            return real
-    raise PathNotAllowedError(f"path {str(path)!r} is outside the allowed adapter roots: "
-                              f"{', '.join(map(str, root_list)) or '(none configured)'}")
+        if os.path.commonpath([real, root]) == root:
+            return Path(real)
+    shown = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    via = f" (a symlink to {real})" if real != shown else ""
+    raise PathNotAllowedError(f"path {str(path)!r}{via} is outside the allowed adapter roots: "
+                              f"{', '.join(root_list) or '(none configured)'}")
+
+
+def confine(path: Path, roots: Iterable[str | os.PathLike] | None) -> Path:
+    """The path to read for ``path``: itself without ``roots``, else its real path checked to lie inside them
+    (:func:`check_path_allowed`). Every file an adapter load reads goes through this."""
+    return path if roots is None else check_path_allowed(path, roots)
+
+
+def is_hidden_or_leftover(name: str) -> bool:
+    """Whether a folder name is hidden (``.x``), as loraplex's write leftovers (:data:`LEFTOVER_NAME`) all are:
+    such a folder is never an adapter."""
+    return name.startswith(".")
 
 
 # --------------------------------------------------------------------------- loading
-def read_config(folder: Path) -> LoraSpec:
-    """Parse ``folder/adapter_config.json``."""
+def read_config(folder: Path, *, roots: Iterable[str | os.PathLike] | None = None) -> LoraSpec:
+    """Parse ``folder/adapter_config.json`` (confined to ``roots`` when given)."""
     cfg_path = folder / CONFIG_NAME
     if not cfg_path.is_file():
         raise AdapterError(f"{folder}: missing {CONFIG_NAME}")
     try:
-        cfg = json.loads(cfg_path.read_text())
+        cfg = json.loads(confine(cfg_path, roots).read_text())
     except json.JSONDecodeError as exc:
         raise AdapterError(f"{cfg_path}: not valid JSON ({exc})") from exc
+    except (UnicodeDecodeError, RecursionError, ValueError) as exc:
+        raise AdapterError(f"{cfg_path}: unreadable JSON ({type(exc).__name__}: {exc})") from exc
+    except PathNotAllowedError:
+        raise
+    except OSError as exc:
+        raise AdapterError(f"{cfg_path}: cannot read it ({exc})") from exc
     return LoraSpec.from_peft_config(cfg, source=str(cfg_path))
 
 
 SMALL_FILE_BYTES = 64 << 20  # weights files up to this size are read whole instead of memory-mapped
 
 
-def read_weights(folder: Path, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """The adapter's tensors by file key; pickle files only with ``trust_pickle``."""
+def read_weights(folder: Path, *, trust_pickle: bool = False,
+                 roots: Iterable[str | os.PathLike] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors by file key (the file confined to ``roots`` when given); pickle files only with
+    ``trust_pickle``."""
     st = folder / WEIGHTS_NAME
     if st.is_file():
+        real = confine(st, roots)
         from safetensors import SafetensorError
         from safetensors.torch import load, load_file
 
         try:
-            if st.stat().st_size <= SMALL_FILE_BYTES:  # small adapters: one read and an in-memory parse, ~3x faster
-                return load(st.read_bytes())
-            return load_file(str(st))
+            if real.stat().st_size <= SMALL_FILE_BYTES:  # small adapters: one read and an in-memory parse, ~3x faster
+                return load(real.read_bytes())
+            return load_file(str(real))
         except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
             raise AdapterError(f"{st}: corrupt or unreadable safetensors file ({exc})") from exc
     pkl = folder / PICKLE_NAME
@@ -160,8 +193,9 @@ def read_weights(folder: Path, *, trust_pickle: bool = False) -> dict[str, torch
             raise AdapterError(f"{pkl}: only a pickle weights file is present; pickle can run arbitrary code, so "
                                f"loraplex refuses it unless you pass trust_pickle=True (CLI: --trust-pickle), "
                                f"or convert it to {WEIGHTS_NAME}")
+        real = confine(pkl, roots)
         try:
-            return torch.load(str(pkl), map_location="cpu", weights_only=True)
+            return torch.load(str(real), map_location="cpu", weights_only=True)
         except Exception as exc:
             raise AdapterError(f"{pkl}: unreadable pickle weights ({exc})") from exc
     raise AdapterError(f"{folder}: missing {WEIGHTS_NAME}")
@@ -215,32 +249,71 @@ def _saved_owner(key: str, modules_to_save: list[str]) -> tuple[str, str] | None
 
 def load_adapter(path: str | os.PathLike, name: str | None = None, *, trust_pickle: bool = False,
                  roots: Iterable[str | os.PathLike] | None = None, dtype: torch.dtype | None = None) -> LoraAdapter:
-    """Read a PEFT adapter folder (or hub id) into a :class:`LoraAdapter`."""
+    """Read a PEFT adapter folder (or hub id) into a :class:`LoraAdapter`.
+
+    With ``roots``, the folder and every file read from it (config, weights, meta) must resolve, symlinks
+    followed, inside one of them (:class:`PathNotAllowedError` naming the file otherwise). An adapter whose
+    weights adapt nothing (no LoRA factors, no ``modules_to_save`` tensors), or hold factors for a module its
+    ``target_modules`` does not select, is refused."""
+    roots = None if roots is None else list(roots)
     folder = resolve_adapter_path(path, roots=roots)
-    spec = read_config(folder)
-    tensors = read_weights(folder, trust_pickle=trust_pickle)
-    adapter = adapter_from_state_dict(name or folder.name, spec, tensors, source=str(folder))
+    spec = read_config(folder, roots=roots)
+    tensors = read_weights(folder, trust_pickle=trust_pickle, roots=roots)
+    label = name or folder.name
+    adapter = adapter_from_state_dict(label, spec, tensors, source=str(folder))
+    if not adapter.modules and not adapter.saved_modules:
+        raise AdapterError(f"adapter {label!r} adapts nothing: {folder} holds no lora_A/lora_B factors and no "
+                           f"modules_to_save tensors ({len(tensors)} tensors in the weights file)")
+    check_targets(adapter, source=str(folder / CONFIG_NAME))
     adapter.path = str(folder)
     meta = folder / META_NAME
     if meta.is_file():
         try:
-            adapter.meta = json.loads(meta.read_text())
-        except json.JSONDecodeError as exc:
+            adapter.meta = json.loads(confine(meta, roots).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise AdapterError(f"{meta}: not valid JSON ({exc})") from exc
     return adapter.to(dtype=dtype) if dtype is not None else adapter
 
 
-def load_adapter_dir(path: str | os.PathLike, **kw: Any) -> dict[str, LoraAdapter]:
-    """All adapters of a folder: the folder itself if it is one, else each subfolder holding a config."""
+def check_targets(adapter: LoraAdapter, *, source: str) -> None:
+    """Refuse LoRA factors for a module the config's ``target_modules`` (with ``layers_to_transform``,
+    ``exclude_modules``) does not select, as PEFT would not apply them; ``all-linear`` is checked against the
+    base model instead (:func:`validate_against`)."""
+    spec = adapter.spec
+    targets = spec.target_modules
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        return
+    stray = [m for m in adapter.modules if not spec.matches(m)]
+    if stray:
+        raise AdapterError(f"{source}: field 'target_modules' ({targets!r}"
+                           + (f", layers_to_transform {spec.layers_to_transform!r}"
+                              if spec.layers_to_transform is not None else "")
+                           + f") does not select module {stray[0]!r}, which the weights file holds LoRA factors for"
+                           + (f" ({len(stray)} such modules)" if len(stray) > 1 else ""))
+
+
+def adapter_folders(folder: str | os.PathLike) -> list[Path]:
+    """The adapter subfolders of ``folder`` (holding a config), sorted; hidden folders and loraplex's write
+    leftovers (``.NAME.tmp-*``, ``.NAME.old-*``) are skipped."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if not is_hidden_or_leftover(p.name) and (p / CONFIG_NAME).is_file())
+
+
+def load_adapter_dir(path: str | os.PathLike, *, roots: Iterable[str | os.PathLike] | None = None,
+                     **kw: Any) -> dict[str, LoraAdapter]:
+    """All adapters of a folder: the folder itself if it is one, else each subfolder holding a config (hidden and
+    temporary folders skipped, see :func:`adapter_folders`); ``roots`` confines every read (see
+    :func:`load_adapter`)."""
     folder = Path(path)
+    roots = None if roots is None else list(roots)
     if (folder / CONFIG_NAME).is_file():
-        return {folder.name: load_adapter(folder, **kw)}
+        return {folder.name: load_adapter(folder, roots=roots, **kw)}
     if not folder.is_dir():
         raise AdapterError(f"adapter folder not found: {folder}")
-    subs = sorted(p for p in folder.iterdir() if (p / CONFIG_NAME).is_file())
+    subs = adapter_folders(folder)
     if not subs:
         raise AdapterError(f"{folder}: no adapter here ({CONFIG_NAME} in it or in a subfolder)")
-    return {p.name: load_adapter(p, p.name, **kw) for p in subs}
+    return {p.name: load_adapter(p, p.name, roots=roots, **kw) for p in subs}
 
 
 # --------------------------------------------------------------------------- saving
@@ -250,6 +323,7 @@ def save_adapter(adapter: LoraAdapter, path: str | os.PathLike, *, extra_files: 
 
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter.state_dict().items()}
@@ -290,7 +364,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file through a temp file and rename."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", dir=p.parent)
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
@@ -298,6 +372,41 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def clean_leftovers(folder: str | os.PathLike, *, older_than: float = STALE_SECONDS) -> list[Path]:
+    """Remove the stale write leftovers in ``folder``; returns what was removed or restored.
+
+    Only names of :data:`LEFTOVER_NAME`'s form that no process changed for ``older_than`` seconds are touched,
+    never a symlink and never another file: a ``.NAME.tmp-*`` (an unfinished or abandoned write) is deleted; a
+    ``.NAME.old-*`` is deleted when ``NAME`` exists, and else (a replace killed between its two renames) moved
+    back to ``NAME``, as it is then the only complete copy. Errors (a concurrent clean, no write permission) are
+    logged and skipped."""
+    done: list[Path] = []
+    now = time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return done
+    for entry in entries:
+        hit = LEFTOVER_NAME.match(entry.name)
+        if hit is None or entry.is_symlink():
+            continue
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime < older_than:
+                continue
+            p = Path(entry.path)
+            target = p.with_name(hit["name"])
+            if hit["kind"] == "old" and not os.path.lexists(target):
+                os.replace(p, target)
+            elif entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            done.append(p)
+        except OSError as exc:
+            log.warning("could not clean the write leftover %s: %s", entry.path, exc)
+    return done
 
 
 # --------------------------------------------------------------------------- validation

@@ -6,14 +6,111 @@ import copy
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
 from loraplex.errors import AdapterError
 
 #: Config fields we understand; other PEFT fields are kept verbatim in ``raw`` for round trips.
 _UNSUPPORTED_TRUE = ("use_dora", "use_qalora", "lora_bias")
+#: PEFT features that add tensors loraplex does not apply: refused when set to anything but null / empty.
+_UNSUPPORTED_SET = ("target_parameters", "trainable_token_indices", "layer_replication")
+
+Rank = Annotated[int, Field(strict=True, gt=0)]
+LayerIndex = Annotated[int, Field(strict=True, ge=0)]
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Dropout = Annotated[float, Field(strict=True, ge=0.0, lt=1.0)]
+Name = Annotated[str, Field(strict=True, min_length=1)]
+
+
+class AdapterConfigFile(BaseModel):
+    """The fields of ``adapter_config.json`` loraplex reads, typed; PEFT's other fields are allowed as they are.
+
+    ``null`` stands for PEFT's default wherever PEFT itself writes ``null`` (``rank_pattern``, ``use_rslora``, ...);
+    ``r`` and ``lora_alpha`` must be present as numbers when given (``"r": 4.7`` or ``"lora_alpha": null`` are
+    refused, never rounded or defaulted)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    peft_type: StrictStr | None = "LORA"
+    r: Rank = 8
+    lora_alpha: Number = 8.0
+    target_modules: list[Name] | StrictStr | None = None
+    use_rslora: StrictBool | None = False
+    rank_pattern: dict[StrictStr, Rank] | None = None
+    alpha_pattern: dict[StrictStr, Number] | None = None
+    modules_to_save: list[Name] | None = None
+    layers_to_transform: list[LayerIndex] | LayerIndex | None = None
+    layers_pattern: list[Name] | StrictStr | None = None
+    exclude_modules: list[Name] | StrictStr | None = None
+    fan_in_fan_out: StrictBool | None = False
+    lora_dropout: Dropout | None = 0.0
+    bias: StrictStr | None = "none"
+    task_type: StrictStr | None = None
+    base_model_name_or_path: StrictStr | None = None
+    use_dora: StrictBool | None = False
+    use_qalora: StrictBool | None = False
+    lora_bias: StrictBool | None = False
+
+
+#: What each field must be, for error messages (``field 'r' must be <this>, got ...``).
+_EXPECTED: dict[str, str] = {
+    "peft_type": "a string",
+    "r": "an integer > 0",
+    "lora_alpha": "a finite number",
+    "target_modules": "a list of module names or a regex string",
+    "use_rslora": "true or false",
+    "rank_pattern": "an object of module patterns to integer ranks > 0",
+    "rank_pattern.*": "an integer rank > 0",
+    "alpha_pattern": "an object of module patterns to numbers",
+    "alpha_pattern.*": "a finite number",
+    "modules_to_save": "a list of module names",
+    "modules_to_save.*": "a non-empty module name",
+    "layers_to_transform": "a layer index >= 0 or a list of them",
+    "layers_to_transform.*": "a layer index >= 0",
+    "layers_pattern": "a string or a list of strings",
+    "exclude_modules": "a list of module names or a regex string",
+    "target_modules.*": "a non-empty module name",
+    "exclude_modules.*": "a non-empty module name",
+    "layers_pattern.*": "a non-empty string",
+    "fan_in_fan_out": "true or false",
+    "lora_dropout": "a number in [0, 1)",
+    "bias": "a string",
+    "task_type": "a string",
+    "base_model_name_or_path": "a string",
+    "use_dora": "true or false",
+    "use_qalora": "true or false",
+    "lora_bias": "true or false",
+}
+
+
+def config_error(exc: ValidationError, cfg: dict[str, Any], source: str) -> AdapterError:
+    """An :class:`AdapterError` naming ``source`` and the first bad field (``rank_pattern.q_proj``) and value."""
+    err = exc.errors()[0]
+    loc = list(err["loc"])
+    path, value = [str(loc[0])], cfg.get(loc[0])
+    for part in loc[1:]:  # keep the dict keys / list indices, drop pydantic's union-branch tags
+        if isinstance(value, dict) and part in value:
+            path.append(str(part))
+            value = value[part]
+        elif isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
+            path.append(str(part))
+            value = value[part]
+    name = ".".join(path)
+    want = _EXPECTED.get(name) or (_EXPECTED.get(f"{path[0]}.*") if len(path) > 1 else None)
+    if want is None:
+        return AdapterError(f"{source}: field {name!r} is invalid ({err['msg']}), got {value!r}")
+    return AdapterError(f"{source}: field {name!r} must be {want}, got {value!r}")
+
+
+def _check_regex(source: str, field_name: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise AdapterError(f"{source}: field {field_name!r} is not a valid regular expression "
+                           f"({pattern!r}: {exc})") from None
 
 
 @dataclass
@@ -40,46 +137,53 @@ class LoraSpec:
     # ------------------------------------------------------------------ parsing
     @classmethod
     def from_peft_config(cls, cfg: dict[str, Any], *, source: str = "adapter_config.json") -> "LoraSpec":
-        """Parse a PEFT LoRA config dict; unsupported features raise :class:`AdapterError` naming ``source``."""
+        """Parse a PEFT LoRA config dict, checked by :class:`AdapterConfigFile`; a bad value or an unsupported
+        feature raises :class:`AdapterError` naming ``source`` and the field."""
         if not isinstance(cfg, dict):
             raise AdapterError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
         peft_type = str(cfg.get("peft_type", "LORA")).upper()
         if peft_type != "LORA":
             raise AdapterError(f"{source}: peft_type is {peft_type!r}; loraplex handles LORA adapters only")
-        for flag in _UNSUPPORTED_TRUE:
-            if cfg.get(flag):
-                raise AdapterError(f"{source}: {flag}=true is not supported by loraplex (plain LoRA only)")
-        if cfg.get("bias", "none") not in ("none", None):
-            raise AdapterError(f"{source}: bias={cfg.get('bias')!r} is not supported (only 'none')")
-        if cfg.get("layer_replication"):
-            raise AdapterError(f"{source}: layer_replication is not supported")
         try:
-            r = int(cfg.get("r", 8))
-        except (TypeError, ValueError) as exc:
-            raise AdapterError(f"{source}: field 'r' must be an integer, got {cfg.get('r')!r}") from exc
-        if r <= 0:
-            raise AdapterError(f"{source}: field 'r' must be > 0, got {r}")
-        targets = cfg.get("target_modules")
-        if isinstance(targets, (set, tuple)):
-            targets = list(targets)
-        if targets is None and not cfg.get("modules_to_save"):
+            c = AdapterConfigFile.model_validate(cfg)
+        except ValidationError as exc:
+            raise config_error(exc, cfg, source) from None
+        for flag in _UNSUPPORTED_TRUE:
+            if getattr(c, flag):
+                raise AdapterError(f"{source}: {flag}=true is not supported by loraplex (plain LoRA only)")
+        if c.bias not in ("none", None):
+            raise AdapterError(f"{source}: bias={c.bias!r} is not supported (only 'none')")
+        for name in _UNSUPPORTED_SET:
+            if cfg.get(name):
+                raise AdapterError(f"{source}: {name} is not supported by loraplex (got {cfg[name]!r})")
+        targets = c.target_modules
+        if targets is None and not c.modules_to_save:
             raise AdapterError(f"{source}: target_modules is missing")
+        if isinstance(targets, str) and targets.lower() != "all-linear":
+            _check_regex(source, "target_modules", targets)
+        if isinstance(c.exclude_modules, str):
+            _check_regex(source, "exclude_modules", c.exclude_modules)
+        for pattern_field in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(c, pattern_field) or {}:
+                _check_regex(source, f"{pattern_field}.{key}", key)
+        for p in [c.layers_pattern] if isinstance(c.layers_pattern, str) else c.layers_pattern or []:
+            _check_regex(source, "layers_pattern", p)
         return cls(
-            r=r,
-            lora_alpha=float(cfg.get("lora_alpha", 8)),
+            r=c.r,
+            lora_alpha=float(c.lora_alpha),
             target_modules=targets,
-            use_rslora=bool(cfg.get("use_rslora", False)),
-            rank_pattern={str(k): int(v) for k, v in (cfg.get("rank_pattern") or {}).items()},
-            alpha_pattern={str(k): float(v) for k, v in (cfg.get("alpha_pattern") or {}).items()},
-            modules_to_save=_dedupe(cfg.get("modules_to_save")),
-            layers_to_transform=cfg.get("layers_to_transform"),
-            layers_pattern=cfg.get("layers_pattern"),
-            exclude_modules=cfg.get("exclude_modules"),
-            fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
-            lora_dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),
+            use_rslora=bool(c.use_rslora),
+            rank_pattern=dict(c.rank_pattern or {}),
+            alpha_pattern={k: float(v) for k, v in (c.alpha_pattern or {}).items()},
+            modules_to_save=_dedupe(c.modules_to_save),
+            layers_to_transform=c.layers_to_transform,
+            layers_pattern=c.layers_pattern,
+            exclude_modules=c.exclude_modules,
+            fan_in_fan_out=bool(c.fan_in_fan_out),
+            lora_dropout=float(c.lora_dropout or 0.0),
             bias="none",
-            task_type=cfg.get("task_type"),
-            base_model_name_or_path=cfg.get("base_model_name_or_path"),
+            task_type=c.task_type,
+            base_model_name_or_path=c.base_model_name_or_path,
             raw=copy.deepcopy(cfg),
         )
 

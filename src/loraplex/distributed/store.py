@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from loraplex.adapters.io import CONFIG_NAME, META_NAME
+from loraplex.adapters.io import CONFIG_NAME, META_NAME, is_hidden_or_leftover
 from loraplex.errors import AdapterError, UnknownAdapterError
 
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
@@ -49,10 +49,11 @@ class AdapterStore:
         return store
 
     def find(self, name: str) -> Path | None:
-        """The folder of adapter ``name``, or None. Names are plain (no '/', no '..'): nothing outside the roots."""
+        """The folder of adapter ``name``, or None. Names are plain (no '/', no '..'): nothing outside the roots;
+        hidden names and write leftovers (``.NAME.tmp-*``, ``.NAME.old-*``) are never adapters."""
         if name in self.paths:
             return Path(self.paths[name])
-        if not _NAME.fullmatch(name) or name in (".", ".."):
+        if not _NAME.fullmatch(name) or is_hidden_or_leftover(name):
             return None
         for root in self.roots:
             folder = Path(root) / name
@@ -73,7 +74,8 @@ class AdapterStore:
         for root in self.roots:
             try:
                 subs = sorted(p.name for p in Path(root).iterdir()
-                              if _NAME.fullmatch(p.name) and (p / CONFIG_NAME).is_file())
+                              if _NAME.fullmatch(p.name) and not is_hidden_or_leftover(p.name)
+                              and (p / CONFIG_NAME).is_file())
             except OSError:
                 continue
             out.update(dict.fromkeys(subs))

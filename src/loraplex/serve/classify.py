@@ -325,7 +325,8 @@ def build_classify_server(*, base: str, adapters: Mapping[str, str] | None = Non
     if plex is None:
         plex = load_encoder_plex(base, device=device, max_slots=max_slots, trust_pickle=trust_pickle)
     if adapters_dir:
-        for name, ad in load_adapter_dir(adapters_dir, trust_pickle=trust_pickle).items():
+        for name, ad in load_adapter_dir(adapters_dir, trust_pickle=trust_pickle,
+                                         roots=[adapters_dir, *adapter_roots]).items():
             plex.add_adapter(name, ad)
     for name, path in (adapters or {}).items():
         plex.add_adapter(name, path)

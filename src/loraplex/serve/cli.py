@@ -65,7 +65,8 @@ def build_server(*, base: str, adapters: Mapping[str, str] | None = None, adapte
                          cpu_budget_bytes=int(cpu_budget_mb * 2**20) if cpu_budget_mb else None,
                          trust_pickle=trust_pickle)
     if adapters_dir:
-        for name, ad in load_adapter_dir(adapters_dir, trust_pickle=trust_pickle).items():
+        for name, ad in load_adapter_dir(adapters_dir, trust_pickle=trust_pickle,
+                                         roots=[adapters_dir, *adapter_roots]).items():
             plex.add_adapter(name, ad)
     for name, path in (adapters or {}).items():
         plex.add_adapter(name, path)

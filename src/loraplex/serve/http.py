@@ -302,7 +302,8 @@ def install_admin_endpoints(app: FastAPI, *, admin_token: str | None, roots: Seq
                             unload: Callable[[str, float], None], unload_timeout: float = 30.0) -> None:
     """``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter`` (vLLM's shape) on ``app``.
 
-    Both need ``Authorization: Bearer <admin_token>`` (no token configured: 403); loads read only under ``roots``.
+    Both need ``Authorization: Bearer <admin_token>`` (no token configured: 403); loads read only under ``roots``:
+    the folder and each file read from it, symlinks resolved (403 naming the file otherwise).
     ``register(name, adapter, replace)`` and ``unload(name, timeout)`` do the change safely for the app's worker
     (they run on a thread, so requests keep flowing while an adapter is read from disk)."""
 
@@ -330,8 +331,9 @@ def install_admin_endpoints(app: FastAPI, *, admin_token: str | None, roots: Seq
             adapter = await anyio.to_thread.run_sync(lambda: load_adapter(
                 path, name, trust_pickle=bank.trust_pickle, roots=roots, dtype=bank.dtype))
             await anyio.to_thread.run_sync(lambda: register(name, adapter, bool(req.replace)))
-        except (LoraplexError, OSError, ValueError) as exc:
-            metrics.adapter_loads.inc(adapter=name, result="error")
+        except (LoraplexError, OSError, ValueError) as exc:  # a file inside may be a symlink out of the roots: 403
+            metrics.adapter_loads.inc(adapter=name, result="refused" if isinstance(exc, PathNotAllowedError)
+                                      else "error")
             err = api_error(exc)
             if err.status == 400:
                 err.message = f"failed to load adapter {name!r} from {req.lora_path}: {exc}"
