@@ -136,7 +136,9 @@ def load_base_skeleton(base: str, task_type: str | None = None) -> torch.nn.Modu
     import transformers
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(base)
+    from loraplex.models import resolve as resolve_model
+
+    config = AutoConfig.from_pretrained(resolve_model(base))
     candidates: list[Any] = []
     if task_type in _TASK_CLASSES:
         candidates.append(getattr(transformers, _TASK_CLASSES[task_type]))

@@ -46,6 +46,7 @@ from loraplex.adapters.io import CONFIG_NAME, LoraAdapter, LoraModule, atomic_wr
 from loraplex.adapters.spec import LoraSpec
 from loraplex.errors import LoraplexError
 from loraplex.hostmem import tune_cpu_allocator
+from loraplex.models import resolve as resolve_model
 from loraplex.tokens import pad_batch
 from loraplex.runtime import MultiLoraLinear, SavedModuleSwitch
 from loraplex.train import checkpoint as ckpt
@@ -140,7 +141,8 @@ class AdapterRun:
 
 # ------------------------------------------------------------------------------------------------ helpers
 def resolve_base_model(config: TrainConfig) -> str:
-    """``base_model`` as a usable path: relative folders resolve against the config file's folder first."""
+    """``base_model`` as a usable path: relative folders resolve against the config file's folder first; an
+    embedded model's name (``smollm2``, ``minilm-l6``: :mod:`loraplex.models`) becomes its local folder."""
     base = config.base_model
     p = Path(os.path.expanduser(base))
     if p.is_absolute():
@@ -149,7 +151,7 @@ def resolve_base_model(config: TrainConfig) -> str:
         cand = config.source.resolve().parent / p
         if cand.exists():
             return str(cand)
-    return str(p) if p.exists() else base
+    return str(p) if p.exists() else resolve_model(base)
 
 
 def _seed_of(*parts: Any) -> int:
