@@ -38,7 +38,8 @@ def check_model_options(ap: argparse.ArgumentParser, args: argparse.Namespace) -
     if is_real(args):
         given = [f"--{k}" for k in ("hidden", "layers") if getattr(args, k) is not None]
         if given:
-            ap.error(f"{' and '.join(given)} size the synthetic model; --model smollm2 has fixed shapes")
+            ap.error(f"{' and '.join(given)} {'size' if len(given) > 1 else 'sizes'} the synthetic model; "
+                     "--model smollm2 has fixed shapes")
         return
     args.hidden = hidden if args.hidden is None else args.hidden
     args.layers = layers if args.layers is None else args.layers
