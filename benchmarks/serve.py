@@ -287,9 +287,9 @@ def main() -> None:
                     results["mixed-zipf"]["tok_per_cpu_s"]) / single["tok_per_cpu_s"]
     speedup = results["mixed-uniform"]["tps"] / results["naive-switch"]["tps"]
     def verdict(x: float) -> str:
-        return "OK" if x >= 0.85 else "MISSED"
+        return "OK" if x >= 0.95 else "MISSED"
 
-    print(f"\nmixed / single throughput (worse of uniform, zipf; target >= 0.85x): {mixed:.2f}x wall-clock "
+    print(f"\nmixed / single throughput (worse of uniform, zipf; target >= 0.95x, DESIGN.md): {mixed:.2f}x wall-clock "
           f"({verdict(mixed)}), {mixed_cpu:.2f}x per CPU second ({verdict(mixed_cpu)})")
     print(f"mixed-uniform vs naive per-request switching: {speedup:.1f}x the throughput")
     sizes = list(auto_reg._route_batcher.batch_sizes)  # type: ignore[union-attr]
