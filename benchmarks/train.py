@@ -229,7 +229,8 @@ def main() -> None:
         drop = min(j["first"][n] - j["losses"][n] for n in names)
         print(f"\njoint / sequential tokens/s: training loop **{ratio:.2f}x** wall, **{ratio_cpu:.2f}x** per CPU-second; "
               f"end to end (model loading, tokenizing, saving included) **{ratio_e2e:.2f}x** (target >= 1.5x). "
-              f"Max |final loss difference| {max(diffs):.4f} (every adapter's loss fell by >= {drop:.3f} over the run).")
+              f"Max |final loss difference| {max(diffs):.4f} (smallest drop of an adapter's loss from its first to its "
+              f"last step: {drop:.3f}).")
         if args.json:
             Path(args.json).write_text(json.dumps({"ratio_train_loop": ratio, "ratio_end_to_end": ratio_e2e,
                                                    "ratio_cpu": ratio_cpu,
