@@ -42,14 +42,14 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
            torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')" > "$OUT/summary.txt" 2>&1
 step cuda_tests 120 python3 -m pytest -q tests/test_cuda.py
 step mixed_batch 90 python3 benchmarks/mixed_batch.py --device $DEV --repeats 20 $QUICK
-step kernels 45 python3 benchmarks/kernels.py --device $DEV --repeats 20 $QUICK
+step kernel_choice 45 python3 benchmarks/kernel_choice.py --device $DEV --repeats 20 $QUICK
 step moe 90 python3 benchmarks/moe.py --device $DEV --repeats 5 $QUICK
 step train 120 python3 benchmarks/train.py --device $DEV --repeats 2 ${QUICK:---full}
 {
   echo; echo "--- cuda tests"; tail -n 3 "$OUT/cuda_tests.log"
-  echo; echo "--- mixed_batch (targets: mixed <= 1.10x base, single <= 1.06x, >= 1.2x faster than PEFT mixed)"
+  echo; echo "--- mixed_batch (targets: LoRA overhead <= 1/4 of PEFT mixed, single <= 1.03x base)"
   grep -E "^\| |^prefill:|^decode:" "$OUT/mixed_batch.log"
-  echo; echo "--- kernels"; grep -E "worst auto" "$OUT/kernels.log"
+  echo; echo "--- kernel_choice"; grep -E "worst auto" "$OUT/kernel_choice.log"
   echo; echo "--- moe (target: routed >= 0.9x single)"; grep -E "^\| |vs single adapter|skipped" "$OUT/moe.log"
   echo; echo "--- train (target: joint >= 1.5x sequential)"; grep -E "^\| |joint / sequential" "$OUT/train.log"
 } >> "$OUT/summary.txt"

@@ -1,7 +1,8 @@
 """Routed MoE generation throughput, as ratios measured in one run.
 
-Llama-shaped model (default hidden 1024, 4 layers, all 7 linear targets, r=16), 8 expert adapters, a linear router
-on the routing pass's pooled hidden state. For batch 16 and 32 (prompt 32 tokens, 64 new tokens, greedy, fixed
+Llama-shaped model (synthetic: random init, default hidden 1024, 4 layers; or ``--model smollm2``: the real
+SmolLM2-135M-Instruct, 30 layers, hidden 576, GQA 9/3, vocab 49,152), all 7 linear targets, r=16, 8 expert
+adapters, a linear router on the routing pass's pooled hidden state. For batch 16 and 32 (prompt 32 tokens, 64 new tokens, greedy, fixed
 length) it times:
 
 * ``single``   -- every row on one adapter: ``plex.generate(ids, adapters="e0")`` (the target: >= 0.9x of this);
@@ -19,8 +20,10 @@ length) it times:
 
 Prints a markdown table: tokens/s of each variant, and its ratio to ``single`` and to the per-example loop.
 
-    python benchmarks/moe.py            # full (~2-4 min on 2 CPU cores)
-    python benchmarks/moe.py --quick    # small model, smoke test
+    python benchmarks/moe.py                    # full (~2-4 min on 2 CPU cores)
+    python benchmarks/moe.py --quick            # small model, smoke test
+    python benchmarks/moe.py --model smollm2    # the real SmolLM2 shapes and weights
+    python benchmarks/moe.py --model smollm2 --quick   # batch 8, 8 new tokens, 4 experts, smoke test
 """
 
 from __future__ import annotations
@@ -33,16 +36,15 @@ import tempfile
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import loraplex
+from models import (LLAMA_TARGETS, add_model_options, check_model_options, describe,  # benchmarks/models.py
+                    is_real, load_base, peft_adapters_on)
 from timing import timeit_interleaved, add_malloc_option, tune_host  # benchmarks/timing.py
 from loraplex.compose import RoutedModel, Router, get_embedder
 from loraplex.errors import LoraplexError
 from loraplex.compose.features import NGRAM_DIM, hashed_ngrams
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LABELS = {"base": "base model", "single": "single adapter", "mixed": "mixed generation only (routing given)",
           "routed": "routed: last layer", "routed_early": "routed: block 1", "routed_emb": "routed: embeddings",
           "routed_minilm": "routed: MiniLM on the text", "routed_ngram": "routed: n-grams of the text",
@@ -76,9 +78,7 @@ def prompt_texts(n: int, tokens: int, tokenizer: Any = None) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--rank", type=int, default=16)
+    add_model_options(ap, hidden=1024, layers=4)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--batches", default="16,32")
     ap.add_argument("--prompt", type=int, default=32)
@@ -90,38 +90,33 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_malloc_option(ap)
     args = ap.parse_args()
+    check_model_options(ap, args)
     tune_host(args)
     if args.quick:
-        args.hidden, args.layers, args.experts, args.repeats, args.new, args.loop_rows = 128, 2, 4, 2, 8, 4
+        args.experts, args.repeats, args.new, args.loop_rows = 4, 2, 8, 4
+        if is_real(args):  # fixed shapes: a smaller batch instead
+            args.batches = "8"
+        else:
+            args.hidden, args.layers = 128, 2
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = torch.device(args.device)
-    cfg = LlamaConfig(vocab_size=2048, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.6875),
-                      num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
-                      num_key_value_heads=max(1, args.hidden // 128), max_position_embeddings=512,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=None)
-    base = LlamaForCausalLM(cfg).eval()
-    base.generation_config.eos_token_id = None
+    base = load_base(args, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=None)
+    cfg = base.config
+    base.generation_config.eos_token_id = None  # every generation runs its full length
     names = [f"e{i}" for i in range(args.experts)]
     tmp = tempfile.mkdtemp(prefix="lpx-moe-bench-")
-    pm = None
-    for name in names:
-        lc = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS, init_lora_weights=False)
-        if pm is None:
-            pm = get_peft_model(copy.deepcopy(base), lc, adapter_name=name)
-        else:
-            pm.add_adapter(name, lc)
-    pm.save_pretrained(tmp)
-    plex = loraplex.load(copy.deepcopy(base), loraplex.load_adapter_dir(tmp), device=dev,
-                         max_slots=args.experts)
-    router = Router(names, args.hidden).to(dev).eval()
+    _, paths = peft_adapters_on(base, tmp, names, r=args.rank)
+    plex = loraplex.load(copy.deepcopy(base), paths, device=dev, max_slots=args.experts)
+    hidden = cfg.hidden_size
+    router = Router(names, hidden).to(dev).eval()
     with torch.no_grad():
         router.head[-1].weight.mul_(20)  # decisive and spread over the experts (random features)
     rm = RoutedModel(plex, router)  # routing pass: the whole model (last hidden state), LM head skipped
-    early = Router(names, args.hidden, hidden_layer=1).to(dev).eval()
+    early = Router(names, hidden, hidden_layer=1).to(dev).eval()
     early.load_state_dict(router.state_dict())
     rm_early = RoutedModel(plex, early)  # routing pass stops after block 1
-    emb = Router(names, args.hidden, hidden_layer=0).to(dev).eval()
+    emb = Router(names, hidden, hidden_layer=0).to(dev).eval()
     emb.load_state_dict(router.state_dict())
     rm_emb = RoutedModel(plex, emb)  # pooled input embeddings: the routing pass stops before block 1
     try:
@@ -139,8 +134,8 @@ def main() -> None:
     gen = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0)
 
     rows = []
-    print(f"device {dev}, threads {args.threads}: hidden {args.hidden}, {args.layers} layers, {args.experts} experts "
-          f"r={args.rank} on {len(TARGETS)} targets, prompt {args.prompt}, {args.new} new tokens")
+    print(f"device {dev}, threads {args.threads}: {describe(args, cfg)}; {args.experts} experts r={args.rank} on "
+          f"{len(LLAMA_TARGETS)} targets, prompt {args.prompt}, {args.new} new tokens")
     for batch in [int(b) for b in args.batches.split(",")]:
         ids = torch.randint(3, cfg.vocab_size, (batch, args.prompt), device=dev)
         texts = prompt_texts(batch, args.prompt, encoder.tokenizer if encoder is not None else None)

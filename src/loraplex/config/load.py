@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from loraplex.config.explain import TOP_LEVEL, ConfigError, ConfigProblems, Loc, dotted, problems_from
 from loraplex.config.schema import TrainConfig
 from loraplex.config.validate import complete
+from loraplex.models import resolve as resolve_model
 
 __all__ = ["load_config", "read_yaml", "resolve_base_model"]
 
@@ -130,7 +131,9 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any], *, check_fil
 
 
 def resolve_base_model(config: TrainConfig) -> str:
-    """``base_model`` as a usable path: relative folders resolve against the config file's folder first."""
+    """``base_model`` as a usable path: relative folders resolve against the config file's folder first; an
+    embedded model's name (``smollm2-135m-instruct``, ``minilm-l6``: :mod:`loraplex.models`) becomes its local
+    folder; hub ids pass through."""
     base = config.base_model
     p = Path(os.path.expanduser(base))
     if p.is_absolute():
@@ -139,4 +142,4 @@ def resolve_base_model(config: TrainConfig) -> str:
         cand = config.source.resolve().parent / p
         if cand.exists():
             return str(cand)
-    return str(p) if p.exists() else base
+    return str(p) if p.exists() else resolve_model(base)

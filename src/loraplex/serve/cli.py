@@ -165,8 +165,10 @@ def serve(
         else:
             if not base:
                 raise typer.BadParameter("--base is required (or a CONFIG file)")
+            from loraplex.models import resolve as resolve_model
             from loraplex.serve.classify import build_classify_server, is_encoder_base
 
+            base = resolve_model(base)  # an embedded model's name (smollm2, minilm-l6) -> its folder
             if is_encoder_base(base):  # adapters carry task heads: /v1/classify and /v1/embeddings
                 engine, _, app = build_classify_server(
                     base=base, adapters=_pairs(adapter, "--adapter"), adapters_dir=adapters_dir, router_dir=router,

@@ -6,8 +6,8 @@ tokens per row; decode: 1), the three kernels (sgmv, segbmm, bgmv) run on the se
 hidden-1024 model (r=16), adding into an existing output as the runtime does under ``torch.no_grad``. Printed:
 each kernel's time as a ratio to the fastest one, the automatic pick, and its ratio ("auto / best").
 
-    python benchmarks/kernels.py              # ~1 min on 2 CPU cores
-    python benchmarks/kernels.py --quick      # hidden 256, smoke test
+    python benchmarks/kernel_choice.py              # ~1 min on 2 CPU cores
+    python benchmarks/kernel_choice.py --quick      # hidden 256, smoke test
 """
 
 from __future__ import annotations
