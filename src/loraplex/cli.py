@@ -23,7 +23,7 @@ _COMMAND_MODULES = (
     "loraplex.train.cli",      # train, predict
     "loraplex.compose.cli",    # route
     "loraplex.serve.cli",      # serve
-    "loraplex.demo.encoder",   # demo
+    "loraplex.demo.cli",       # demo (LLM), demo encoder
 )
 
 for _mod in _COMMAND_MODULES:
