@@ -12,8 +12,8 @@ def register(app: typer.Typer) -> None:
     @demo.callback(invoke_without_command=True)
     def llm_cmd(ctx: typer.Context,
                 out_dir: str = typer.Option("runs/llm-demo", help="output folder"),
-                train_rows: int = typer.Option(32, "--train-rows", help="training rows per adapter"),
-                test_rows: int = typer.Option(8, "--test-rows", help="held-out rows per domain"),
+                train_rows: int = typer.Option(40, "--train-rows", help="training rows per adapter"),
+                test_rows: int = typer.Option(12, "--test-rows", help="held-out rows per domain"),
                 epochs: int = typer.Option(2), seed: int = typer.Option(0),
                 learning_rate: float = typer.Option(2e-3, "--learning-rate", help="adapters' learning rate"),
                 top_layers: int = typer.Option(4, "--top-layers", help="LoRA on the model's top N layers"),

@@ -18,8 +18,8 @@ from typing import Any
 DOMAINS: dict[str, str] = {"code": "text", "docs": "text", "lang": "task"}
 #: What the ``lang`` adapter is asked (the snippet follows on the next lines).
 LANG_INSTRUCTION = "Which programming language is this code written in? Answer with one word."
-#: Longest snippet (characters) in a ``lang`` prompt; keeps prompts near 64 tokens.
-LANG_SNIPPET_CHARS = 160
+#: Longest snippet (characters) in a ``lang`` prompt; keeps whole chat prompts near 80 tokens.
+LANG_SNIPPET_CHARS = 100
 
 
 def lang_message(snippet: str) -> str:
