@@ -18,11 +18,11 @@ PROMPTS = ["def reverse(s):\n    return", "The capital of France is", "Licensed 
            "#!/bin/sh\nset -e\necho"]
 #: Three adapters with different ranks, targets, layers and scaling rules.
 ADAPTERS = {
-    "attn": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-    "mlp": dict(r=8, lora_alpha=16, target_modules=["gate_proj", "up_proj", "down_proj"],
-                layers_to_transform=[26, 27, 28, 29]),
-    "mix": dict(r=2, lora_alpha=4, target_modules=["k_proj", "o_proj", "down_proj"], use_rslora=True,
-                layers_to_transform=list(range(0, 30, 3))),
+    "attn": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    "mlp": {"r": 8, "lora_alpha": 16, "target_modules": ["gate_proj", "up_proj", "down_proj"],
+            "layers_to_transform": [26, 27, 28, 29]},
+    "mix": {"r": 2, "lora_alpha": 4, "target_modules": ["k_proj", "o_proj", "down_proj"], "use_rslora": True,
+            "layers_to_transform": list(range(0, 30, 3))},
 }
 
 
