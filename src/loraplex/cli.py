@@ -6,7 +6,7 @@ import typer
 
 from loraplex.adapters import cli as adapters_cli
 from loraplex.compose import cli as compose_cli
-from loraplex.demo import encoder as demo_cli
+from loraplex.demo import cli as demo_cli
 from loraplex.merge import cli as merge_cli
 from loraplex.serve import cli as serve_cli
 from loraplex.train import cli as train_cli
@@ -25,7 +25,7 @@ merge_cli.register(app)  # merge
 train_cli.register(app)  # train, predict
 compose_cli.register(app)  # route
 serve_cli.register(app)  # serve
-demo_cli.register(app)  # demo
+demo_cli.register(app)  # demo (LLM), demo encoder
 
 if __name__ == "__main__":
     app()

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import typer
 import yaml
 
 from loraplex.adapters.io import LoraAdapter
@@ -354,18 +353,3 @@ def format_table(s: dict[str, Any]) -> str:
     lines.append(f"routing accuracy (all tasks): {s['routing_accuracy']:.3f}; joint training "
                  f"{s['train_seconds']:.0f}s; whole demo {s['total_seconds']:.0f}s")
     return "\n".join(lines)
-
-
-def register(app: typer.Typer) -> None:
-    """Add ``loraplex demo``."""
-
-    @app.command("demo")
-    def demo_cmd(out_dir: str = typer.Option("runs/demo", help="output folder"),
-                 per_class: int = typer.Option(80, help="training rows per class"),
-                 epochs: int = typer.Option(3), seed: int = typer.Option(0),
-                 learning_rate: float = typer.Option(2e-3, "--learning-rate", help="adapters' learning rate"),
-                 max_length: int = typer.Option(48, "--max-length", help="tokens per text"),
-                 no_serve: bool = typer.Option(False, "--no-serve", help="skip the HTTP classify request")) -> None:
-        """Train, merge, route and evaluate three task adapters on the embedded MiniLM encoder."""
-        run_demo(out_dir, per_class=per_class, epochs=epochs, seed=seed, serve=not no_serve,
-                 learning_rate=learning_rate, max_length=max_length)
