@@ -25,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraplex.adapters.io import check_path_allowed, load_adapter
+from loraplex.api import Plex
 from loraplex.errors import LoraplexError, PathNotAllowedError, UnknownAdapterError
 from loraplex.serve import schemas
 from loraplex.serve.engine import Delta, Engine, EngineError, Final, QueueFull, RequestHandle, RequestTooLarge
@@ -304,7 +305,7 @@ def create_app(engine: Engine, registry: ModelRegistry | None = None, *, admin_t
     async def health() -> Any:
         body = {"status": "ok" if engine.alive else "unavailable", "queue_depth": engine.queue_depth,
                 "running": engine.running_count, "adapters": len(engine.plex.adapters),
-                "resident": len(engine.plex.bank.resident())}
+                "resident": len(engine.plex.resident())}
         if not engine.alive:
             body["error"] = str(engine.dead or "engine stopped")
         return JSONResponse(body, status_code=200 if engine.alive else 503)
@@ -315,7 +316,7 @@ def create_app(engine: Engine, registry: ModelRegistry | None = None, *, admin_t
 
     # ------------------------------------------------------------------ admin endpoints
     install_admin_endpoints(
-        app, admin_token=admin_token, roots=roots, registry=registry, bank=engine.plex.bank, metrics=metrics,
+        app, admin_token=admin_token, roots=roots, registry=registry, plex=engine.plex, metrics=metrics,
         register=lambda name, adapter, replace: engine.register_adapter(name, adapter, replace=replace,
                                                                         timeout=unload_timeout),
         unload=lambda name, timeout: engine.unload_adapter(name, timeout=timeout), unload_timeout=unload_timeout)
@@ -325,7 +326,7 @@ def create_app(engine: Engine, registry: ModelRegistry | None = None, *, admin_t
 
 # --------------------------------------------------------------------------- admin endpoints
 def install_admin_endpoints(app: FastAPI, *, admin_token: str | None, roots: Sequence[str], registry: ModelRegistry,
-                            bank: Any, metrics: Any, register: Callable[[str, Any, bool], None],
+                            plex: Plex, metrics: Any, register: Callable[[str, Any, bool], None],
                             unload: Callable[[str, float], None], unload_timeout: float = 30.0) -> None:
     """``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter`` (vLLM's shape) on ``app``.
 
@@ -351,7 +352,7 @@ def install_admin_endpoints(app: FastAPI, *, admin_token: str | None, roots: Seq
         why = registry.reserved(name)
         if why:
             raise ApiError(400, why, "invalid_name", "lora_name")
-        if name in bank and not req.replace:
+        if name in plex and not req.replace:
             raise ApiError(409, f"adapter {name!r} is already loaded (send \"replace\": true to swap it)",
                            "adapter_exists", "lora_name")
         if not roots:
@@ -365,7 +366,7 @@ def install_admin_endpoints(app: FastAPI, *, admin_token: str | None, roots: Seq
         t0 = time.perf_counter()
         try:  # disk -> CPU on a worker thread: requests keep flowing meanwhile
             adapter = await anyio.to_thread.run_sync(lambda: load_adapter(
-                path, name, trust_pickle=bank.trust_pickle, roots=roots, dtype=bank.dtype))
+                path, name, trust_pickle=plex.trust_pickle, roots=roots, dtype=plex.dtype))
             await anyio.to_thread.run_sync(lambda: register(name, adapter, bool(req.replace)))
         except (LoraplexError, OSError, ValueError) as exc:
             metrics.adapter_loads.inc(adapter=name, result="error")
@@ -385,8 +386,8 @@ def install_admin_endpoints(app: FastAPI, *, admin_token: str | None, roots: Seq
         authorize(request)
         req = _parse(schemas.UnloadAdapterRequest, await _json_body(request))
         name = req.lora_name
-        if name not in bank:
-            raise api_error(UnknownAdapterError(name, bank.names))
+        if name not in plex:
+            raise api_error(UnknownAdapterError(name, plex.adapters))
         timeout = unload_timeout if req.timeout is None else req.timeout
         try:
             await anyio.to_thread.run_sync(lambda: unload(name, timeout))

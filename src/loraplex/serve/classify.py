@@ -284,7 +284,7 @@ def create_classify_app(plex: Any, *, router: Any = None, registry: ModelRegistr
     # the worker runs the change between two forwards, so no batch ever sees half an adapter; rows already queued
     # for an unloaded adapter fail with 404 (encoder rows are one forward: there is nothing long-running to drain)
     install_admin_endpoints(
-        app, admin_token=admin_token, roots=[str(r) for r in adapter_roots], registry=registry, bank=plex.bank,
+        app, admin_token=admin_token, roots=[str(r) for r in adapter_roots], registry=registry, plex=plex,
         metrics=metrics, unload_timeout=unload_timeout,
         register=lambda name, adapter, replace: batcher.call_on_worker(
             lambda: plex.add_adapter(name, adapter, replace=replace), timeout=unload_timeout),
@@ -332,7 +332,7 @@ def build_classify_server(*, base: str, adapters: Mapping[str, str] | None = Non
         from loraplex.compose.moe import RoutedModel
         from loraplex.compose.router import load_router
 
-        router = RoutedModel(plex, load_router(router_dir, map_location=plex.bank.device))
+        router = RoutedModel(plex, load_router(router_dir, map_location=plex.device))
     batcher = EncoderBatcher(plex, router=router, max_batch_size=max_batch_size, batch_window_ms=batch_window_ms,
                              max_queue=max_queue)
     bid = base_id or Path(str(base)).name or "base"

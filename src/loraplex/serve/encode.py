@@ -113,7 +113,7 @@ def route_rows(router: Any, plex: Any, texts: list[str], ids: torch.Tensor, mask
     if callable(getattr(router, "route_texts", None)):
         return list(router.route_texts(texts))
     if callable(getattr(router, "route", None)):
-        device = plex.bank.device
+        device = plex.device
         return list(router.route(ids.to(device), mask.to(device), texts=texts).choices())
     return [router(t)[0] for t in texts]
 
@@ -280,7 +280,7 @@ class EncoderBatcher:
 
     def _slot_chunks(self, rows: list[_Row]) -> list[list[_Row]]:
         """Rows split so that no forward needs more adapters than the bank has device slots."""
-        limit = max(1, int(getattr(self.plex.bank, "max_slots", 0) or len(rows)))
+        limit = max(1, self.plex.max_slots)
         parts: list[list[_Row]] = []
         names: set[str] = set()
         for r in rows:
@@ -295,10 +295,10 @@ class EncoderBatcher:
     def _forward(self, rows: list[_Row]) -> None:
         """One mixed-adapter forward over ``rows`` (ordered by adapter slot); results to each row's future."""
         names = sorted({n for r in rows for n in choice_names(r.choice)})
-        with self.plex.bank.hold(names) as slots:
+        with self.plex.hold(names) as slots:
             rows = grouped(rows, slots)
             ids, mask = pad_batch([r.ids for r in rows], self.pad_token_id)
-            device = self.plex.bank.device
+            device = self.plex.device
             out = self.plex(ids.to(device), attention_mask=mask.to(device), adapters=[r.choice for r in rows])
         self.metrics.batch_size.observe(len(rows), phase="encode")
         self.metrics.prompt_tokens.inc(int(mask.sum()))

@@ -240,7 +240,7 @@ class Engine:
         self.pad_token_id = _pad_id(self.model, self.tokenizer, self.eos_token_ids)
         self.metrics = metrics or ServeMetrics()
         self.metrics.attach_engine(self)
-        self.device = plex.bank.device
+        self.device = plex.device
         try:
             self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         except (TypeError, ValueError):
@@ -371,7 +371,7 @@ class Engine:
 
         With ``replace`` and ``name`` registered: requests for it are held back, running ones finish (up to
         ``timeout`` s, else :class:`AdapterBusy`), then the weights are swapped in one step."""
-        if not (replace and name in self.plex.bank):
+        if not (replace and name in self.plex):
             return self.call_on_worker(lambda: self.plex.add_adapter(name, adapter, replace=replace))
         self._start_drain(name, "replace")
         try:
@@ -382,7 +382,7 @@ class Engine:
 
     def unload_adapter(self, name: str, *, timeout: float = 30.0) -> None:
         """Refuse new requests for ``name``, wait up to ``timeout`` s for the running ones, then remove it."""
-        if name not in self.plex.bank:
+        if name not in self.plex:
             raise UnknownAdapterError(name, self.plex.adapters)
         self._start_drain(name, "unload")
         try:
@@ -486,7 +486,7 @@ class Engine:
         for i, row in enumerate(taken):
             try:
                 if row.handle.adapter_names:
-                    row.slots = self.plex.bank.acquire(row.handle.adapter_names)
+                    row.slots = self.plex.acquire(row.handle.adapter_names)
             except UnknownAdapterError as exc:  # removed while queued
                 self._finish(row, "error", exc)
                 continue
@@ -603,7 +603,7 @@ class Engine:
         """Release the row's slots and send its final event."""
         if row.slots:
             try:
-                self.plex.bank.release(row.slots.values())
+                self.plex.release(row.slots)
             finally:
                 row.slots = {}
         if row.counted:

@@ -26,7 +26,10 @@ import torch
 from torch import nn
 
 from loraplex.adapters.io import CONFIG_NAME, atomic_write_text, load_adapter
+from loraplex.api import Plex
+from loraplex.compose.spec import ComposeSpecError, parse
 from loraplex.errors import LoraplexError
+from loraplex.plan import NeedsCompositionError, RowSpec, rows_from_spec
 from loraplex.tokens import pad_batch
 from loraplex.train.config import TrainConfig, load_config
 from loraplex.train.data import (IGNORE, DataError, bio_spans, encode_response, examples_for_task, first_tokens,
@@ -35,8 +38,6 @@ from loraplex.train.trainer import ADAPTERS_DIR, _pad_id, load_state, load_train
 
 __all__ = ["PredictResult", "Runner", "classification_metrics", "entity_metrics", "load_trained_plex", "make_runner",
            "predict", "rows_for_choice"]
-
-RowSpec = list[tuple[str, float]]
 
 
 @dataclass
@@ -99,29 +100,16 @@ def load_trained_plex(config: TrainConfig, output_dir: str | os.PathLike[str] | 
     return plex
 
 
-def rows_for_choice(plex: Any, config: TrainConfig, choice: str) -> RowSpec | None:
+def rows_for_choice(plex: Plex, config: TrainConfig, choice: str) -> RowSpec | None:
     """The per-row adapter spec for an adapter name, ``base``, ``blend(...)`` or an additive ``stack(...)`` (stacked
     adapters bring the adapters they were trained on); None for compositions that need :mod:`loraplex.compose`."""
-    if choice in plex.adapters:
-        return _with_chain(plex, [(choice, 1.0)])
-    from loraplex.compose.spec import AdapterRef, Base, Blend, ComposeSpecError, Stack, parse
-
     try:
-        node = parse(choice)
+        return rows_from_spec(choice if choice in plex else parse(choice), plex.adapters,
+                              below=lambda n: plex.get_adapter(n).meta.get("stack_on") or [])
     except ComposeSpecError as exc:
         raise LoraplexError(f"--compose / active {choice!r}: {exc}") from None
-    if isinstance(node, Base):
-        return []
-    if isinstance(node, AdapterRef):
-        _known(plex, [node.name])
-        return _with_chain(plex, [(node.name, 1.0)])
-    if isinstance(node, Blend):
-        _known(plex, node.adapter_names())
-        return [(n, float(w)) for n, w in node.normalized_weights().items()]
-    if isinstance(node, Stack) and node.mode == "additive":
-        _known(plex, node.adapter_names())
-        return [(n, 1.0) for n in node.adapter_names()]
-    return None
+    except NeedsCompositionError:
+        return None
 
 
 class Runner:
@@ -167,26 +155,6 @@ def make_runner(plex: Any, config: TrainConfig, choice: str, output_dir: Path) -
     router = getattr(comp, "router", None)
     names = list(getattr(router, "experts", None) or node.adapter_names())
     return Runner(plex, None, comp), names
-
-
-def _known(plex: Any, names: Sequence[str]) -> None:
-    from loraplex.errors import UnknownAdapterError
-
-    for n in names:
-        if n not in plex.adapters:
-            raise UnknownAdapterError(n, plex.adapters)
-
-
-def _with_chain(plex: Any, row: RowSpec) -> RowSpec:
-    """Add the frozen adapters a stacked adapter was trained on (``loraplex_meta.json`` ``stack_on``)."""
-    out = list(row)
-    for name, w in row:
-        for below in plex.get_adapter(name).meta.get("stack_on") or []:
-            if below not in plex.adapters:
-                raise LoraplexError(f"adapter {name!r} was trained on top of {below!r}, which is not available")
-            if all(below != n for n, _ in out):
-                out.append((below, w))
-    return out
 
 
 def _task_for(plex: Any, config: TrainConfig, names: Sequence[str]) -> tuple[str, dict[str, list[str]]]:
