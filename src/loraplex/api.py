@@ -165,9 +165,9 @@ class Plex:
             return [[] for _ in range(n_rows)]
         if adapters is None:
             return [self._row(self._active)] * n_rows
-        if isinstance(adapters, (str, Mapping)):
-            return [self._row(adapters)] * n_rows
-        choices = list(adapters)  # type: ignore[arg-type]
+        if isinstance(adapters, str) or not isinstance(adapters, Sequence):  # one choice (name, mapping, node)
+            return [self._row(adapters)] * n_rows  # type: ignore[arg-type]
+        choices = list(adapters)
         if len(choices) != n_rows:
             raise LoraplexError(f"adapters has {len(choices)} entries but the batch has {n_rows} rows")
         return [self._row(c) for c in choices]

@@ -503,7 +503,7 @@ async def _sse(handles: list[RequestHandle], kind: str, rid: str, created: int, 
                 h.cancel()
 
 
-def create_classify_app(plex: Any, **kwargs: Any) -> FastAPI:
+def create_classify_app(plex: Plex, **kwargs: Any) -> FastAPI:
     """The encoder app (``/v1/classify``, ``/v1/embeddings``); see
     :func:`loraplex.serve.classify.create_classify_app`."""
     from loraplex.serve.classify import create_classify_app as make

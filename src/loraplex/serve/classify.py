@@ -29,6 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import Field
 
+from loraplex.api import Plex
 from loraplex.errors import LoraplexError, UnknownAdapterError
 from loraplex.serve.app import (ApiError, _json_body, _Metered, _parse, api_error, install_admin_endpoints,
                                 install_error_handlers, until_disconnect)
@@ -69,7 +70,7 @@ def task_card(info: Any) -> dict[str, Any] | None:
     return None if info is None else {"task": info.task, "labels": list(info.labels)}
 
 
-def create_classify_app(plex: Any, *, router: Any = None, registry: ModelRegistry | None = None,
+def create_classify_app(plex: Plex, *, router: Any = None, registry: ModelRegistry | None = None,
                         batcher: EncoderBatcher | None = None, base_id: str = "base", max_batch_size: int = 32,
                         batch_window_ms: float = 5.0, max_queue: int = 1024, max_length: int | None = None,
                         max_inputs: int = 256, compositions: Mapping[str, str] | None = None,
@@ -312,7 +313,7 @@ def build_classify_server(*, base: str, adapters: Mapping[str, str] | None = Non
                           compositions: Mapping[str, str] | None = None, device: str | None = None,
                           max_slots: int = 32, trust_pickle: bool = False, max_batch_size: int = 32,
                           batch_window_ms: float = 5.0, max_queue: int = 1024, max_length: int | None = None,
-                          plex: Any = None, admin_token: str | None = None, adapter_roots: Sequence[str] = ()
+                          plex: Plex | None = None, admin_token: str | None = None, adapter_roots: Sequence[str] = ()
                           ) -> tuple[EncoderBatcher, ModelRegistry, FastAPI]:
     """(batcher, registry, app) for an encoder base and adapters with heads; ``router_dir``: a saved sequence
     router, served as model ``auto``. An adapter whose labels do not fit its head fails here (AdapterError).

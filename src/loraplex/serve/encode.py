@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from loraplex.api import Plex
 from loraplex.tokens import pad_batch
 from loraplex.errors import AdapterError, LoraplexError
 from loraplex.serve.engine import EngineClosed, QueueFull
@@ -107,7 +108,7 @@ def head_owner(choice: Any, with_heads: Mapping[str, Any]) -> str | None:
     return next((n for n in served_names(choice) if n in with_heads), None)
 
 
-def route_rows(router: Any, plex: Any, texts: list[str], ids: torch.Tensor, mask: torch.Tensor) -> list[Any]:
+def route_rows(router: Any, plex: Plex, texts: list[str], ids: torch.Tensor, mask: torch.Tensor) -> list[Any]:
     """One row choice per text from a router: ``route_texts(texts)``, a RoutedModel (``route(ids, mask, texts=)``)
     or a callable ``text -> (choice, served_by)``."""
     if callable(getattr(router, "route_texts", None)):
@@ -121,7 +122,7 @@ def route_rows(router: Any, plex: Any, texts: list[str], ids: torch.Tensor, mask
 class EncoderBatcher:
     """The worker that batches encoder rows across requests (see the module docstring)."""
 
-    def __init__(self, plex: Any, *, router: Any = None, max_batch_size: int = 32, batch_window_ms: float = 5.0,
+    def __init__(self, plex: Plex, *, router: Any = None, max_batch_size: int = 32, batch_window_ms: float = 5.0,
                  max_queue: int = 1024, metrics: EncoderMetrics | None = None, start: bool = True) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1")

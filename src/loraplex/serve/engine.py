@@ -38,6 +38,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 import torch
 
+from loraplex.api import Plex
 from loraplex.errors import LoraplexError, UnknownAdapterError
 from loraplex.tokens import pad_batch
 from loraplex.serve import kv
@@ -217,7 +218,7 @@ class _Row:
 class Engine:
     """Continuous mixed-adapter batching over one :class:`loraplex.Plex` (see the module docstring)."""
 
-    def __init__(self, plex: Any, *, max_batch_size: int = 16, batch_window_ms: float = 5.0, max_queue: int = 256,
+    def __init__(self, plex: Plex, *, max_batch_size: int = 16, batch_window_ms: float = 5.0, max_queue: int = 256,
                  max_prompt_tokens: int | None = None, max_tokens_cap: int | None = None,
                  metrics: ServeMetrics | None = None, eos_token_ids: Sequence[int] | None = None,
                  start: bool = True) -> None:

@@ -116,7 +116,7 @@ class Runner:
     """Forward / generate for one adapter choice: a per-row spec through the mixed-batch runtime, or a composition
     built by :func:`loraplex.compose.build.build_composition` (routers, ensembles, in-layer stacks, ...)."""
 
-    def __init__(self, plex: Any, rowspec: RowSpec | None = None, composition: Any = None) -> None:
+    def __init__(self, plex: Plex, rowspec: RowSpec | None = None, composition: Any = None) -> None:
         self.plex = plex
         self.rowspec = rowspec
         self.composition = composition
@@ -132,7 +132,7 @@ class Runner:
         return self.plex.generate(ids, attention_mask=mask, adapters=[self.rowspec] * ids.shape[0], **kw)
 
 
-def make_runner(plex: Any, config: TrainConfig, choice: str, output_dir: Path) -> tuple[Runner, list[str]]:
+def make_runner(plex: Plex, config: TrainConfig, choice: str, output_dir: Path) -> tuple[Runner, list[str]]:
     """The runner for ``choice`` and the adapter names it may use."""
     from loraplex.train.trainer import ROUTER_DIR
 
@@ -157,7 +157,7 @@ def make_runner(plex: Any, config: TrainConfig, choice: str, output_dir: Path) -
     return Runner(plex, None, comp), names
 
 
-def _task_for(plex: Any, config: TrainConfig, names: Sequence[str]) -> tuple[str, dict[str, list[str]]]:
+def _task_for(plex: Plex, config: TrainConfig, names: Sequence[str]) -> tuple[str, dict[str, list[str]]]:
     """(task, {adapter: labels}) for rows that may use ``names`` (encoders: every head must do the same task)."""
     if config.model_type == "llm":
         return "causal_lm", {}
@@ -181,7 +181,7 @@ def predict(config: TrainConfig | str | os.PathLike[str], dataset: str | os.Path
             adapter: str | None = None, compose: str | None = None, out: str | os.PathLike[str] | None = None,
             output_dir: str | os.PathLike[str] | None = None, batch_size: int | None = None,
             max_new_tokens: int | None = None, device: str | torch.device | None = None,
-            progress: bool | None = None, plex: Any = None) -> PredictResult:
+            progress: bool | None = None, plex: Plex | None = None) -> PredictResult:
     """Predict ``dataset`` with ``adapter`` / ``compose`` / the config's ``active``; write predictions and metrics.
 
     ``out`` defaults to ``<output_dir>/predictions/<dataset stem>.<choice>.<csv|jsonl>`` (the dataset's format);

@@ -44,6 +44,7 @@ from torch import nn
 
 from loraplex.adapters.io import CONFIG_NAME, LoraAdapter, LoraModule, atomic_write_text, load_adapter
 from loraplex.adapters.spec import LoraSpec
+from loraplex.api import Plex
 from loraplex.errors import LoraplexError
 from loraplex.hostmem import tune_cpu_allocator
 from loraplex.tokens import pad_batch
@@ -254,7 +255,7 @@ class Trainer:
         self.progress = progress
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.joint = config.trainer.joint if joint is None else joint
-        self.plex: Any = None
+        self.plex: Plex | None = None
         self.precision = config.trainer.precision
         if self.precision == "fp16" and self.device.type != "cuda":
             warnings.warn("precision fp16 needs CUDA; training in bf16 autocast on CPU instead", stacklevel=2)
