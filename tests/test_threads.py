@@ -8,7 +8,6 @@ computed before training starts; the served rows mix single adapters, a blend an
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Any
 
 import pytest

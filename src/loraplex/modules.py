@@ -31,11 +31,6 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, leaf, new)
 
 
-def unwrapped(module: nn.Module | None) -> nn.Module | None:
-    """The base module behind a wrapper (the module itself when it is not wrapped)."""
-    return module.base if isinstance(module, WrappedModule) else module
-
-
 def dict_key(name: str | None) -> str:
     """An ``nn.ModuleDict``-safe key for an adapter name (one per name, no collisions)."""
     return "a_" + "".join(c if c.isalnum() or c == "_" else f"_{ord(c):x}_" for c in str(name))

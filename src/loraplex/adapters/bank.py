@@ -9,7 +9,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
-import torch
 from torch import nn
 
 from loraplex.adapters.io import LoraAdapter, align_prefix, load_adapter, validate_against

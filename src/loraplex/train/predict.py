@@ -86,7 +86,7 @@ def entity_metrics(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]])
 
 # ------------------------------------------------------------------------------------------------ loading
 def load_trained_plex(config: TrainConfig, output_dir: str | os.PathLike[str] | None = None, *,
-                      device: str | torch.device | None = None, names: Sequence[str] | None = None) -> Any:
+                      device: str | torch.device | None = None, names: Sequence[str] | None = None) -> Plex:
     """A Plex over the config's base model with the trained adapters (and merges) of ``output_dir`` registered."""
     out = Path(output_dir if output_dir is not None else config.output_dir or "runs/train")
     folder = out / ADAPTERS_DIR

@@ -204,7 +204,7 @@ def load_state(output_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return state
 
 
-def load_training_plex(config: TrainConfig, *, device: str | torch.device | None = None, max_slots: int = 8):
+def load_training_plex(config: TrainConfig, *, device: str | torch.device | None = None, max_slots: int = 8) -> Plex:
     """A :class:`~loraplex.api.Plex` over the config's base model (a multi-task encoder for ``model_type: encoder``)."""
     from loraplex.api import Plex, load_base
     from loraplex.tasks import load_encoder_plex
@@ -335,7 +335,7 @@ class Trainer:
         return result
 
     # -------------------------------------------------------------- model
-    def _ensure_plex(self, n_slots: int) -> Any:
+    def _ensure_plex(self, n_slots: int) -> Plex:
         if self.plex is None or self.plex.max_slots < n_slots:
             self.plex = load_training_plex(self.config, device=self.device, max_slots=max(n_slots, 2))
         return self.plex
