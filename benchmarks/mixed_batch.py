@@ -100,12 +100,12 @@ def main() -> None:
 
     def forced(kernel):  # the mixed batch with one kernel forced in every layer (the automatic choice is "auto")
         def call(x, **kw):
-            for layer in plex.bank.layers.values():
+            for layer in plex.layers.values():
                 layer.kernel = kernel
             try:
                 return plex(x, adapters=mixed, **kw)
             finally:
-                for layer in plex.bank.layers.values():
+                for layer in plex.layers.values():
                     layer.kernel = "auto"
         return call
 

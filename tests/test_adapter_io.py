@@ -14,7 +14,7 @@ import loraplex
 from loraplex.adapters.io import (CONFIG_NAME, WEIGHTS_NAME, load_adapter, load_adapter_dir, save_adapter,
                                   save_adapters)
 from loraplex.errors import AdapterError, LoraplexError, UnknownAdapterError
-from loraplex.runtime import BatchPlan
+from loraplex.plan import BatchPlan
 from conftest import make_peft_adapter, peft_model, tiny_bert, tiny_bert_cls, tiny_gpt2, tiny_llama
 
 ATOL = 1e-5
@@ -265,7 +265,7 @@ def test_register_unregister_replace(five: dict) -> None:
     assert plex.adapters == ["y"] and plex.active is None
     with pytest.raises(UnknownAdapterError, match="known adapters: y"):
         plex(five["ids"], adapters=["x", None])
-    assert "x" not in plex.bank.resident()
+    assert "x" not in plex.resident()
     with pytest.raises(UnknownAdapterError):
         plex.remove_adapter("x")
     # a LoraAdapter object registers too
@@ -288,7 +288,7 @@ def test_registering_walks_the_model_only_when_it_wraps_new_modules(five: dict, 
     for i in (1, 2, 3):
         plex.add_adapter(f"again{i}", p["ad0"])  # the same targets: the table is reused
     assert len(calls) == 1
-    new = set(load_adapter(p["ad3"]).modules) - set(plex.bank.layers)
+    new = set(load_adapter(p["ad3"]).modules) - set(plex.layers)
     plex.add_adapter("more", p["ad3"])  # wraps modules ad0 did not target ...
     plex.add_adapter("again4", p["ad0"])  # ... so the next registration rebuilds the table
     assert new and len(calls) == 2
@@ -301,24 +301,21 @@ def test_registering_walks_the_model_only_when_it_wraps_new_modules(five: dict, 
 def test_replace_while_held_serves_old_weights_to_holder(five: dict) -> None:
     p, ids = five["paths"], five["ids"]
     plex = loraplex.load(copy.deepcopy(five["base"]), adapters={"m": p["ad1"]})
-    bank = plex.bank
-    slots = bank.acquire(["m"])  # a running request holds the old "m"
-    held = BatchPlan.build([[("m", 1.0)]] * 2, slots, bank.device)
+    slots = plex.acquire(["m"])  # a running request holds the old "m"
+    held = BatchPlan.build([[("m", 1.0)]] * 2, slots, plex.device)
     # replacement has another rank (the stacks grow) and the same targets as ad1 plus others
     plex.add_adapter("m", p["ad3"], replace=True)
     with torch.no_grad():
         new = plex(ids, adapters="m").logits
-        bank.state.plan = held
-        try:
+        with plex.using_plan(held):
             old = plex.model(input_ids=ids).logits
-        finally:
-            bank.state.plan = None
+    assert plex.plan_state.plan is None
     assert torch.allclose(new, five["want"]["ad3"], atol=ATOL, rtol=0)
     assert torch.allclose(old, five["want"]["ad1"], atol=ATOL, rtol=0)
-    assert bank.resident()["m"] != slots["m"]
-    bank.release(slots.values())
+    assert plex.resident()["m"] != slots["m"]
+    plex.release(slots)
     # the stale slot is cleared once released; new plans keep the new weights
-    layer = bank.layers["model.layers.0.self_attn.v_proj"]
+    layer = plex.layers["model.layers.0.self_attn.v_proj"]
     assert layer.slot_rank[slots["m"]] == 0 and layer.lora_A[slots["m"]].abs().sum() == 0
     with torch.no_grad():
         assert torch.allclose(plex(ids, adapters="m").logits, five["want"]["ad3"], atol=ATOL, rtol=0)
@@ -326,10 +323,10 @@ def test_replace_while_held_serves_old_weights_to_holder(five: dict) -> None:
 
 def test_unregister_waits_for_holders(five: dict) -> None:
     plex = loraplex.load(copy.deepcopy(five["base"]), adapters={"m": five["paths"]["ad0"]})
-    slots = plex.bank.acquire(["m"])
+    slots = plex.acquire(["m"])
     with pytest.raises(LoraplexError, match="still in use"):
         plex.remove_adapter("m", timeout=0.01)
-    plex.bank.release(slots.values())
+    plex.release(slots)
     plex.remove_adapter("m", timeout=0.01)
     assert plex.adapters == []
 
@@ -339,10 +336,10 @@ def test_lru_eviction_with_few_slots(five: dict) -> None:
     plex = loraplex.load(copy.deepcopy(five["base"]), adapters=five["paths"], max_slots=2)
     for n in names + names[::-1]:
         _check(plex, five, [n, None])
-        assert len(plex.bank.resident()) <= 2
+        assert len(plex.resident()) <= 2
     for a, b in [("ad0", "ad4"), ("ad2", "ad1"), ("ad3", "ad0")]:
         _check(plex, five, [a, b])
-    st = plex.bank.stats
+    st = plex.stats
     assert st.evictions > 0 and st.misses > 2 and st.hits >= 1
 
 
@@ -360,9 +357,9 @@ def test_batch_needs_more_slots_than_the_bank_has(five: dict) -> None:
 
 def test_cpu_budget_drops_and_reloads_from_disk(five: dict) -> None:
     plex = loraplex.load(copy.deepcopy(five["base"]), adapters=five["paths"], max_slots=2, cpu_budget_bytes=1)
-    st = plex.bank.stats
+    st = plex.stats
     assert st.cpu_evictions >= 4
-    assert plex.bank.nbytes()["cpu"] < sum(load_adapter(p).nbytes for p in five["paths"].values())
+    assert plex.nbytes()["cpu"] < sum(load_adapter(p).nbytes for p in five["paths"].values())
     for n in list(five["paths"]) * 2:
         _check(plex, five, [None, n])
     assert st.disk_reloads > 0
@@ -377,11 +374,11 @@ def test_cpu_budget_reload_keeps_prefix_alignment(tmp_path: Path) -> None:
     bare = tiny_bert()
     bare.load_state_dict(cls_model.bert.state_dict())
     plex = loraplex.load(bare, adapters=paths, max_slots=1, cpu_budget_bytes=1)
-    assert "encoder.layer.0.attention.self.query" in plex.bank.layers
+    assert "encoder.layer.0.attention.self.query" in plex.layers
     ids = _ids(2, 5, seed=3)
     with torch.no_grad():
         for n in ["p", "q", "s", "p"]:
             got = plex(ids, adapters=n).last_hidden_state
             want = peft_model(cls_model, paths[n])(input_ids=ids, output_hidden_states=True).hidden_states[-1]
             assert torch.allclose(got, want, atol=ATOL, rtol=0), n
-    assert plex.bank.stats.disk_reloads > 0
+    assert plex.stats.disk_reloads > 0

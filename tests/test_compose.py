@@ -90,7 +90,7 @@ def logits(out) -> torch.Tensor:
 @pytest.mark.parametrize("kernel", ["auto", "sgmv", "bgmv", "segbmm"])
 def test_blend_equals_exact_delta_sum(setup, kernel):
     plex = make_plex(setup)
-    for layer in plex.bank.layers.values():
+    for layer in plex.layers.values():
         layer.kernel = kernel
     ids = ids_of(3, 7)
     w = {"a": 0.7, "b": -0.3, "c": 1.5}
@@ -104,7 +104,7 @@ def test_blend_equals_exact_delta_sum(setup, kernel):
 @pytest.mark.parametrize("kernel", ["sgmv", "bgmv", "segbmm"])
 def test_per_row_blends_in_one_batch(setup, kernel):
     plex = make_plex(setup)
-    for layer in plex.bank.layers.values():
+    for layer in plex.layers.values():
         layer.kernel = kernel
     rows = [{"a": 0.5, "b": 0.5}, "c", None, {"b": 2.0, "c": -1.0}]
     ids = ids_of(4, 5, seed=1)
@@ -203,7 +203,7 @@ def _two_step_reference(setup, plex, first: str, second: str) -> torch.nn.Module
     elsewhere ``y = W x + D1 x + D2 x`` (with whichever deltas exist)."""
     model = copy.deepcopy(setup[0])
     a1, a2 = hand_deltas(setup[1][first]), hand_deltas(setup[1][second])
-    for mod in plex.bank.layers:
+    for mod in plex.layers:
         lin = model.get_submodule(mod)
         d1, d2 = a1.get(mod), a2.get(mod)
         square = lin.in_features == lin.out_features
@@ -243,7 +243,7 @@ def test_inlayer_stack_equals_two_step_reference(setup):
         rev = InLayerStack(plex, ["b", "a"])(ids).logits
         assert torch.allclose(rev, _two_step_reference(setup, plex, "b", "a")(input_ids=ids).logits, atol=ATOL)
         assert torch.allclose(plex(ids).logits, plex(ids, adapters=None).logits)
-        assert all(not layer._forward_hooks for layer in plex.bank.layers.values())
+        assert all(not layer._forward_hooks for layer in plex.layers.values())
     out = st.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
     assert torch.equal(out[:, 6], got[:, -1].argmax(-1))
 
@@ -513,7 +513,7 @@ def test_routing_pass_early_exit_equals_hidden_states(setup):
     with torch.no_grad():
         hs = setup[0](input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
     calls = []
-    h = plex.bank.layers["model.layers.1.self_attn.q_proj"].register_forward_hook(lambda *a: calls.append(1))
+    h = plex.layers["model.layers.1.self_attn.q_proj"].register_forward_hook(lambda *a: calls.append(1))
     for layer in (0, 1, -1):
         got = routing_pass(plex, ids, mask, "mean", layer)
         want = F.pool_hidden(hs[layer], mask, "mean")

@@ -163,3 +163,12 @@ def test_validate_routers() -> None:
         validate("moe(r2)", {"a"}, routers={"r1"})
     with pytest.raises(ComposeSpecError, match="'auto' needs a router"):
         validate("auto", {"a"}, routers=set())
+
+
+def test_normalize_needs_weights_that_do_not_sum_to_zero():
+    """``normalize=true`` divides by the weights' sum: a zero sum is an error at parse time (FixedBlend agrees)."""
+    with pytest.raises(ComposeSpecError, match="blend: cannot normalise weights a=1,b=-1: they sum to 0"):
+        parse("blend(a=1,b=-1,normalize=true)")
+    with pytest.raises(ComposeSpecError, match="ensemble: .*sum to 0"):
+        Ensemble((("a", 0.5), ("b", -0.5)), normalize=True)
+    assert parse("blend(a=1,b=-1)").normalized_weights() == {"a": 1.0, "b": -1.0}  # no normalize: as written

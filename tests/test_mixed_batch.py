@@ -180,7 +180,7 @@ def test_row_layouts_match_peft(layout: str, tmp_path_factory) -> None:
     # the adapters' ranks really differ; the bank pads them to its max rank
     ranks = {n: max(m.rank for m in plex.get_adapter(n).modules.values()) for n in "abc"}
     assert ranks == {"a": 4, "b": 8, "c": 2}
-    assert max(layer.r_max for layer in plex.bank.layers.values()) == 8
+    assert max(layer.r_max for layer in plex.layers.values()) == 8
 
 
 def test_mixed_batch_with_padding_matches_peft(case: Case) -> None:
@@ -201,8 +201,8 @@ def test_mixed_batch_with_padding_matches_peft(case: Case) -> None:
 @pytest.mark.parametrize("kernel", ["sgmv", "bgmv", "segbmm"])
 def test_forced_kernels_match_peft(case: Case, kernel: str) -> None:
     plex = case.plex()
-    assert plex.bank.layers
-    for layer in plex.bank.layers.values():
+    assert plex.layers
+    for layer in plex.layers.values():
         layer.kernel = kernel
     rows = ["c", "a", None, "b", "a", "b"]
     for length in (7, 1):  # prefill-like and decode-like shapes
@@ -247,7 +247,7 @@ def test_blend_rows_match_hand_computed_reference(case: Case) -> None:
                 want[key] = out_of(case, _blend_model(case, weights)(input_ids=ids))
             want[i] = want[key][i]
     for kernel in ("auto", "sgmv", "bgmv", "segbmm"):
-        for layer in plex.bank.layers.values():
+        for layer in plex.layers.values():
             layer.kernel = kernel
         with torch.no_grad():
             got = out_of(case, plex(ids, adapters=blends))
@@ -264,6 +264,18 @@ def test_blend_string_and_single_blend(llama_case: Case) -> None:
         c = plex(ids, adapters=[[("a", 0.7), ("b", -0.3)]] * 2).logits
     assert torch.equal(a, b)
     assert torch.allclose(a, c, atol=ATOL, rtol=0)
+    from loraplex.compose.spec import parse
+    from loraplex.plan import NeedsCompositionError
+
+    with torch.no_grad():  # the grammar's other one-pass forms, as text or parsed
+        st = plex(ids, adapters="stack(a,b)").logits
+        node = plex(ids, adapters=parse("blend(a=0.7,b=-0.3)")).logits
+        ones = plex(ids, adapters={"a": 1.0, "b": 1.0}).logits
+        norm = plex(ids, adapters="blend(a=7,b=-3,normalize=true)").logits
+    assert torch.equal(st, ones) and torch.equal(node, a)
+    assert torch.allclose(norm, plex(ids, adapters={"a": 1.75, "b": -0.75}).logits, atol=ATOL, rtol=0)
+    with pytest.raises(NeedsCompositionError, match="build_composition"):
+        plex(ids, adapters="ensemble(a=1,b=1)")
 
 
 # --------------------------------------------------------------------------- generate
@@ -313,7 +325,7 @@ def test_generate_with_blends(llama_case: Case) -> None:
 def test_generate_forced_kernel(llama_case: Case, kernel: str) -> None:
     case = llama_case
     plex = case.plex()
-    for layer in plex.bank.layers.values():
+    for layer in plex.layers.values():
         layer.kernel = kernel
     rows = ["b", "c", None, "a"]
     ids, mask = _left_padded(case, len(rows), 5, [1, 0, 2, 0], seed=6)
@@ -356,7 +368,7 @@ def test_autograd_trainable_slot_gets_grads(llama_case: Case) -> None:
     with torch.no_grad():
         ref = plex(ids, adapters=rows).logits
     slot = plex.bank.resident()["a"]
-    layers = list(plex.bank.layers.values())
+    layers = list(plex.layers.values())
     for layer in layers:
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
@@ -436,7 +448,7 @@ def test_switch_is_a_slot_index_change(llama_case: Case) -> None:
         plex(ids, adapters=["c", "c"])
     def ptrs():
         return {n: (l.lora_A.data_ptr(), l.lora_B.data_ptr(), l.lora_scale.data_ptr())
-                for n, l in plex.bank.layers.items()}
+                for n, l in plex.layers.items()}
     before, misses = ptrs(), plex.bank.stats.misses
     times = []
     for name in ["a", "b", "c", None, "a"] * 20:

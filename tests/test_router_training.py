@@ -131,7 +131,8 @@ def test_joint_training_updates_router_and_adapters(text_setup, mode, top_k):
     with torch.no_grad():
         loss1 = causal_lm_loss(RoutedModel(plex, router, mode="soft")(ids, mask).logits, ids, mask)
     assert loss1 < loss0
-    assert all(layer.train_stacks is None for layer in plex.bank.layers.values())
+    assert plex.plan_state.overrides is None and plex.plan_state.plan is None  # nothing left set on this thread
+    assert all(layer.stacks()[0] is layer.lora_A for layer in plex.layers.values())
 
 
 def test_pipeline_returns_each_stage(text_setup):

@@ -284,13 +284,9 @@ def test_text_stream_holds_back_stop_prefix():
     assert "".join(pieces) == tok.decode(ids)
 
 
-@pytest.mark.parametrize("grammar", ["shared", "local"])
-def test_parse_spec(grammar, monkeypatch):
-    from loraplex.serve import registry
-
-    if grammar == "local":  # the fallback parser, for builds without loraplex.compose.spec
-        monkeypatch.setattr(registry, "_shared_grammar", lambda: None)
+def test_parse_spec():
     assert parse_spec("blend(a=0.7, b=0.3)") == {"a": 0.7, "b": 0.3}
+    assert parse_spec("blend(a=1,b=3,normalize=true)") == {"a": 0.25, "b": 0.75}
     assert parse_spec("blend(a)") == {"a": 1.0}
     assert parse_spec("stack(a,b)") == {"a": 1.0, "b": 1.0}
     assert parse_spec("plainname") is None
@@ -303,9 +299,15 @@ def test_parse_spec(grammar, monkeypatch):
         parse_spec("merge(ties;a=0.5,b=0.5)")
     with pytest.raises(ResolveError, match="one pass"):
         parse_spec("ensemble(a=1,b=1)")
+    with pytest.raises(ResolveError, match="stack mode 'inlayer' is not served") as exc:
+        parse_spec("stack(a,b,mode=inlayer)")
+    assert exc.value.code == "unsupported_spec"
+    with pytest.raises(ResolveError, match=r"column \d+") as exc:  # the grammar's error, with the caret
+        parse_spec("blend(a=1,,b=2)")
+    assert exc.value.code == "invalid_spec"
 
 
-def test_registry_resolution(plex):
+def test_registry_resolution(plex, files):
     reg = ModelRegistry(plex, base_id="tiny", compositions={"mix": "stack(ad0,ad1)"},
                         ab_splits={"exp": {"ad0": 3, "ad1": 1}}, seed=1)
     assert reg.resolve("tiny").choice is None and reg.resolve("base").served_by == []
@@ -320,6 +322,22 @@ def test_registry_resolution(plex):
     with pytest.raises(UnknownAdapterError) as ei:
         reg.resolve("blend(ad0=1,zzz=1)")
     assert "mix" in ei.value.known and "exp" in ei.value.known
+    # a spec the server resolves runs what the Plex runs for the same text, and what the weights mean
+    text = "blend(ad0=3,ad1=1,normalize=true)"
+    got = reg.resolve(text)
+    assert got.choice == {"ad0": 0.75, "ad1": 0.25} and got.served_by == ["ad0", "ad1"]
+    ids = torch.tensor([ids_of(plex, "hello there")])
+    merged = loraplex.load(files[0]).model  # reference: the base with W + 0.75 D_ad0 + 0.25 D_ad1 written in
+    with torch.no_grad():
+        for m in plex.layers:
+            merged.get_submodule(m).weight += 0.75 * plex.merged_delta("ad0", m) + 0.25 * plex.merged_delta("ad1", m)
+        want = merged(input_ids=ids).logits
+        served = plex(ids, adapters=got.choice).logits
+        direct = plex(ids, adapters=text).logits
+        base = plex(ids).logits
+    assert torch.equal(served, direct)
+    assert not torch.allclose(served, base, atol=1e-3)
+    assert torch.allclose(served, want, atol=1e-4, rtol=0)
     with pytest.raises(ResolveError):
         ModelRegistry(plex, ab_splits={"bad": {"ad0": -1}})
 

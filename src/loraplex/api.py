@@ -6,23 +6,36 @@ import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from loraplex.adapters.bank import AdapterBank
+from loraplex.adapters.bank import AdapterBank, BankStats
 from loraplex.adapters.io import LoraAdapter, LoraModule, save_adapter
-from loraplex.errors import LoraplexError, UnknownAdapterError
-from loraplex.runtime import BatchPlan, RowSpec
+from loraplex.errors import LoraplexError
+from loraplex.layers import MultiLoraLinear
+from loraplex.plan import BASE_NAMES, BatchPlan, PlanState, RowChoice, RowSpec, TrainOverrides, rows_from_spec
 
-#: What one row of a batch may ask for: an adapter name, None / "base" (no adapter), or a blend {name: weight}.
-RowChoice = str | None | Mapping[str, float] | Sequence[tuple[str, float]]
-BASE_NAMES = (None, "base", "")
+__all__ = ["BASE_NAMES", "Plex", "RowChoice", "load", "load_base"]
 
 
 class Plex:
-    """A base model with many resident LoRA adapters; each batch row picks its own adapter or blend."""
+    """A base model with many resident LoRA adapters; each batch row picks its own adapter or blend.
+
+    The typed surface the rest of loraplex uses (compose, serve and train never reach into :attr:`bank`):
+
+    * registry: :attr:`adapters`, ``name in plex``, :meth:`get_adapter`, :meth:`add_adapter`,
+      :meth:`remove_adapter`, :meth:`save_adapter`;
+    * device slots: :meth:`hold` (a block), :meth:`acquire` / :meth:`release` (a holder that spans calls, e.g. a
+      serving request across decode steps), :attr:`max_slots`, :meth:`resident`;
+    * computation: :attr:`layers` (the wrapped layers by module path), :attr:`device`, :attr:`dtype`,
+      :meth:`rows_for` (choices -> per-row specs), :meth:`using` (choices -> a held plan),
+      :meth:`using_plan` (a plan built elsewhere), :meth:`train_overrides` (training stacks and LoRA dropout),
+      :attr:`plan_state` (what model heads read the rows' adapters from); plans and overrides are per thread;
+    * reading adapters like the bank does: :attr:`trust_pickle`; cache counters: :attr:`stats`, :meth:`nbytes`.
+    """
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, *, max_slots: int = 32,
                  cpu_budget_bytes: int | None = None, trust_pickle: bool = False) -> None:
@@ -30,6 +43,7 @@ class Plex:
         self.tokenizer = tokenizer
         model.requires_grad_(False)
         model.eval()
+        #: the adapter bank (tests and benchmarks inspect it; library code uses this class's methods)
         self.bank = AdapterBank(model, max_slots=max_slots, cpu_budget_bytes=cpu_budget_bytes,
                                 trust_pickle=trust_pickle)
         self._active: RowChoice = None
@@ -42,6 +56,10 @@ class Plex:
         """Names of the registered adapters."""
         return self.bank.names
 
+    def __contains__(self, name: object) -> bool:
+        """Whether ``name`` is a registered adapter."""
+        return name in self.bank
+
     def add_adapter(self, name: str, source: LoraAdapter | str | os.PathLike, *, replace: bool = False) -> LoraAdapter:
         """Register an adapter from a folder/hub id or a :class:`LoraAdapter` (validated against the model)."""
         return self.bank.register(name, source if isinstance(source, LoraAdapter) else str(source), replace=replace)
@@ -53,6 +71,7 @@ class Plex:
             self._active = None
 
     def get_adapter(self, name: str) -> LoraAdapter:
+        """A registered adapter's CPU copy (spec, factors, ``modules_to_save``, meta, path)."""
         return self.bank.get(name)
 
     def save_adapter(self, name: str, path: str | os.PathLike) -> Path:
@@ -71,35 +90,74 @@ class Plex:
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
-        """Run the bare base model inside this block."""
+        """Run the bare base model inside this block (this thread)."""
         self._local.disabled = getattr(self._local, "disabled", 0) + 1
         try:
             yield
         finally:
             self._local.disabled -= 1
 
-    # ------------------------------------------------------------------ plans
+    # ------------------------------------------------------------------ device slots
+    @contextmanager
+    def hold(self, names: Iterable[str]) -> Iterator[dict[str, int]]:
+        """Device slots for ``names`` ({name: slot}), loaded if needed and never evicted inside the block."""
+        with self.bank.hold(list(names)) as slots:
+            yield slots
+
+    def acquire(self, names: Iterable[str]) -> dict[str, int]:
+        """Device slots for ``names`` ({name: slot}), held until :meth:`release`."""
+        return self.bank.acquire(list(names))
+
+    def release(self, slots: Mapping[str, int]) -> None:
+        """Give back the slots :meth:`acquire` returned."""
+        self.bank.release(slots.values())
+
+    @property
+    def max_slots(self) -> int:
+        """How many distinct adapters one forward may use (the device slots of every wrapped layer)."""
+        return self.bank.max_slots
+
+    def resident(self) -> dict[str, int]:
+        """Adapters currently in device slots, with their slot."""
+        return self.bank.resident()
+
+    @property
+    def stats(self) -> BankStats:
+        """Live counters of the adapter cache (slot hits, misses, evictions, reloads, load seconds)."""
+        return self.bank.stats
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held per tier: ``cpu`` (adapters in RAM) and ``device`` (slot stacks)."""
+        return self.bank.nbytes()
+
+    # ------------------------------------------------------------------ computation
+    @property
+    def layers(self) -> Mapping[str, MultiLoraLinear]:
+        """The wrapped layers by module path (read-only, live)."""
+        return MappingProxyType(self.bank.layers)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model (and the adapter slots) compute."""
+        return self.bank.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's dtype (adapters are kept in it)."""
+        return self.bank.dtype
+
+    @property
+    def trust_pickle(self) -> bool:
+        """Whether adapter folders may hold pickled ``.bin`` weights."""
+        return self.bank.trust_pickle
+
+    @property
+    def plan_state(self) -> PlanState:
+        """The per-thread plan and training overrides every wrapped layer reads (model heads read it too)."""
+        return self.bank.state
+
     def _row(self, choice: RowChoice) -> RowSpec:
-        if choice in BASE_NAMES:
-            return []
-        if isinstance(choice, str):
-            if choice not in self.bank:
-                parsed = _parse_blend(choice)
-                if parsed is None:
-                    raise UnknownAdapterError(choice, self.adapters)
-                return self._row(parsed)
-            return [(choice, 1.0)]
-        items = list(choice.items()) if isinstance(choice, Mapping) else list(choice)
-        row: RowSpec = []
-        for item in items:
-            if not (isinstance(item, tuple) and len(item) == 2):
-                raise LoraplexError(f"a blend is a mapping {{adapter: weight}} or a list of (adapter, weight); "
-                                    f"got {item!r}")
-            name, w = item
-            if name not in self.bank:
-                raise UnknownAdapterError(name, self.adapters)
-            row.append((str(name), float(w)))
-        return row
+        return rows_from_spec(choice, self.bank)
 
     def rows_for(self, adapters: RowChoice | Sequence[RowChoice] | None, n_rows: int) -> list[RowSpec]:
         """Per-row specs: one choice for all rows, or a list with one choice per row."""
@@ -107,8 +165,8 @@ class Plex:
             return [[] for _ in range(n_rows)]
         if adapters is None:
             return [self._row(self._active)] * n_rows
-        if isinstance(adapters, (str, Mapping)):
-            return [self._row(adapters)] * n_rows
+        if isinstance(adapters, str) or not isinstance(adapters, Sequence):  # one choice (name, mapping, node)
+            return [self._row(adapters)] * n_rows  # type: ignore[arg-type]
         choices = list(adapters)
         if len(choices) != n_rows:
             raise LoraplexError(f"adapters has {len(choices)} entries but the batch has {n_rows} rows")
@@ -119,14 +177,23 @@ class Plex:
         """Hold device slots and set the batch plan for every forward inside the block (``plex.model`` calls too)."""
         rows = self.rows_for(adapters, n_rows)
         names = {n for row in rows for n, _ in row}
-        previous = self.bank.state.plan
         with self.bank.hold(names) as slots:
             plan = BatchPlan.build(rows, slots, self.bank.device)
-            self.bank.state.plan = plan
-            try:
+            with self.bank.state.planned(plan):
                 yield plan
-            finally:
-                self.bank.state.plan = previous
+
+    @contextmanager
+    def using_plan(self, plan: BatchPlan) -> Iterator[BatchPlan]:
+        """Every forward of this thread inside the block uses ``plan`` (its slots must be held by the caller)."""
+        with self.bank.state.planned(plan):
+            yield plan
+
+    @contextmanager
+    def train_overrides(self, overrides: TrainOverrides) -> Iterator[None]:
+        """Every forward of this thread inside the block computes with ``overrides`` (differentiable stacks, LoRA
+        dropout); other threads keep serving the frozen slots."""
+        with self.bank.state.overriding(overrides):
+            yield
 
     # ------------------------------------------------------------------ running
     def __call__(self, input_ids: torch.Tensor | None = None, *, adapters: Any = None, **kwargs: Any) -> Any:
@@ -156,21 +223,6 @@ class Plex:
                 raise LoraplexError(f"module {module!r} is not adapted")
             return torch.zeros(layer.d_out, layer.d_in)
         return m.delta()
-
-
-def _parse_blend(text: str) -> list[tuple[str, float]] | None:
-    """``blend(a=0.7,b=0.3)`` as [(a, 0.7), (b, 0.3)], or None if ``text`` is not a blend."""
-    t = text.replace(" ", "")
-    if not (t.startswith("blend(") and t.endswith(")")):
-        return None
-    out = []
-    for part in t[6:-1].split(","):
-        name, _, w = part.partition("=")
-        try:
-            out.append((name, float(w)))
-        except ValueError:
-            return None
-    return out
 
 
 def _batch_size(input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> int:

@@ -13,7 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from loraplex.api import Plex
 from loraplex.errors import AdapterError, LoraplexError
+from loraplex.modules import dict_key
+from loraplex.plan import PlanState
 
 #: Tasks an adapter's head can do (``loraplex_meta.json`` ``task``).
 HEAD_TASKS = ("classification", "token_classification")
@@ -73,14 +76,15 @@ class MultiTaskEncoder(nn.Module):
         self.dropout = nn.Dropout(p)
         self.classifier = HeadBank()
         self.tasks: dict[str, TaskInfo] = {}
-        self._state: Any = None  # the bank's PlanState, set by attach()
+        self._state: PlanState | None = None  # the Plex's plan state, set by attach()
 
     @property
     def encoder_model(self) -> nn.Module:
         return getattr(self, self.base_model_prefix)
 
-    def attach(self, plan_state: Any) -> None:
-        """Share the bank's plan so the heads know each row's adapter."""
+    def attach(self, plan_state: PlanState) -> None:
+        """Read each row's adapter from ``plan_state`` (the Plex's :attr:`~loraplex.api.Plex.plan_state`), so the
+        heads answer for the right adapter."""
         self._state = plan_state
 
     # -------------------------------------------------------------- bank hooks
@@ -105,18 +109,18 @@ class MultiTaskEncoder(nn.Module):
             if b is not None:
                 head.bias.copy_(b)
         head.requires_grad_(False)
-        self.classifier.heads[_key(adapter.name)] = head
+        self.classifier.heads[dict_key(adapter.name)] = head
         self.tasks[adapter.name] = info
 
     def loraplex_remove_saved(self, adapter: str) -> None:
-        if _key(adapter) in self.classifier.heads:
-            del self.classifier.heads[_key(adapter)]
+        if dict_key(adapter) in self.classifier.heads:
+            del self.classifier.heads[dict_key(adapter)]
         self.tasks.pop(adapter, None)
 
     def head(self, adapter: str) -> nn.Linear:
-        if _key(adapter) not in self.classifier.heads:
+        if dict_key(adapter) not in self.classifier.heads:
             raise AdapterError(f"adapter {adapter!r} has no task head")
-        return self.classifier.heads[_key(adapter)]  # type: ignore[return-value]
+        return self.classifier.heads[dict_key(adapter)]  # type: ignore[return-value]
 
     # -------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -153,15 +157,9 @@ class MultiTaskEncoder(nn.Module):
         return MultiTaskOutput(seq, pooled, logits, owners, emb)
 
 
-def _key(adapter: str) -> str:
-    return "a_" + "".join(c if c.isalnum() or c == "_" else f"_{ord(c):x}_" for c in adapter)
-
-
-def load_encoder_plex(base: Any, adapters: dict[str, Any] | None = None, **kw: Any):
+def load_encoder_plex(base: Any, adapters: dict[str, Any] | None = None, **kw: Any) -> Plex:
     """A :class:`~loraplex.api.Plex` over a :class:`MultiTaskEncoder` built on ``base`` (model or folder)."""
     from transformers import AutoModel, AutoTokenizer
-
-    from loraplex.api import Plex
 
     tok = kw.pop("tokenizer", None)
     if isinstance(base, nn.Module):
@@ -175,7 +173,7 @@ def load_encoder_plex(base: Any, adapters: dict[str, Any] | None = None, **kw: A
     if device is not None:
         model.to(device)
     plex = Plex(model, tok, **kw)
-    model.attach(plex.bank.state)
+    model.attach(plex.plan_state)
     for name, src in (adapters or {}).items():
         plex.add_adapter(name, src)
     return plex

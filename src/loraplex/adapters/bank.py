@@ -13,7 +13,9 @@ from torch import nn
 
 from loraplex.adapters.io import LoraAdapter, align_prefix, load_adapter, validate_against
 from loraplex.errors import AdapterError, LoraplexError, UnknownAdapterError
-from loraplex.runtime import MultiLoraLinear, PlanState, SavedModuleSwitch, set_submodule
+from loraplex.layers import MultiLoraLinear, SavedModuleSwitch
+from loraplex.modules import UnwrappedView, set_submodule
+from loraplex.plan import PlanState
 
 
 @dataclass
@@ -72,6 +74,12 @@ class AdapterBank:
 
     def __contains__(self, name: object) -> bool:
         return name in self._cpu
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._cpu))
+
+    def __len__(self) -> int:
+        return len(self._cpu)
 
     def get(self, name: str) -> LoraAdapter:
         """The adapter's CPU copy (re-read from disk if it was dropped)."""
@@ -223,8 +231,8 @@ class AdapterBank:
         """The model as its base modules (wrappers seen through); the module table is walked once and reused
         until this bank wraps another module (a registration would otherwise walk the whole model twice)."""
         if self._base_modules is None:
-            self._base_modules = list(_Unwrapped(self.model).named_modules())
-        return _Unwrapped(self.model, self._base_modules)
+            self._base_modules = list(UnwrappedView(self.model).named_modules())
+        return UnwrappedView(self.model, self._base_modules)
 
     def _install_modules(self, ad: LoraAdapter) -> None:
         """Wrap the modules this adapter needs (once per module) and install its modules_to_save copies."""
@@ -315,34 +323,3 @@ class AdapterBank:
             total -= ad.nbytes
             self._cpu[name] = None
             self.stats.cpu_evictions += 1
-
-
-class _Unwrapped(nn.Module):
-    """A read-only view of a model where wrapped layers look like their base modules (for validation)."""
-
-    def __init__(self, model: nn.Module, table: list[tuple[str, nn.Module]] | None = None) -> None:
-        super().__init__()
-        object.__setattr__(self, "_m", model)
-        object.__setattr__(self, "_table", table)  # (name, base module) list, or None: walk the model
-
-    def named_modules(self, *args, **kwargs):  # type: ignore[override]
-        if self._table is not None and not args and not kwargs:
-            yield from self._table
-            return
-        inside: str | None = None  # a wrapper's own children (its base's) come right after it, depth first
-        for name, mod in self._m.named_modules(*args, **kwargs):
-            if inside is not None and name.startswith(inside):
-                continue
-            if isinstance(mod, (MultiLoraLinear, SavedModuleSwitch)):
-                inside = name + "."
-                yield name, mod.base
-            else:
-                inside = None
-                yield name, mod
-
-    def get_output_embeddings(self):
-        f = getattr(self._m, "get_output_embeddings", None)
-        return f() if callable(f) else None
-
-    def __getattr__(self, item):
-        return getattr(object.__getattribute__(self, "_m"), item)

@@ -17,6 +17,7 @@ import torch
 
 from loraplex.adapters.spec import LoraSpec
 from loraplex.errors import AdapterError, PathNotAllowedError
+from loraplex.modules import module_dims
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -410,17 +411,6 @@ def clean_leftovers(folder: str | os.PathLike, *, older_than: float = STALE_SECO
 
 
 # --------------------------------------------------------------------------- validation
-def module_dims(module: torch.nn.Module) -> tuple[int, int] | None:
-    """(d_in, d_out) of a Linear or GPT-2 Conv1D, else None."""
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(module, torch.nn.Linear):
-        return module.in_features, module.out_features
-    if isinstance(module, Conv1D):
-        return int(module.weight.shape[0]), int(module.nf)
-    return None
-
-
 def align_prefix(adapter: LoraAdapter, model: torch.nn.Module) -> LoraAdapter:
     """Adapter whose module paths fit ``model``: adds or strips the model's ``base_model_prefix`` (e.g. ``bert.``)
     when an adapter trained on ``BertForSequenceClassification`` meets a bare ``BertModel`` or the reverse."""

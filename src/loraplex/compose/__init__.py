@@ -8,30 +8,46 @@ Modules (pure math is separate from orchestration):
 * :mod:`~loraplex.compose.router` -- routers (linear / mlp / token_gated), save/load.
 * :mod:`~loraplex.compose.moe`, :mod:`~loraplex.compose.blend`, :mod:`~loraplex.compose.stack` -- runnable
   compositions; :mod:`~loraplex.compose.train_router` -- router training; :mod:`~loraplex.compose.build` --
-  ``build_composition(plex, spec)``.
+  ``build_composition(plex, spec)``; :mod:`~loraplex.compose.trainable` -- weighted plans, trainable adapter
+  factors and per-thread layer hooks (the plumbing between compositions and the mixed-batch plan).
+
+The names below are imported on first use, so importing one submodule (the grammar, say) does not import the rest.
 """
 
-from loraplex.compose.blend import FixedBlend, LearnedBlend, LogitEnsemble, blend_choice, causal_lm_loss
-from loraplex.compose.build import Single, build_composition, register_merge, resolve_router
-from loraplex.compose.features import Embedder, get_embedder, routing_pass
-from loraplex.compose.functional import Gates, pool_hidden, route
-from loraplex.compose.losses import (RouterCollapseWarning, entropy, hard_load_loss, load_shares, router_z_loss,
-                                     sq_dev_load_loss, switch_load_balance, warn_collapse)
-from loraplex.compose.moe import GatedModel, RoutedModel, Routing, expert_logits
-from loraplex.compose.plan import TrainableAdapters, weighted_plan
-from loraplex.compose.router import (ROUTER_TYPES, Router, RouterError, TokenGatedRouter, build_router, load_router,
-                                     register_router_type, router_from_settings, save_router)
-from loraplex.compose.stack import AdditiveStack, InLayerStack, Pipeline, PipelineResult, stack
-from loraplex.compose.train_router import (EpochLog, RouterTrainConfig, RouterTrainResult, evaluate_router,
-                                           feature_dim, fit_router, lm_loss_matrix, new_router, train_joint, train_lm_loss, train_supervised)
+from __future__ import annotations
 
-__all__ = [
-    "ROUTER_TYPES", "AdditiveStack", "Embedder", "EpochLog", "FixedBlend", "GatedModel", "Gates", "InLayerStack",
-    "LearnedBlend", "LogitEnsemble", "Pipeline", "PipelineResult", "RoutedModel", "Router", "RouterCollapseWarning",
-    "RouterError", "RouterTrainConfig", "RouterTrainResult", "Routing", "Single", "TokenGatedRouter",
-    "TrainableAdapters", "blend_choice", "build_composition", "build_router", "causal_lm_loss", "entropy",
-    "evaluate_router", "expert_logits", "feature_dim", "fit_router", "new_router", "get_embedder", "hard_load_loss", "lm_loss_matrix",
-    "load_router", "load_shares", "pool_hidden", "register_merge", "register_router_type", "resolve_router", "route",
-    "router_from_settings", "router_z_loss", "routing_pass", "save_router", "sq_dev_load_loss", "stack",
-    "switch_load_balance", "train_joint", "train_lm_loss", "train_supervised", "warn_collapse", "weighted_plan",
-]
+import importlib
+from typing import Any
+
+#: public name -> the submodule that defines it
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("FixedBlend", "LearnedBlend", "LogitEnsemble", "blend_choice", "causal_lm_loss"), "blend"),
+    **dict.fromkeys(("Single", "build_composition", "register_merge", "resolve_router"), "build"),
+    **dict.fromkeys(("Embedder", "get_embedder", "routing_pass"), "features"),
+    **dict.fromkeys(("Gates", "pool_hidden", "route"), "functional"),
+    **dict.fromkeys(("RouterCollapseWarning", "entropy", "hard_load_loss", "load_shares", "router_z_loss",
+                     "sq_dev_load_loss", "switch_load_balance", "warn_collapse"), "losses"),
+    **dict.fromkeys(("GatedModel", "RoutedModel", "Routing", "expert_logits"), "moe"),
+    **dict.fromkeys(("TrainableAdapters", "weighted_plan"), "trainable"),
+    **dict.fromkeys(("ROUTER_TYPES", "Router", "RouterError", "TokenGatedRouter", "build_router", "load_router",
+                     "register_router_type", "router_from_settings", "save_router"), "router"),
+    **dict.fromkeys(("AdditiveStack", "InLayerStack", "Pipeline", "PipelineResult"), "stack"),
+    **dict.fromkeys(("EpochLog", "RouterTrainConfig", "RouterTrainResult", "evaluate_router", "feature_dim",
+                     "fit_router", "lm_loss_matrix", "new_router", "train_joint", "train_lm_loss",
+                     "train_supervised"), "train_router"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'loraplex.compose' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"loraplex.compose.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -17,9 +17,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from loraplex.api import Plex
 from loraplex.compose import functional as F
 from loraplex.compose.moe import expert_logits
-from loraplex.compose.plan import check_experts, weighted_plan
+from loraplex.compose.spec import Blend
+from loraplex.compose.trainable import check_experts, weighted_plan
 from loraplex.errors import LoraplexError
 
 
@@ -38,7 +40,7 @@ def blend_rows(rows: Sequence[Mapping[str, float] | str | None], normalize: bool
 class FixedBlend:
     """Delta-level blend with fixed weights; ``__call__``/``generate`` run one mixed-batch pass."""
 
-    def __init__(self, plex: Any, weights: Mapping[str, float] | Sequence[tuple[str, float]],
+    def __init__(self, plex: Plex, weights: Mapping[str, float] | Sequence[tuple[str, float]],
                  normalize: bool = False) -> None:
         self.plex = plex
         self.weights = blend_choice(weights, normalize)
@@ -56,8 +58,6 @@ class FixedBlend:
 
     def spec(self) -> str:
         """The blend as composition-grammar text."""
-        from loraplex.compose.spec import Blend
-
         return str(Blend(tuple(self.weights.items())))
 
 
@@ -78,7 +78,7 @@ def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask
 class LearnedBlend(nn.Module):
     """Blend weights ``softmax(logits / temperature)`` (sum 1, positive) learned with adapters frozen."""
 
-    def __init__(self, plex: Any, experts: Sequence[str], *, temperature: float = 1.0,
+    def __init__(self, plex: Plex, experts: Sequence[str], *, temperature: float = 1.0,
                  init: Mapping[str, float] | None = None) -> None:
         super().__init__()
         check_experts(plex, experts, "learned blend")
@@ -100,7 +100,7 @@ class LearnedBlend(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """One mixed-batch pass; the output is differentiable in the blend logits."""
-        w = self.weights().to(self.plex.bank.device)
+        w = self.weights().to(self.plex.device)
         dense = w.unsqueeze(0).expand(int(input_ids.shape[0]), -1)
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
@@ -167,7 +167,7 @@ class _EnsembleProcessor:
 class LogitEnsemble:
     """``base + sum_i w_i (logits_i - base)`` from one expanded batch of N x (K+1) rows."""
 
-    def __init__(self, plex: Any, weights: Mapping[str, float] | Sequence[tuple[str, float]],
+    def __init__(self, plex: Plex, weights: Mapping[str, float] | Sequence[tuple[str, float]],
                  normalize: bool = False) -> None:
         self.plex = plex
         self.weights = blend_choice(weights, normalize)

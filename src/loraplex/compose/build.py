@@ -29,18 +29,20 @@ from typing import Any, Mapping
 
 import torch
 
+from loraplex.api import Plex
 from loraplex.compose import spec as S
 from loraplex.compose.blend import FixedBlend, LogitEnsemble
 from loraplex.compose.moe import GatedModel, RoutedModel
 from loraplex.compose.router import Router, TokenGatedRouter, load_router, read_router_config
 from loraplex.compose.stack import AdditiveStack, InLayerStack, Pipeline
 from loraplex.errors import LoraplexError
+from loraplex.merge.merge import merge_adapters
 
 
 class Single:
     """One row choice for every row: an adapter name, None (base) or a blend dict."""
 
-    def __init__(self, plex: Any, choice: Any) -> None:
+    def __init__(self, plex: Plex, choice: Any) -> None:
         plex.rows_for([choice], 1)  # validates
         self.plex = plex
         self.choice = choice
@@ -56,14 +58,14 @@ class Single:
         return self.plex.generate(input_ids, adapters=self.choice, **kwargs)
 
 
-def resolve_router(plex: Any, ref: str | Router | TokenGatedRouter, *, load_missing: bool = True
+def resolve_router(plex: Plex, ref: str | Router | TokenGatedRouter, *, load_missing: bool = True
                    ) -> Router | TokenGatedRouter:
     """A router object from an object or a folder; adapters recorded next to it are registered when missing."""
     if isinstance(ref, (Router, TokenGatedRouter)):
         return ref
     path = os.path.expanduser(str(ref))
     cfg = read_router_config(path)
-    missing = [e for e in cfg["experts"] if e not in plex.bank]
+    missing = [e for e in cfg["experts"] if e not in plex]
     if missing and load_missing:
         recorded = cfg.get("adapters") or {}
         for name in missing:
@@ -73,7 +75,7 @@ def resolve_router(plex: Any, ref: str | Router | TokenGatedRouter, *, load_miss
     return load_router(path, plex.adapters, allow_extra=True)
 
 
-def build_composition(plex: Any, spec: str | S.Node, *, routers: Mapping[str, Any] | None = None,
+def build_composition(plex: Plex, spec: str | S.Node, *, routers: Mapping[str, Any] | None = None,
                       tokenizer: Any = None, pipeline_template: str = "{output}", max_new_tokens: int = 32,
                       merge_name: str | None = None, load_missing: bool = True, **options: Any) -> Any:
     """The runnable composition for ``spec`` over ``plex`` (see the module docstring)."""
@@ -118,15 +120,13 @@ def build_composition(plex: Any, spec: str | S.Node, *, routers: Mapping[str, An
     raise LoraplexError(f"unsupported composition {node!r}")  # pragma: no cover
 
 
-def register_merge(plex: Any, node: S.Merge, name: str | None = None) -> str:
+def register_merge(plex: Plex, node: S.Merge, name: str | None = None) -> str:
     """Build ``node``'s merged adapter with :mod:`loraplex.merge` and register it (once); returns its name."""
-    from loraplex.merge.merge import merge_adapters
-
     name = name or "merge-" + hashlib.sha1(str(node).encode()).hexdigest()[:10]
-    if name in plex.bank:
+    if name in plex:
         return name
     sources = list(node.adapter_names())
-    missing = [s for s in sources if s not in plex.bank]
+    missing = [s for s in sources if s not in plex]
     if missing:
         raise LoraplexError(f"{node}: unknown adapters {missing}; registered: {', '.join(plex.adapters)}")
     opts = node.options()

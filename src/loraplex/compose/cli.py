@@ -146,13 +146,13 @@ def run_route(*, base: str, adapters: dict[str, str], data: str, out: str, val_d
     router = new_router(plex, experts, type=router_type, top_k=top_k, mode=mode, pooling=pooling,
                         embedding_model=embedding_model, hidden_size=hidden_size, temperature=temperature,
                         noise_std=noise_std)
-    router.to(plex.bank.device)
+    router.to(plex.device)
     need_ids = pooling not in ("embedding", "ngram") or objective != "supervised"
     ids = mask = vids = vmask = None
     if need_ids:
-        ids, mask = tokenize(plex.tokenizer, [t for t, _ in rows], max_length, plex.bank.device)
+        ids, mask = tokenize(plex.tokenizer, [t for t, _ in rows], max_length, plex.device)
         if val_rows:
-            vids, vmask = tokenize(plex.tokenizer, [t for t, _ in val_rows], max_length, plex.bank.device)
+            vids, vmask = tokenize(plex.tokenizer, [t for t, _ in val_rows], max_length, plex.device)
     texts = [t for t, _ in rows] if pooling in ("embedding", "ngram") else None
     vtexts = [t for t, _ in val_rows] if pooling in ("embedding", "ngram") else None
     cfg = RouterTrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, load_balance=load_balance,

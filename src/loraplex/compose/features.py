@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
+from loraplex.api import Plex
 from loraplex.compose.functional import pool_hidden
 from loraplex.errors import LoraplexError
 from loraplex.models import DEFAULT_ENCODER, resolve as resolve_model
@@ -69,7 +70,7 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
 
 
 @torch.no_grad()
-def routing_pass(plex: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+def routing_pass(plex: Plex, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  pooling: str = "mean", layer: int = -1) -> torch.Tensor:
     """Pooled hidden state [N, D] of the base model (adapters off) over ``input_ids``.
 

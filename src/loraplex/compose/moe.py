@@ -24,12 +24,14 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from loraplex.api import Plex
 from loraplex.compose import functional as F
 from loraplex.compose.features import decode_texts, get_embedder, hashed_ngrams, routing_pass
 from loraplex.compose.losses import load_shares, share_entropy, warn_collapse
-from loraplex.compose.plan import base_plan, check_experts, layer_hooks, weighted_plan
 from loraplex.compose.router import Router, TokenGatedRouter
+from loraplex.compose.trainable import base_plan, check_experts, layer_hooks, weighted_plan
 from loraplex.errors import LoraplexError
+from loraplex.layers import MultiLoraLinear
 
 
 @dataclass
@@ -94,7 +96,7 @@ class RoutedModel:
     """A :class:`~loraplex.api.Plex` plus a sequence router; ``top_k``/``mode``/``temperature`` override the
     router's saved settings. ``embedder`` overrides the embedding model of ``pooling="embedding"`` routers."""
 
-    def __init__(self, plex: Any, router: Router, *, top_k: int | None = None, mode: str | None = None,
+    def __init__(self, plex: Plex, router: Router, *, top_k: int | None = None, mode: str | None = None,
                  temperature: float | None = None, embedder: Any = None, warn_on_collapse: bool = False) -> None:
         if not isinstance(router, Router):
             raise LoraplexError(f"RoutedModel needs a sequence router (linear/mlp), got {type(router).__name__}; "
@@ -125,7 +127,7 @@ class RoutedModel:
                 texts = decode_texts(self.plex.tokenizer, input_ids, attention_mask)
             if r.pooling == "ngram":
                 return hashed_ngrams(list(texts), r.in_dim)
-            emb = self._embedder or get_embedder(r.embedding_model, device=self.plex.bank.device)
+            emb = self._embedder or get_embedder(r.embedding_model, device=self.plex.device)
             return emb.encode(list(texts))
         if input_ids is None:
             raise LoraplexError("a hidden-state router needs input_ids (it pools a routing pass of the base model)")
@@ -188,7 +190,7 @@ class RoutedModel:
         n = int(input_ids.shape[0])
         if not group_rows or n < 2 or not all(isinstance(c, str) for c in choices):
             return self.plex.generate(input_ids, adapters=choices, **kwargs)
-        with self.plex.bank.hold(sorted(set(choices))) as slots:  # the slots stay put while held
+        with self.plex.hold(sorted(set(choices))) as slots:  # the slots stay put while held
             order = sorted(range(n), key=lambda i: slots[choices[i]])  # type: ignore[index]
             if order == list(range(n)):
                 return self.plex.generate(input_ids, adapters=choices, **kwargs)
@@ -259,7 +261,7 @@ def _take_rows(out: Any, idx: torch.Tensor, n: int) -> Any:
     return out
 
 
-def expert_logits(plex: Any, experts: Sequence[str | None], input_ids: torch.Tensor,
+def expert_logits(plex: Plex, experts: Sequence[str | None], input_ids: torch.Tensor,
                   attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
     """Logits [N, K, ...] of every row under every choice in ``experts`` (None = base), in ONE expanded batch."""
     n, k = int(input_ids.shape[0]), len(experts)
@@ -276,11 +278,11 @@ class GatedModel:
     """A :class:`~loraplex.api.Plex` served with a :class:`TokenGatedRouter`: in every gated layer,
     ``y = W x + sum_k g_k(x) s_k B_k A_k x`` with per-token gates ``g(x)`` from that layer's input."""
 
-    def __init__(self, plex: Any, router: TokenGatedRouter) -> None:
+    def __init__(self, plex: Plex, router: TokenGatedRouter) -> None:
         if not isinstance(router, TokenGatedRouter):
             raise LoraplexError(f"GatedModel needs a token_gated router, got {type(router).__name__}")
         check_experts(plex, router.experts, "token-gated router")
-        unknown = [m for m in router.layer_dims if m not in plex.bank.layers]
+        unknown = [m for m in router.layer_dims if m not in plex.layers]
         if unknown:
             raise LoraplexError(f"token-gated router gates layers the model does not adapt: {unknown[:5]}")
         self.plex = plex
@@ -289,27 +291,25 @@ class GatedModel:
         self.record_gates = False
 
     @classmethod
-    def new(cls, plex: Any, experts: Sequence[str], **settings: Any) -> "GatedModel":
+    def new(cls, plex: Plex, experts: Sequence[str], **settings: Any) -> "GatedModel":
         """A fresh (uniform) token-gated router over every wrapped layer any expert adapts."""
         check_experts(plex, experts, "token-gated router")
-        mods = {m for e in experts for m in plex.bank.get(e).modules}
-        layers = {m: plex.bank.layers[m].d_in for m in plex.bank.layers if m in mods}
+        mods = {m for e in experts for m in plex.get_adapter(e).modules}
+        layers = {m: plex.layers[m].d_in for m in plex.layers if m in mods}
         return cls(plex, TokenGatedRouter(experts, layers, **settings))
 
     @contextmanager
     def active(self, n_rows: int) -> Iterator[None]:
         """Every forward in the block (this thread) runs with per-token gating over the experts."""
-        bank = self.plex.bank
         experts = self.router.experts
-        with bank.hold(experts) as slots, base_plan(self.plex, n_rows):
+        with self.plex.hold(experts) as slots, base_plan(self.plex, n_rows):
             slot_idx = [slots[e] for e in experts]
             self.last_gates = {}
 
-            def hook(name: str, layer: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+            def hook(name: str, layer: MultiLoraLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
                 if name not in self.router.layer_dims:
                     return None
-                A, B = layer.train_stacks if getattr(layer, "train_stacks", None) is not None else (
-                    layer.lora_A, layer.lora_B)
+                A, B = layer.stacks()  # [S, r_max, d_in], [S, d_out, r_max] (this thread's training stacks included)
                 idx = torch.tensor(slot_idx, device=A.device)
                 x3 = x.reshape(x.shape[0], -1, x.shape[-1])
                 g = self.router.gate(name, x3)  # [N, L, K]

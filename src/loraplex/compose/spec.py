@@ -139,6 +139,11 @@ def _weighted(items: Mapping[str, float] | Iterable[tuple[str, float]] | Iterabl
     return tuple(out)
 
 
+def _check_normalizable(items: Sequence[tuple[str, float]], normalize: bool, where: str) -> None:
+    if normalize and abs(sum(w for _, w in items)) < 1e-12:
+        raise ComposeSpecError(f"{where}: cannot normalise weights {_weighted_text(items)}: they sum to 0")
+
+
 def _weighted_text(items: Sequence[tuple[str, float]]) -> str:
     return ",".join(f"{n}={_fmt_num(w)}" for n, w in items)
 
@@ -199,6 +204,7 @@ class Blend(Node):
     def __post_init__(self) -> None:
         object.__setattr__(self, "items", _weighted(self.items, "blend"))
         object.__setattr__(self, "normalize", bool(self.normalize))
+        _check_normalizable(self.items, self.normalize, "blend")
 
     @property
     def weights(self) -> dict[str, float]:
@@ -230,6 +236,7 @@ class Ensemble(Node):
     def __post_init__(self) -> None:
         object.__setattr__(self, "items", _weighted(self.items, "ensemble"))
         object.__setattr__(self, "normalize", bool(self.normalize))
+        _check_normalizable(self.items, self.normalize, "ensemble")
 
     @property
     def weights(self) -> dict[str, float]:

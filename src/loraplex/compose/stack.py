@@ -22,17 +22,20 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from loraplex.api import Plex
 from loraplex.compose import functional as F
 from loraplex.compose.blend import FixedBlend
-from loraplex.compose.plan import base_plan, check_experts, layer_hooks, slot_factors
+from loraplex.compose.features import decode_texts
+from loraplex.compose.trainable import base_plan, check_experts, layer_hooks, slot_factors
 from loraplex.errors import LoraplexError
+from loraplex.layers import MultiLoraLinear
 from loraplex.tokens import pad_batch, pad_id
 
 
 class AdditiveStack(FixedBlend):
     """``stack(a, b)`` = W + D_a + D_b (the blend with every weight 1)."""
 
-    def __init__(self, plex: Any, names: Sequence[str]) -> None:
+    def __init__(self, plex: Plex, names: Sequence[str]) -> None:
         if len(names) < 2:
             raise LoraplexError("a stack needs at least two adapters")
         if len(set(names)) != len(names):
@@ -44,7 +47,7 @@ class AdditiveStack(FixedBlend):
 class InLayerStack:
     """In-layer product stack; see the module docstring for the per-layer rule."""
 
-    def __init__(self, plex: Any, names: Sequence[str], *, fallback: str = "additive") -> None:
+    def __init__(self, plex: Plex, names: Sequence[str], *, fallback: str = "additive") -> None:
         if len(names) < 2:
             raise LoraplexError("a stack needs at least two adapters")
         if fallback not in ("additive", "none"):
@@ -57,8 +60,8 @@ class InLayerStack:
     def layer_rules(self) -> dict[str, str]:
         """Per wrapped layer: ``product``, ``additive`` or ``none`` (no stacked adapter adapts it)."""
         out = {}
-        mods = [set(self.plex.bank.get(n).modules) for n in self.names]
-        for name, layer in self.plex.bank.layers.items():
+        mods = [set(self.plex.get_adapter(n).modules) for n in self.names]
+        for name, layer in self.plex.layers.items():
             have = [name in m for m in mods]
             if all(have) and layer.d_in == layer.d_out:
                 out[name] = "product"
@@ -72,10 +75,10 @@ class InLayerStack:
     def active(self, n_rows: int) -> Iterator[None]:
         """Every forward in the block (this thread) runs the stack."""
         rules = self.layer_rules()
-        with self.plex.bank.hold(self.names) as slots, base_plan(self.plex, n_rows):
+        with self.plex.hold(self.names) as slots, base_plan(self.plex, n_rows):
             order = [slots[n] for n in self.names]
 
-            def hook(name: str, layer: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+            def hook(name: str, layer: MultiLoraLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
                 rule = rules.get(name, "none")
                 if rule == "none":
                     return None
@@ -142,7 +145,7 @@ class Pipeline:
     """Stage i generates with ``stages[i]`` (an adapter name, None for base, or a blend dict); each later stage's
     prompt is ``templates[i-1]`` filled with the earlier outputs (one template for all, or one per later stage)."""
 
-    def __init__(self, plex: Any, stages: Sequence[Any], templates: str | Sequence[str] = "{output}", *,
+    def __init__(self, plex: Plex, stages: Sequence[Any], templates: str | Sequence[str] = "{output}", *,
                  tokenizer: Any = None, max_new_tokens: int = 32, add_special_tokens: bool | None = None,
                  encode: Callable[[str], list[int]] | None = None, **generate_kwargs: Any) -> None:
         if len(stages) < 2:
@@ -166,7 +169,7 @@ class Pipeline:
 
     def _encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         tok = self.tokenizer
-        dev = self.plex.bank.device
+        dev = self.plex.device
         if self.encode is not None:  # the given ids
             seqs = [list(self.encode(p)) or [0] for p in prompts]
         else:
@@ -207,8 +210,6 @@ class Pipeline:
                  **kwargs: Any) -> PipelineResult:
         """:meth:`run` on token ids (decoded first) or texts."""
         if isinstance(input_ids, torch.Tensor):
-            from loraplex.compose.features import decode_texts
-
             texts = decode_texts(self.tokenizer, input_ids, attention_mask)
         else:
             texts = list(input_ids)
@@ -218,7 +219,7 @@ class Pipeline:
         raise LoraplexError("a pipeline stack produces text stage by stage; call .generate(...) or .run(prompts)")
 
 
-def stack(plex: Any, names: Sequence[str], mode: str = "additive", **options: Any) -> Any:
+def stack(plex: Plex, names: Sequence[str], mode: str = "additive", **options: Any) -> Any:
     """The stack object for ``mode`` (additive | inlayer | pipeline)."""
     if mode == "additive":
         return AdditiveStack(plex, names)

@@ -26,11 +26,13 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from loraplex.api import Plex
 from loraplex.compose import losses as L
 from loraplex.compose.blend import causal_lm_loss
+from loraplex.compose.features import NGRAM_DIM, get_embedder
 from loraplex.compose.moe import RoutedModel, expert_logits
-from loraplex.compose.plan import TrainableAdapters
 from loraplex.compose.router import Router
+from loraplex.compose.trainable import TrainableAdapters
 from loraplex.errors import LoraplexError
 
 OBJECTIVES = ("supervised", "lm_loss", "joint")
@@ -126,7 +128,7 @@ def compute_features(routed: RoutedModel, input_ids: torch.Tensor | None = None,
 
 
 @torch.no_grad()
-def lm_loss_matrix(plex: Any, experts: Sequence[str | None], input_ids: torch.Tensor,
+def lm_loss_matrix(plex: Plex, experts: Sequence[str | None], input_ids: torch.Tensor,
                    attention_mask: torch.Tensor | None = None, *, batch_rows: int = 8) -> torch.Tensor:
     """[N, K] mean next-token loss of each example under each expert (None = base); each chunk of rows is ONE
     expanded mixed batch (rows x experts)."""
@@ -235,7 +237,7 @@ def _log_epoch(router: Router, epoch: int, loss: float, task: float, aux: float,
 
 
 # --------------------------------------------------------------------------------------------- lm loss
-def train_lm_loss(router: Router, plex: Any, features: torch.Tensor, input_ids: torch.Tensor,
+def train_lm_loss(router: Router, plex: Plex, features: torch.Tensor, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor | None = None, *, targets: str = "argmin",
                   soft_temperature: float = 0.1, batch_rows: int = 8, task_labels: torch.Tensor | None = None,
                   val_features: torch.Tensor | None = None, val_labels: torch.Tensor | None = None,
@@ -321,15 +323,11 @@ class _null:
 
 
 # --------------------------------------------------------------------------------------------- one entry point
-def feature_dim(plex: Any, pooling: str = "mean", embedding_model: str | None = None) -> int:
+def feature_dim(plex: Plex, pooling: str = "mean", embedding_model: str | None = None) -> int:
     """Router input size: the base model's hidden size, or the embedding model's."""
     if pooling == "embedding":
-        from loraplex.compose.features import get_embedder
-
         return get_embedder(embedding_model).dim
     if pooling == "ngram":
-        from loraplex.compose.features import NGRAM_DIM
-
         return NGRAM_DIM
     cfg = getattr(plex.model, "config", None)
     dim = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or getattr(cfg, "d_model", None)
@@ -338,14 +336,14 @@ def feature_dim(plex: Any, pooling: str = "mean", embedding_model: str | None = 
     return int(dim)
 
 
-def new_router(plex: Any, experts: Sequence[str] | None = None, **settings: Any) -> Router:
+def new_router(plex: Plex, experts: Sequence[str] | None = None, **settings: Any) -> Router:
     """A fresh :class:`Router` over ``experts`` (default: every adapter of ``plex``) with the right input size."""
     names = list(experts or plex.adapters)
     dim = feature_dim(plex, settings.get("pooling", "mean"), settings.get("embedding_model"))
     return Router(names, dim, **settings)
 
 
-def fit_router(plex: Any, router: Router, *, input_ids: torch.Tensor | None = None,
+def fit_router(plex: Plex, router: Router, *, input_ids: torch.Tensor | None = None,
                attention_mask: torch.Tensor | None = None, texts: Sequence[str] | None = None,
                labels: Sequence[str | int] | torch.Tensor | None = None, objective: str = "supervised",
                val: dict[str, Any] | None = None, config: RouterTrainConfig | None = None,

@@ -103,13 +103,13 @@ class AdapterSet:
             self.refs[name] -= 1
             if self.refs[name] <= 0:
                 del self.refs[name]
-                if name not in self._unloading and name in self.engine.plex.bank:
+                if name not in self._unloading and name in self.engine.plex:
                     self._unloading[name] = asyncio.ensure_future(self._unload(name))
 
     async def _ensure(self, name: str) -> None:
         while name in self._unloading:  # an eviction is taking it out: let it finish, then read it again
             await asyncio.shield(self._unloading[name])
-        if name in self.engine.plex.bank:
+        if name in self.engine.plex:
             return
         task = self._loading.get(name)
         if task is None:
@@ -119,8 +119,8 @@ class AdapterSet:
 
     async def _load(self, name: str) -> None:
         path = self.store.path(name)
-        bank = self.engine.plex.bank
-        adapter = await asyncio.to_thread(load_adapter, path, name, trust_pickle=self.trust_pickle, dtype=bank.dtype)
+        adapter = await asyncio.to_thread(load_adapter, path, name, trust_pickle=self.trust_pickle,
+                                          dtype=self.engine.plex.dtype)
         await asyncio.to_thread(self.engine.register_adapter, name, adapter)
         self.loads += 1
         log.info("loaded adapter %s from %s", name, path)

@@ -200,11 +200,11 @@ class IngressCore:
         from loraplex.compose.router import load_router
 
         plex = loraplex.load(settings.base, device=settings.device, trust_pickle=settings.trust_pickle)
-        router = load_router(settings.router_dir, map_location=plex.bank.device)
+        router = load_router(settings.router_dir, map_location=plex.device)
         for name in router.experts:
             plex.add_adapter(name, settings.store.path(name))
         self.catalog.tokenizer = plex.tokenizer
-        self.catalog.device = plex.bank.device
+        self.catalog.device = plex.device
         return RoutedModel(plex, router)
 
     def refresh(self, force: bool = False) -> None:

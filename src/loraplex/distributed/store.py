@@ -84,7 +84,7 @@ class AdapterStore:
 
 class StoreCatalog:
     """The store seen through the read-only surface :class:`~loraplex.serve.registry.ModelRegistry` uses of a
-    ``Plex`` (``adapters``, ``bank`` membership and ``bank.get``), so the ingress resolves model names (adapters,
+    ``Plex`` (:class:`~loraplex.serve.registry.AdapterCatalog`: ``adapters``, membership, ``get_adapter``), so the ingress resolves model names (adapters,
     ``blend(...)``/``stack(...)`` specs, compositions, A/B splits) with the single-process server's own rules
     without loading any weights. ``refresh()`` rescans the store."""
 
@@ -92,7 +92,6 @@ class StoreCatalog:
 
     def __init__(self, store: AdapterStore) -> None:
         self.store = store
-        self.bank = self  # ModelRegistry reads plex.bank
         self.device = torch.device("cpu")
         self._names: list[str] = store.names()
 
@@ -107,7 +106,7 @@ class StoreCatalog:
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name in self._names
 
-    def get(self, name: str) -> Any:
+    def get_adapter(self, name: str) -> Any:
         """An adapter-like record (``path``, ``meta``) for model cards and chat templates."""
         if name not in self._names:
             raise UnknownAdapterError(name, self._names)

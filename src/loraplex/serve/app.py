@@ -204,11 +204,11 @@ def create_app(engine: Engine, registry: ModelRegistry | None = None, *, admin_t
     install_info_endpoints(
         app, cards=registry.list_models, known=registry.known, worker=engine, metrics=metrics,
         health=lambda: {"queue_depth": engine.queue_depth, "running": engine.running_count,
-                        "adapters": len(engine.plex.adapters), "resident": len(engine.plex.bank.resident())})
+                        "adapters": len(engine.plex.adapters), "resident": len(engine.plex.resident())})
 
     # ------------------------------------------------------------------ admin endpoints
     install_admin_endpoints(
-        app, admin_token=admin_token, roots=roots, registry=registry, bank=engine.plex.bank, metrics=metrics,
+        app, admin_token=admin_token, roots=roots, registry=registry, plex=engine.plex, metrics=metrics,
         register=lambda name, adapter, replace: engine.register_adapter(name, adapter, replace=replace,
                                                                         timeout=unload_timeout),
         unload=lambda name, timeout: engine.unload_adapter(name, timeout=timeout), unload_timeout=unload_timeout)

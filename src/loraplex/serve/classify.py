@@ -32,6 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
+from loraplex.api import Plex
 from loraplex.errors import LoraplexError
 from loraplex.serve.encode import AUTO, EncoderBatcher, NoTaskHead, head_owner
 from loraplex.serve.http import (MAX_BODY_BYTES, ApiError, api_error, install_admin_endpoints, install_info_endpoints,
@@ -72,7 +73,7 @@ def task_card(info: Any) -> dict[str, Any] | None:
     return None if info is None else {"task": info.task, "labels": list(info.labels)}
 
 
-def create_classify_app(plex: Any, *, router: Any = None, registry: ModelRegistry | None = None,
+def create_classify_app(plex: Plex, *, router: Any = None, registry: ModelRegistry | None = None,
                         batcher: EncoderBatcher | None = None, base_id: str = "base", max_batch_size: int = 32,
                         batch_window_ms: float = 5.0, max_queue: int = 1024, max_length: int | None = None,
                         max_inputs: int = 256, compositions: Mapping[str, str] | None = None,
@@ -285,7 +286,7 @@ def create_classify_app(plex: Any, *, router: Any = None, registry: ModelRegistr
     # the worker runs the change between two forwards, so no batch ever sees half an adapter; rows already queued
     # for an unloaded adapter fail with 404 (encoder rows are one forward: there is nothing long-running to drain)
     install_admin_endpoints(
-        app, admin_token=admin_token, roots=[str(r) for r in adapter_roots], registry=registry, bank=plex.bank,
+        app, admin_token=admin_token, roots=[str(r) for r in adapter_roots], registry=registry, plex=plex,
         metrics=metrics, unload_timeout=unload_timeout,
         register=lambda name, adapter, replace: batcher.call_on_worker(
             lambda: plex.add_adapter(name, adapter, replace=replace), timeout=unload_timeout),
@@ -313,7 +314,7 @@ def build_classify_server(*, base: str, adapters: Mapping[str, str] | None = Non
                           compositions: Mapping[str, str] | None = None, device: str | None = None,
                           max_slots: int = 32, trust_pickle: bool = False, max_batch_size: int = 32,
                           batch_window_ms: float = 5.0, max_queue: int = 1024, max_length: int | None = None,
-                          plex: Any = None, admin_token: str | None = None, adapter_roots: Sequence[str] = ()
+                          plex: Plex | None = None, admin_token: str | None = None, adapter_roots: Sequence[str] = ()
                           ) -> tuple[EncoderBatcher, ModelRegistry, FastAPI]:
     """(batcher, registry, app) for an encoder base and adapters with heads; ``router_dir``: a saved sequence
     router, served as model ``auto``. An adapter whose labels do not fit its head fails here (AdapterError).
@@ -334,7 +335,7 @@ def build_classify_server(*, base: str, adapters: Mapping[str, str] | None = Non
         from loraplex.compose.moe import RoutedModel
         from loraplex.compose.router import load_router
 
-        router = RoutedModel(plex, load_router(router_dir, map_location=plex.bank.device))
+        router = RoutedModel(plex, load_router(router_dir, map_location=plex.device))
     batcher = EncoderBatcher(plex, router=router, max_batch_size=max_batch_size, batch_window_ms=batch_window_ms,
                              max_queue=max_queue)
     bid = base_id or Path(str(base)).name or "base"

@@ -74,7 +74,7 @@ def build_server(*, base: str, adapters: Mapping[str, str] | None = None, adapte
         from loraplex.compose.moe import RoutedModel
         from loraplex.compose.router import load_router
 
-        router = RoutedModel(plex, load_router(router_dir, map_location=plex.bank.device))
+        router = RoutedModel(plex, load_router(router_dir, map_location=plex.device))
     engine = Engine(plex, max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, max_queue=max_queue,
                     max_prompt_tokens=max_prompt_tokens, max_tokens_cap=max_tokens_cap)
     bid = base_id or Path(str(base)).name or "base"

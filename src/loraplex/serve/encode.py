@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from loraplex.api import Plex
 from loraplex.tokens import pad_batch, pad_id
 from loraplex.errors import AdapterError, LoraplexError
 from loraplex.serve.engine import EngineClosed, QueueFull
@@ -105,13 +106,13 @@ def head_owner(choice: Any, with_heads: Mapping[str, Any]) -> str | None:
     return next((n for n in served_names(choice) if n in with_heads), None)
 
 
-def route_rows(router: Any, plex: Any, texts: list[str], ids: torch.Tensor, mask: torch.Tensor) -> list[Any]:
+def route_rows(router: Any, plex: Plex, texts: list[str], ids: torch.Tensor, mask: torch.Tensor) -> list[Any]:
     """One row choice per text from a router: ``route_texts(texts)``, a RoutedModel (``route(ids, mask, texts=)``)
     or a callable ``text -> (choice, served_by)``."""
     if callable(getattr(router, "route_texts", None)):
         return list(router.route_texts(texts))
     if callable(getattr(router, "route", None)):
-        device = plex.bank.device
+        device = plex.device
         return list(router.route(ids.to(device), mask.to(device), texts=texts).choices())
     return [router(t)[0] for t in texts]
 
@@ -119,7 +120,7 @@ def route_rows(router: Any, plex: Any, texts: list[str], ids: torch.Tensor, mask
 class EncoderBatcher(WorkerThread):
     """The worker that batches encoder rows across requests (see the module docstring)."""
 
-    def __init__(self, plex: Any, *, router: Any = None, max_batch_size: int = 32, batch_window_ms: float = 5.0,
+    def __init__(self, plex: Plex, *, router: Any = None, max_batch_size: int = 32, batch_window_ms: float = 5.0,
                  max_queue: int = 1024, metrics: EncoderMetrics | None = None, start: bool = True) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1")
@@ -247,7 +248,7 @@ class EncoderBatcher(WorkerThread):
 
     def _slot_chunks(self, rows: list[_Row]) -> list[list[_Row]]:
         """Rows split so that no forward needs more adapters than the bank has device slots."""
-        limit = max(1, int(getattr(self.plex.bank, "max_slots", 0) or len(rows)))
+        limit = max(1, self.plex.max_slots)
         parts: list[list[_Row]] = []
         names: set[str] = set()
         for r in rows:
@@ -262,10 +263,10 @@ class EncoderBatcher(WorkerThread):
     def _forward(self, rows: list[_Row]) -> None:
         """One mixed-adapter forward over ``rows`` (ordered by adapter slot); results to each row's future."""
         names = sorted({n for r in rows for n in choice_names(r.choice)})
-        with self.plex.bank.hold(names) as slots:
+        with self.plex.hold(names) as slots:
             rows = grouped(rows, slots)
             ids, mask = pad_batch([r.ids for r in rows], self.pad_token_id)
-            device = self.plex.bank.device
+            device = self.plex.device
             out = self.plex(ids.to(device), attention_mask=mask.to(device), adapters=[r.choice for r in rows])
         self.metrics.batch_size.observe(len(rows), phase="encode")
         self.metrics.prompt_tokens.inc(int(mask.sum()))

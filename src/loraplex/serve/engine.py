@@ -38,6 +38,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 import torch
 
+from loraplex.api import Plex
 from loraplex.errors import LoraplexError, UnknownAdapterError
 from loraplex.tokens import eos_ids, pad_batch, pad_id
 from loraplex.serve import kv
@@ -217,7 +218,7 @@ class _Row:
 class Engine(WorkerThread):
     """Continuous mixed-adapter batching over one :class:`loraplex.Plex` (see the module docstring)."""
 
-    def __init__(self, plex: Any, *, max_batch_size: int = 16, batch_window_ms: float = 5.0, max_queue: int = 256,
+    def __init__(self, plex: Plex, *, max_batch_size: int = 16, batch_window_ms: float = 5.0, max_queue: int = 256,
                  max_prompt_tokens: int | None = None, max_tokens_cap: int | None = None,
                  metrics: ServeMetrics | None = None, eos_token_ids: Sequence[int] | None = None,
                  start: bool = True) -> None:
@@ -240,7 +241,7 @@ class Engine(WorkerThread):
         self.pad_token_id = pad_id(self.tokenizer, self.model)
         self.metrics = metrics or ServeMetrics()
         self.metrics.attach_engine(self)
-        self.device = plex.bank.device
+        self.device = plex.device
         try:
             self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         except (TypeError, ValueError):
@@ -333,7 +334,7 @@ class Engine(WorkerThread):
 
         With ``replace`` and ``name`` registered: requests for it are held back, running ones finish (up to
         ``timeout`` s, else :class:`AdapterBusy`), then the weights are swapped in one step."""
-        if not (replace and name in self.plex.bank):
+        if not (replace and name in self.plex):
             return self.call_on_worker(lambda: self.plex.add_adapter(name, adapter, replace=replace))
         self._start_drain(name, "replace")
         try:
@@ -344,7 +345,7 @@ class Engine(WorkerThread):
 
     def unload_adapter(self, name: str, *, timeout: float = 30.0) -> None:
         """Refuse new requests for ``name``, wait up to ``timeout`` s for the running ones, then remove it."""
-        if name not in self.plex.bank:
+        if name not in self.plex:
             raise UnknownAdapterError(name, self.plex.adapters)
         self._start_drain(name, "unload")
         try:
@@ -448,7 +449,7 @@ class Engine(WorkerThread):
         for i, row in enumerate(taken):
             try:
                 if row.handle.adapter_names:
-                    row.slots = self.plex.bank.acquire(row.handle.adapter_names)
+                    row.slots = self.plex.acquire(row.handle.adapter_names)
             except UnknownAdapterError as exc:  # removed while queued
                 self._finish(row, "error", exc)
                 continue
@@ -565,7 +566,7 @@ class Engine(WorkerThread):
         """Release the row's slots and send its final event."""
         if row.slots:
             try:
-                self.plex.bank.release(row.slots.values())
+                self.plex.release(row.slots)
             finally:
                 row.slots = {}
         if row.counted:

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraplex.adapters.io import check_path_allowed, load_adapter
+from loraplex.api import Plex
 from loraplex.errors import LoraplexError, PathNotAllowedError, UnknownAdapterError
 from loraplex.serve import schemas
 from loraplex.serve.engine import EngineError, QueueFull, RequestTooLarge
@@ -298,7 +299,7 @@ def check_admin_token(request: Request, admin_token: str | None) -> None:
 
 
 def install_admin_endpoints(app: FastAPI, *, admin_token: str | None, roots: Sequence[str], registry: ModelRegistry,
-                            bank: Any, metrics: Any, register: Callable[[str, Any, bool], None],
+                            plex: Plex, metrics: Any, register: Callable[[str, Any, bool], None],
                             unload: Callable[[str, float], None], unload_timeout: float = 30.0) -> None:
     """``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter`` (vLLM's shape) on ``app``.
 
@@ -315,7 +316,7 @@ def install_admin_endpoints(app: FastAPI, *, admin_token: str | None, roots: Seq
         why = registry.reserved(name)
         if why:
             raise ApiError(400, why, "invalid_name", "lora_name")
-        if name in bank and not req.replace:
+        if name in plex and not req.replace:
             raise ApiError(409, f"adapter {name!r} is already loaded (send \"replace\": true to swap it)",
                            "adapter_exists", "lora_name")
         if not roots:
@@ -329,7 +330,7 @@ def install_admin_endpoints(app: FastAPI, *, admin_token: str | None, roots: Seq
         t0 = time.perf_counter()
         try:  # disk -> CPU on a worker thread: requests keep flowing meanwhile
             adapter = await anyio.to_thread.run_sync(lambda: load_adapter(
-                path, name, trust_pickle=bank.trust_pickle, roots=roots, dtype=bank.dtype))
+                path, name, trust_pickle=plex.trust_pickle, roots=roots, dtype=plex.dtype))
             await anyio.to_thread.run_sync(lambda: register(name, adapter, bool(req.replace)))
         except (LoraplexError, OSError, ValueError) as exc:  # a file inside may be a symlink out of the roots: 403
             metrics.adapter_loads.inc(adapter=name, result="refused" if isinstance(exc, PathNotAllowedError)
@@ -350,8 +351,8 @@ def install_admin_endpoints(app: FastAPI, *, admin_token: str | None, roots: Seq
         check_admin_token(request, admin_token)
         req = validate_body(schemas.UnloadAdapterRequest, await json_body(request))
         name = req.lora_name
-        if name not in bank:
-            raise api_error(UnknownAdapterError(name, bank.names))
+        if name not in plex:
+            raise api_error(UnknownAdapterError(name, plex.adapters))
         timeout = unload_timeout if req.timeout is None else req.timeout
         try:
             await anyio.to_thread.run_sync(lambda: unload(name, timeout))

@@ -172,12 +172,12 @@ class ServeMetrics:
 
     def attach_engine(self, engine: Any) -> None:
         """Gauges read from the engine and its adapter bank at scrape time."""
-        bank = engine.plex.bank
+        plex = engine.plex
         self.queue_depth.fn = lambda: engine.queue_depth
         self.running.fn = lambda: engine.running_count
 
         def stat(field: str) -> Callable[[], float]:
-            return lambda: float(getattr(bank.stats, field))
+            return lambda: float(getattr(plex.stats, field))
 
         self._extra = [
             Gauge("loraplex_cache_hits_total", "Device-slot hits (adapter already resident).", fn=stat("hits")),
@@ -191,11 +191,11 @@ class ServeMetrics:
             Gauge("loraplex_cache_slot_load_seconds_total", "Seconds spent copying adapters into device slots.",
                   fn=stat("load_seconds")),
             Gauge("loraplex_cache_resident_adapters", "Adapters currently in device slots.",
-                  fn=lambda: float(len(bank.resident()))),
+                  fn=lambda: float(len(plex.resident()))),
             Gauge("loraplex_cache_registered_adapters", "Adapters registered (CPU tier).",
-                  fn=lambda: float(len(bank.names))),
+                  fn=lambda: float(len(plex.adapters))),
             Gauge("loraplex_cache_bytes", "Bytes held per tier.", ("tier",),
-                  fn=lambda: {(k,): float(v) for k, v in bank.nbytes().items()}),
+                  fn=lambda: {(k,): float(v) for k, v in plex.nbytes().items()}),
         ]
         for m in self._extra:  # counters exported from a callback keep their counter type
             if m.name.endswith("_total"):

@@ -26,9 +26,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Container, Mapping, Protocol, Sequence
 
+import torch
+
+from loraplex.compose.spec import ComposeSpecError, Stack, parse
 from loraplex.errors import LoraplexError, UnknownAdapterError
+from loraplex.plan import NeedsCompositionError, RowSpec, rows_from_spec
 from loraplex.serve.worker import Coalescer
 
 AUTO = "auto"
@@ -72,47 +76,51 @@ class Resolved:
 
 
 # --------------------------------------------------------------------------- composition specs
-_NAME = r"[A-Za-z0-9_.\-]+"  # adapter names, as in the shared composition grammar
+_NAME = r"[A-Za-z0-9_.\-]+"  # adapter names, as in the composition grammar
+
+
+class AdapterCatalog(Protocol):
+    """What the registry reads of a :class:`~loraplex.api.Plex` (or of the Ray ingress's store catalog)."""
+
+    tokenizer: Any
+
+    @property
+    def adapters(self) -> list[str]: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def __contains__(self, name: object) -> bool: ...
+
+    def get_adapter(self, name: str) -> Any: ...
 
 
 def parse_spec(text: str) -> dict[str, float] | None:
     """``blend(a=0.7,b=0.3)`` -> {a: 0.7, b: 0.3}; ``stack(a,b)`` -> {a: 1, b: 1}; a plain name -> None.
 
-    Uses the shared grammar :func:`loraplex.compose.spec.parse` when it is installed (its error messages point
-    at the column at fault), else a local parser of the same two forms. Forms the server cannot run in one pass
-    (``moe``, ``merge``, ``ensemble``, non-additive ``stack``) are a :class:`ResolveError`."""
+    The text is parsed by :func:`loraplex.compose.spec.parse` (its errors point at the column at fault) and turned
+    into weights by :func:`loraplex.plan.rows_from_spec`; adapter names are not checked here. Forms the server
+    cannot run in one pass (``moe``, ``merge``, ``ensemble``, non-additive ``stack``) are a :class:`ResolveError`."""
     t = text.strip()
     if not _looks_like_spec(t):
         return None
-    shared = _shared_grammar()
-    if shared is not None:
-        return _from_node(t, shared)
-    m = re.fullmatch(r"(blend|stack)\s*\((.*)\)", t, flags=re.S)
-    if not m:
-        fn = t.split("(")[0].strip()
-        raise ResolveError(_unsupported(fn, t), "unsupported_spec")
-    kind, body = m[1], m[2].strip()
-    if not body:
-        raise ResolveError(f"{t!r}: {kind}() needs at least one adapter", "invalid_spec")
-    out: dict[str, float] = {}
-    for part in body.split(","):
-        part = part.strip()
-        if kind == "stack":
-            if not re.fullmatch(_NAME, part):
-                raise ResolveError(f"{t!r}: stack(...) takes adapter names, got {part!r}", "invalid_spec")
-            name, w = part, 1.0
-        else:
-            name, eq, ws = (x.strip() for x in part.partition("="))
-            if not re.fullmatch(_NAME, name):
-                raise ResolveError(f"{t!r}: blend(...) takes name=weight pairs, got {part!r}", "invalid_spec")
-            try:
-                w = float(ws) if eq else 1.0
-            except ValueError:
-                raise ResolveError(f"{t!r}: weight {ws!r} of {name!r} is not a number", "invalid_spec") from None
-        if name in out:
-            raise ResolveError(f"{t!r}: adapter {name!r} appears twice", "invalid_spec")
-        out[name] = w
-    return out
+    return dict(spec_rows(t, None))
+
+
+def spec_rows(text: str, known: Container[str] | None, listed: Callable[[], list[str]] | None = None) -> RowSpec:
+    """The row of a ``blend(...)`` / ``stack(...)`` model name, adapters checked against ``known`` (None: not
+    checked); errors as :func:`parse_spec`'s, and :class:`UnknownAdapterError` listing ``listed()``."""
+    try:
+        node = parse(text)
+    except ComposeSpecError as exc:
+        raise ResolveError(str(exc), "invalid_spec") from None
+    if isinstance(node, Stack) and node.mode != "additive":
+        raise ResolveError(f"{text!r}: stack mode {node.mode!r} is not served; stack(...) with the default "
+                           f"additive mode (W + D1 + D2, one pass) is", "unsupported_spec")
+    try:
+        return rows_from_spec(node, known, listed=listed)
+    except NeedsCompositionError:
+        raise ResolveError(_unsupported(str(node).split("(")[0], text), "unsupported_spec") from None
 
 
 def _unsupported(fn: str, text: str) -> str:
@@ -120,33 +128,6 @@ def _unsupported(fn: str, text: str) -> str:
            "merge": "merge offline with `loraplex merge` and load the result",
            "ensemble": "a logit-level ensemble needs K+1 passes; use blend(...) (delta level, one pass)"}
     return f"{text!r}: {fn}(...) is not served directly; {why.get(fn, 'use blend(...) or stack(...)')}"
-
-
-def _shared_grammar():
-    try:
-        from loraplex.compose import spec as shared
-    except ImportError:
-        return None
-    return shared if callable(getattr(shared, "parse", None)) else None
-
-
-def _from_node(text: str, shared) -> dict[str, float]:
-    """The shared grammar's node as a blend dict for the runtime."""
-    try:
-        node = shared.parse(text)
-    except LoraplexError as exc:
-        raise ResolveError(str(exc), "invalid_spec") from None
-    kind = type(node).__name__
-    if kind == "Blend":
-        return {str(k): float(v) for k, v in node.normalized_weights().items()}
-    if kind == "Stack":
-        if getattr(node, "mode", "additive") != "additive":
-            raise ResolveError(f"{text!r}: stack mode {node.mode!r} is not served; stack(...) with the default "
-                               f"additive mode (W + D1 + D2, one pass) is", "unsupported_spec")
-        return {str(n): 1.0 for n in node.names}
-    if kind == "AdapterRef":
-        return {node.name: 1.0}
-    raise ResolveError(_unsupported(kind.lower() if kind != "MoE" else "moe", text), "unsupported_spec")
 
 
 def _looks_like_spec(name: str) -> bool:
@@ -157,7 +138,7 @@ def _looks_like_spec(name: str) -> bool:
 class ModelRegistry:
     """Names the server answers to, and how each is served."""
 
-    def __init__(self, plex: Any, *, base_id: str = "base", compositions: Mapping[str, str] | None = None,
+    def __init__(self, plex: AdapterCatalog, *, base_id: str = "base", compositions: Mapping[str, str] | None = None,
                  ab_splits: Mapping[str, Mapping[str, float]] | None = None, router: Router | RouterFn | None = None,
                  seed: int = 0) -> None:
         self.plex = plex
@@ -173,7 +154,7 @@ class ModelRegistry:
         self._route_batcher: Coalescer | None = None  # see batch_routing
         for name, spec in self.compositions.items():
             self._check_new_name(name, "composition")
-            if parse_spec(spec) is None and spec not in plex.bank:
+            if parse_spec(spec) is None and spec not in plex:
                 raise ResolveError(f"composition {name!r}: {spec!r} is neither a blend(...)/stack(...) spec nor "
                                    f"an adapter")
         for name, arms in (ab_splits or {}).items():
@@ -224,13 +205,10 @@ class ModelRegistry:
         if name in self.compositions:
             inner = self.resolve(self.compositions[name], prompt=prompt, user=user, _depth=_depth + 1)
             return Resolved(model, inner.choice, inner.served_by, inner.arm, inner.weights)
-        if name in self.plex.bank:
+        if name in self.plex:
             return Resolved(model, name, [name], weights={name: 1.0})
-        blend = parse_spec(name)
-        if blend is not None:
-            unknown = [n for n in blend if n not in self.plex.bank]
-            if unknown:
-                raise UnknownAdapterError(unknown[0], self.known())
+        if _looks_like_spec(name):
+            blend = dict(spec_rows(name, self.plex, self.known))
             served = [n for n, w in blend.items() if w != 0]
             return Resolved(model, dict(blend), served, weights=dict(blend))
         raise UnknownAdapterError(name, self.known())
@@ -280,7 +258,7 @@ class ModelRegistry:
 
             tok = self.plex.tokenizer
             seqs = [list(tok(p)["input_ids"]) for p in prompts]
-            ids, mask = pad_batch(seqs, pad_id(tok), device=self.plex.bank.device)
+            ids, mask = pad_batch(seqs, pad_id(tok), device=self.plex.device)
             return list(self.router.route(ids, mask, texts=list(prompts)).choices())  # type: ignore[union-attr]
         return [self.router(p) for p in prompts]  # type: ignore[operator, misc]
 
@@ -312,7 +290,7 @@ class ModelRegistry:
         out = [card(self.base_id, "base", None)]
         for name in self.plex.adapters:
             try:
-                ad = self.plex.bank.get(name)
+                ad = self.plex.get_adapter(name)
             except UnknownAdapterError:  # removed meanwhile
                 continue
             parents = _parents(getattr(ad, "meta", {}) or {})
@@ -337,7 +315,7 @@ class ModelRegistry:
             return None
         best = max(resolved.weights.items(), key=lambda kv: abs(kv[1]))[0]
         try:
-            ad = self.plex.bank.get(best)
+            ad = self.plex.get_adapter(best)
         except UnknownAdapterError:
             return None
         key = best

@@ -26,8 +26,11 @@ import torch
 from torch import nn
 
 from loraplex.adapters.io import atomic_write_text
+from loraplex.api import Plex
+from loraplex.compose.spec import ComposeSpecError, parse
 from loraplex.config import TrainConfig, load_config
 from loraplex.errors import LoraplexError
+from loraplex.plan import NeedsCompositionError, RowSpec, rows_from_spec
 from loraplex.run import TrainedRun, load_trained_plex
 from loraplex.tokens import eos_id, first_tokens, pad_batch, pad_id
 from loraplex.train.data import (IGNORE, DataError, bio_spans, encode_response, examples_for_task, read_rows,
@@ -35,8 +38,6 @@ from loraplex.train.data import (IGNORE, DataError, bio_spans, encode_response, 
 
 __all__ = ["PredictResult", "Runner", "classification_metrics", "entity_metrics", "make_runner", "predict",
            "rows_for_choice"]
-
-RowSpec = list[tuple[str, float]]
 
 
 @dataclass
@@ -84,36 +85,23 @@ def entity_metrics(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]])
 
 
 # ------------------------------------------------------------------------------------------------ choices
-def rows_for_choice(plex: Any, config: TrainConfig, choice: str) -> RowSpec | None:
+def rows_for_choice(plex: Plex, config: TrainConfig, choice: str) -> RowSpec | None:
     """The per-row adapter spec for an adapter name, ``base``, ``blend(...)`` or an additive ``stack(...)`` (stacked
     adapters bring the adapters they were trained on); None for compositions that need :mod:`loraplex.compose`."""
-    if choice in plex.adapters:
-        return _with_chain(plex, [(choice, 1.0)])
-    from loraplex.compose.spec import AdapterRef, Base, Blend, ComposeSpecError, Stack, parse
-
     try:
-        node = parse(choice)
+        return rows_from_spec(choice if choice in plex else parse(choice), plex.adapters,
+                              below=lambda n: plex.get_adapter(n).meta.get("stack_on") or [])
     except ComposeSpecError as exc:
         raise LoraplexError(f"--compose / active {choice!r}: {exc}") from None
-    if isinstance(node, Base):
-        return []
-    if isinstance(node, AdapterRef):
-        _known(plex, [node.name])
-        return _with_chain(plex, [(node.name, 1.0)])
-    if isinstance(node, Blend):
-        _known(plex, node.adapter_names())
-        return [(n, float(w)) for n, w in node.normalized_weights().items()]
-    if isinstance(node, Stack) and node.mode == "additive":
-        _known(plex, node.adapter_names())
-        return [(n, 1.0) for n in node.adapter_names()]
-    return None
+    except NeedsCompositionError:
+        return None
 
 
 class Runner:
     """Forward / generate for one adapter choice: a per-row spec through the mixed-batch runtime, or a composition
     built by :func:`loraplex.compose.build.build_composition` (routers, ensembles, in-layer stacks, ...)."""
 
-    def __init__(self, plex: Any, rowspec: RowSpec | None = None, composition: Any = None) -> None:
+    def __init__(self, plex: Plex, rowspec: RowSpec | None = None, composition: Any = None) -> None:
         self.plex = plex
         self.rowspec = rowspec
         self.composition = composition
@@ -129,7 +117,7 @@ class Runner:
         return self.plex.generate(ids, attention_mask=mask, adapters=[self.rowspec] * ids.shape[0], **kw)
 
 
-def make_runner(plex: Any, config: TrainConfig, choice: str, output_dir: Path) -> tuple[Runner, list[str]]:
+def make_runner(plex: Plex, config: TrainConfig, choice: str, output_dir: Path) -> tuple[Runner, list[str]]:
     """The runner for ``choice`` and the adapter names it may use."""
     router_dir = TrainedRun(output_dir).router_dir
     if choice in ("router", "auto"):
@@ -152,27 +140,7 @@ def make_runner(plex: Any, config: TrainConfig, choice: str, output_dir: Path) -
     return Runner(plex, None, comp), names
 
 
-def _known(plex: Any, names: Sequence[str]) -> None:
-    from loraplex.errors import UnknownAdapterError
-
-    for n in names:
-        if n not in plex.adapters:
-            raise UnknownAdapterError(n, plex.adapters)
-
-
-def _with_chain(plex: Any, row: RowSpec) -> RowSpec:
-    """Add the frozen adapters a stacked adapter was trained on (``loraplex_meta.json`` ``stack_on``)."""
-    out = list(row)
-    for name, w in row:
-        for below in plex.get_adapter(name).meta.get("stack_on") or []:
-            if below not in plex.adapters:
-                raise LoraplexError(f"adapter {name!r} was trained on top of {below!r}, which is not available")
-            if all(below != n for n, _ in out):
-                out.append((below, w))
-    return out
-
-
-def _task_for(plex: Any, config: TrainConfig, names: Sequence[str]) -> tuple[str, dict[str, list[str]]]:
+def _task_for(plex: Plex, config: TrainConfig, names: Sequence[str]) -> tuple[str, dict[str, list[str]]]:
     """(task, {adapter: labels}) for rows that may use ``names`` (encoders: every head must do the same task)."""
     if config.model_type == "llm":
         return "causal_lm", {}
@@ -196,7 +164,7 @@ def predict(config: TrainConfig | str | os.PathLike[str], dataset: str | os.Path
             adapter: str | None = None, compose: str | None = None, out: str | os.PathLike[str] | None = None,
             output_dir: str | os.PathLike[str] | None = None, batch_size: int | None = None,
             max_new_tokens: int | None = None, device: str | torch.device | None = None,
-            progress: bool | None = None, plex: Any = None) -> PredictResult:
+            progress: bool | None = None, plex: Plex | None = None) -> PredictResult:
     """Predict ``dataset`` with ``adapter`` / ``compose`` / the config's ``active``; write predictions and metrics.
 
     ``out`` defaults to ``<output_dir>/predictions/<dataset stem>.<choice>.<csv|jsonl>`` (the dataset's format);

@@ -5,8 +5,8 @@ Joint training
     (``A`` [r, d_in] kaiming-uniform(a=sqrt(5)) as PEFT/nn.Linear, ``B`` [d_out, r] zeros, seeded per adapter),
     its own ``torch.optim.AdamW`` and its own transformers scheduler (linear warmup/decay). A step concatenates one
     micro-batch of every adapter into a single mixed batch, runs ONE forward of the frozen base with per-row
-    adapters (the runtime's slot stacks are replaced by differentiable ``torch.stack``s of the leaf tensors through
-    ``MultiLoraLinear.train_stacks``), computes each adapter's mean loss over its own rows, and back-propagates their
+    adapters (the slot stacks are replaced by differentiable ``torch.stack``s of the leaf tensors through the
+    training thread's :class:`~loraplex.plan.TrainOverrides`), computes each adapter's mean loss over its own rows, and back-propagates their
     sum. Adapters' parameters are disjoint and rows do not interact, so each adapter receives exactly the gradient
     of its own loss: joint and sequential training (``trainer.joint: false``) make the same updates, up to float
     rounding. ``batch_size`` is per adapter; an adapter with fewer micro-batches simply drops out of later steps.
@@ -44,14 +44,17 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from loraplex.adapters.io import LoraAdapter, LoraModule, atomic_write_text, load_adapter, module_dims, save_adapter
+from loraplex.adapters.io import LoraAdapter, LoraModule, atomic_write_text, load_adapter, save_adapter
 from loraplex.adapters.spec import LoraSpec
+from loraplex.api import Plex
 from loraplex.config import ConfigError, TrainConfig, load_config
 from loraplex.errors import LoraplexError
 from loraplex.hostmem import tune_cpu_allocator
-from loraplex.tokens import pad_batch, pad_id
-from loraplex.runtime import MultiLoraLinear, SavedModuleSwitch
+from loraplex.layers import MultiLoraLinear, SavedModuleSwitch
+from loraplex.modules import module_dims
+from loraplex.plan import TrainOverrides
 from loraplex.run import ADAPTERS_DIR, TrainedRun, adapter_fingerprint, load_base_plex
+from loraplex.tokens import pad_batch, pad_id
 from loraplex.train import checkpoint as ckpt
 from loraplex.train import postbuild
 from loraplex.train.data import IGNORE, AdapterData, Example, epoch_order, load_adapter_data
@@ -196,7 +199,7 @@ class Trainer:
         self.progress = progress
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.joint = config.trainer.joint if joint is None else joint
-        self.plex: Any = None
+        self.plex: Plex | None = None
         self.precision = config.trainer.precision
         if self.precision == "fp16" and self.device.type != "cuda":
             warnings.warn("precision fp16 needs CUDA; training in bf16 autocast on CPU instead", stacklevel=2)
@@ -276,8 +279,8 @@ class Trainer:
         return result
 
     # -------------------------------------------------------------- model
-    def _ensure_plex(self, n_slots: int) -> Any:
-        if self.plex is None or self.plex.bank.max_slots < n_slots:
+    def _ensure_plex(self, n_slots: int) -> Plex:
+        if self.plex is None or self.plex.max_slots < n_slots:
             self.plex = load_base_plex(self.config, device=self.device, max_slots=max(n_slots, 2))
         return self.plex
 
@@ -413,22 +416,14 @@ class Trainer:
                 start, tokens = self._load_checkpoint(state, runs)
                 result.resumed_from = str(path)
                 self.log(f"resumed {', '.join(group)} from {path} (micro-step {start})")
-        slots = plex.bank.acquire([n for n in group] + frozen)
-        layers = list(plex.bank.layers.values())
+        slots = plex.acquire([n for n in group] + frozen)
         try:
-            for layer in layers:
-                layer.train(True)
             t_total, dt, cpu = self._loop(runs, slots, start, tokens, key)
             result.tokens += t_total
             result.train_seconds += dt
             result.train_cpu_seconds += cpu
         finally:
-            for layer in layers:
-                layer.train_stacks = None
-                layer.row_dropout = None
-                layer.dropout = 0.0
-                layer.train(False)
-            plex.bank.release(slots.values())
+            plex.release(slots)
         # serve the trained weights from the bank, evaluate, save
         for run in runs:
             for p in run.head:
@@ -483,14 +478,16 @@ class Trainer:
         return counted, time.perf_counter() - t0, time.process_time() - c0
 
     # -------------------------------------------------------------- steps
-    def _install_stacks(self, runs: Sequence[AdapterRun], slots: dict[str, int]) -> None:
-        """Point every wrapped layer at differentiable slot stacks built from the runs' leaf tensors."""
+    def _train_stacks(self, runs: Sequence[AdapterRun], slots: dict[str, int]
+                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Differentiable slot stacks for every wrapped layer, built from the runs' leaf tensors."""
         by_slot = {slots[r.name]: r for r in runs}
         top = max(slots.values()) + 1
         # under autocast the stacks take the compute dtype, so the runtime's LoRA path is in one dtype throughout
         compute = {"bf16": torch.bfloat16, "fp16": torch.float16 if self.device.type == "cuda" else torch.bfloat16
                    }.get(self.precision)
-        for mod, layer in self.plex.bank.layers.items():
+        stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for mod, layer in self.plex.layers.items():
             r_max = layer.r_max
             dtype = compute or layer.lora_A.dtype
             As, Bs = [], []
@@ -507,7 +504,8 @@ class Trainer:
                 else:
                     As.append(layer.lora_A[s].detach().to(dtype))
                     Bs.append(layer.lora_B[s].detach().to(dtype))
-            layer.train_stacks = (torch.stack(As), torch.stack(Bs))
+            stacks[mod] = (torch.stack(As), torch.stack(Bs))
+        return stacks
 
     def _micro_step(self, active: list[AdapterRun], slots: dict[str, int], t: int) -> int:
         plex = self.plex
@@ -522,17 +520,14 @@ class Trainer:
             spans.append((run, start, len(exs)))
         batch = pad_batch([e.input_ids for e in exs], pad_id(plex.tokenizer), device=self.device)
         ids, mask = batch
-        self._install_stacks(active, slots)
         rates = {run.dropout for run, _, _ in spans}
         if len(rates) == 1:  # one rate for every row: the runtime's fused dropout
             drop, rate = None, rates.pop()
         else:  # per-row rates (adapters with different lora_dropout in one batch)
             drop, rate = torch.tensor([run.dropout for run, s, e in spans for _ in range(e - s)],
                                       device=self.device), 0.0
-        for layer in plex.bank.layers.values():
-            layer.row_dropout = drop
-            layer.dropout = rate
-        with plex.using(rows, len(rows)), _autocast(self.device, self.precision):
+        overrides = TrainOverrides(self._train_stacks(active, slots), rate, drop)
+        with plex.train_overrides(overrides), plex.using(rows, len(rows)), _autocast(self.device, self.precision):
             losses = self._losses(spans, exs, ids, mask)
         total = None
         for (run, _, _), loss in zip(spans, losses):

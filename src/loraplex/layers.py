@@ -1,112 +1,28 @@
-"""Wrapped target layers and the per-forward batch plan they share.
+"""The wrapped target layers: every row of a batch adds its own adapters' updates to the base layer's output.
 
-A :class:`BatchPlan` says, for each row of the batch, which adapter slots it uses with which weights. It is
-computed once per forward (host side) and read by every wrapped layer through one shared :class:`PlanState`.
+* :class:`MultiLoraLinear` -- a Linear / GPT-2 Conv1D with stacked LoRA slots, ``y = W x + sum_(slot, w) in row
+  w * s_slot * B_slot A_slot x`` per row (the kernels are in :mod:`loraplex.ops`).
+* :class:`SavedModuleSwitch` -- a ``modules_to_save`` module with one copy per adapter.
+
+Both read the calling thread's :class:`~loraplex.plan.BatchPlan` (and training overrides) from a shared
+:class:`~loraplex.plan.PlanState`; slots are written by :class:`~loraplex.adapters.bank.AdapterBank` only.
 """
 
 from __future__ import annotations
 
 import copy
-import threading
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from loraplex import ops
-from loraplex.adapters.io import module_dims
 from loraplex.errors import LoraplexError
-
-RowSpec = list[tuple[str, float]]  # one row: [(adapter name, weight), ...]; [] means base model only
-
-
-@dataclass
-class BatchPlan:
-    """Per-row adapter slots and weights for one forward (or one ``generate``)."""
-
-    n_rows: int
-    rows: list[RowSpec]  # names and weights, row by row
-    pair_rows: torch.Tensor  # [P] long (host)
-    pair_slots: torch.Tensor  # [P] long (host)
-    pair_weights: torch.Tensor  # [P] float (host)
-    device: torch.device
-    segments: ops.Segments
-    uniform_slot: int | None  # every row uses this one slot with weight 1
-    _cache: dict[Any, Any] = field(default_factory=dict)
-
-    @classmethod
-    def build(cls, rows: list[RowSpec], slot_of: dict[str, int], device: torch.device) -> "BatchPlan":
-        """Plan for ``rows`` given the adapters' device slots."""
-        pr, ps, pw = [], [], []
-        for i, row in enumerate(rows):
-            for name, w in row:
-                pr.append(i)
-                ps.append(slot_of[name])
-                pw.append(float(w))
-        pair_rows = torch.tensor(pr, dtype=torch.long)
-        pair_slots = torch.tensor(ps, dtype=torch.long)
-        pair_weights = torch.tensor(pw, dtype=torch.float32)
-        seg = ops.make_segments(pair_rows, pair_slots, pair_weights, len(rows), device)
-        uniform = None
-        if seg.identity and len(seg.bounds) == 1:
-            uniform = seg.bounds[0][0]
-        return cls(len(rows), rows, pair_rows, pair_slots, pair_weights, torch.device(device), seg, uniform)
-
-    @property
-    def all_base(self) -> bool:
-        return not self.segments.bounds
-
-    def expanded(self, factor: int) -> "BatchPlan":
-        """The plan with each row repeated ``factor`` times in place (beam search, num_return_sequences)."""
-        if factor == 1:
-            return self
-        key = ("expand", factor)
-        if key not in self._cache:
-            rows = [r for r in self.rows for _ in range(factor)]
-            slot_of = {n: int(s) for n, s in zip(
-                [n for row in self.rows for n, _ in row], self.pair_slots.tolist())}
-            self._cache[key] = BatchPlan.build(rows, slot_of, self.device)
-        return self._cache[key]
-
-    def owners(self, adapters_with_module: frozenset[str]) -> list[str | None]:
-        """Per row, the first adapter of the row that has its own copy of a ``modules_to_save`` module."""
-        key = ("owners", adapters_with_module)
-        if key not in self._cache:
-            out: list[str | None] = []
-            for row in self.rows:
-                owner = next((n for n, w in row if n in adapters_with_module and w != 0), None)
-                out.append(owner)
-            self._cache[key] = out
-        return self._cache[key]
+from loraplex.modules import WrappedModule, dict_key, module_dims
+from loraplex.plan import PlanState
 
 
-class PlanState:
-    """The plan of the forward in progress, shared by every wrapped layer of one model (per thread)."""
-
-    def __init__(self) -> None:
-        self._local = threading.local()
-
-    @property
-    def plan(self) -> BatchPlan | None:
-        return getattr(self._local, "plan", None)
-
-    @plan.setter
-    def plan(self, value: BatchPlan | None) -> None:
-        self._local.plan = value
-
-
-def _plan_for(state: PlanState, n: int, module_name: str) -> BatchPlan | None:
-    plan = state.plan
-    if plan is None or plan.n_rows == n:
-        return plan
-    if n % plan.n_rows == 0:
-        return plan.expanded(n // plan.n_rows)
-    raise LoraplexError(f"module {module_name!r} got a batch of {n} rows but the adapter plan has "
-                        f"{plan.n_rows} rows (one adapter entry per input row is needed)")
-
-
-class MultiLoraLinear(nn.Module):
+class MultiLoraLinear(WrappedModule):
     """A Linear / GPT-2 Conv1D plus stacked LoRA slots; each batch row adds its own slots' updates."""
 
     def __init__(self, base: nn.Module, module_name: str, state: PlanState, n_slots: int, r_max: int) -> None:
@@ -123,12 +39,7 @@ class MultiLoraLinear(nn.Module):
         self.lora_B = nn.Parameter(w.new_zeros(n_slots, self.d_out, r_max), requires_grad=False)  # [S, d_out, r]
         self.register_buffer("lora_scale", w.new_zeros(n_slots, dtype=torch.float32), persistent=False)  # [S]
         self.slot_rank: list[int] = [0] * n_slots
-        self.dropout = 0.0
         self.kernel: str = "auto"  # "auto" | "sgmv" | "bgmv" | "segbmm" (tests and benchmarks force one)
-        # trainers: differentiable (A [S, r_max, d_in], B [S, d_out, r_max]) stacks used instead of lora_A/lora_B,
-        # and per-row LoRA dropout probabilities [N] used (in training mode) instead of ``dropout``
-        self.train_stacks: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.row_dropout: torch.Tensor | None = None
 
     # ---------------------------------------------------------------- slot writes (bank only)
     @property
@@ -179,20 +90,31 @@ class MultiLoraLinear(nn.Module):
         r = self.slot_rank[slot]
         return self.lora_A[slot, :r], self.lora_B[slot, :, :r], float(self.lora_scale[slot])
 
+    def stacks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slot stacks this thread computes with: (A [S, r_max, d_in], B [S, d_out, r_max]), the training
+        overrides' differentiable stacks when the thread has some for this layer, else the frozen slots."""
+        ov = self.state.overrides
+        if ov is not None:
+            own = ov.stacks.get(self.module_name)
+            if own is not None:
+                return own
+        return self.lora_A, self.lora_B
+
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.base(x, *args, **kwargs)
-        plan = _plan_for(self.state, x.shape[0], self.module_name) if x.dim() >= 2 else None
+        plan = self.state.plan_for(x.shape[0], self.module_name) if x.dim() >= 2 else None
         if plan is None or plan.all_base:
             return y
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # [N, L, d_in]
         y3 = y.reshape(y.shape[0], -1, y.shape[-1])  # [N, L, d_out] (a view)
-        A, B = self.train_stacks if self.train_stacks is not None else (self.lora_A, self.lora_B)
-        if self.training and self.row_dropout is not None and self.row_dropout.shape[0] == x3.shape[0]:
-            keep = (1 - self.row_dropout).to(x3.dtype)[:, None, None]  # [N, 1, 1]
+        A, B = self.stacks()
+        ov = self.state.overrides  # LoRA dropout: only inside a training step of this thread
+        if ov is not None and ov.row_dropout is not None and ov.row_dropout.shape[0] == x3.shape[0]:
+            keep = (1 - ov.row_dropout).to(x3.dtype)[:, None, None]  # [N, 1, 1]
             x3 = x3 * (torch.rand_like(x3) < keep).to(x3.dtype) / keep.clamp_min(1e-12)
-        elif self.training and self.dropout > 0:
-            x3 = nn.functional.dropout(x3, self.dropout, training=True)
+        elif ov is not None and ov.dropout > 0:
+            x3 = nn.functional.dropout(x3, ov.dropout, training=True)
         x3 = x3.to(A.dtype)
         if plan.uniform_slot is not None:
             slot = plan.uniform_slot
@@ -221,7 +143,7 @@ class MultiLoraLinear(nn.Module):
         return f"{self.module_name}: slots={self.lora_A.shape[0]}, r_max={self.r_max}"
 
 
-class SavedModuleSwitch(nn.Module):
+class SavedModuleSwitch(WrappedModule):
     """A ``modules_to_save`` module with one copy per adapter; each row runs its adapter's copy (or the base).
 
     When copies have different output sizes (heads with different label counts) the rows' outputs are padded on
@@ -238,7 +160,7 @@ class SavedModuleSwitch(nn.Module):
 
     def set_copy(self, adapter: str, state_dict: dict[str, torch.Tensor] | None) -> None:
         """Install (or with None remove) ``adapter``'s copy of this module."""
-        key = _key(adapter)
+        key = dict_key(adapter)
         if state_dict is None:
             if key in self.copies:
                 del self.copies[key]
@@ -260,23 +182,23 @@ class SavedModuleSwitch(nn.Module):
         self._names = self._names | {adapter}
 
     def copy_for(self, adapter: str) -> nn.Module | None:
-        return self.copies[_key(adapter)] if _key(adapter) in self.copies else None
+        return self.copies[dict_key(adapter)] if dict_key(adapter) in self.copies else None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        plan = _plan_for(self.state, x.shape[0], self.module_name) if self._names else None
+        plan = self.state.plan_for(x.shape[0], self.module_name) if self._names else None
         if plan is None:
             return self.base(x, *args, **kwargs)
         owners = plan.owners(self._names)
         first = owners[0]
         if all(o == first for o in owners):
-            mod = self.copies[_key(first)] if first is not None else self.base
+            mod = self.copies[dict_key(first)] if first is not None else self.base
             return mod(x, *args, **kwargs)
         groups: dict[str | None, list[int]] = {}
         for i, o in enumerate(owners):
             groups.setdefault(o, []).append(i)
         outs = []
         for o, idx in groups.items():
-            mod = self.copies[_key(o)] if o is not None else self.base
+            mod = self.copies[dict_key(o)] if o is not None else self.base
             rows = torch.tensor(idx, device=x.device)
             outs.append((rows, mod(x.index_select(0, rows), *args, **kwargs)))
         width = max(o.shape[-1] for _, o in outs)
@@ -287,15 +209,3 @@ class SavedModuleSwitch(nn.Module):
                 o = nn.functional.pad(o, (0, width - o.shape[-1]), value=float("-inf"))
             result = result.index_copy(0, rows, o)
         return result
-
-
-def _key(adapter: str | None) -> str:
-    """ModuleDict-safe key for an adapter name."""
-    return "a_" + "".join(c if c.isalnum() or c == "_" else f"_{ord(c):x}_" for c in str(adapter))
-
-
-def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted path ``name``."""
-    parent_name, _, leaf = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, leaf, new)

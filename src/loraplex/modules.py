@@ -1,0 +1,71 @@
+"""Target modules of a base model: their dims, replacing one by path, and the model seen through its wrappers."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from torch import nn
+
+
+class WrappedModule(nn.Module):
+    """A module that stands in for a base module (``self.base``); :class:`UnwrappedView` sees the base instead."""
+
+    base: nn.Module
+
+
+def module_dims(module: nn.Module) -> tuple[int, int] | None:
+    """(d_in, d_out) of a Linear or GPT-2 Conv1D, else None."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return int(module.weight.shape[0]), int(module.nf)
+    return None
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name``."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, new)
+
+
+def dict_key(name: str | None) -> str:
+    """An ``nn.ModuleDict``-safe key for an adapter name (one per name, no collisions)."""
+    return "a_" + "".join(c if c.isalnum() or c == "_" else f"_{ord(c):x}_" for c in str(name))
+
+
+class UnwrappedView(nn.Module):
+    """A read-only view of a model where wrapped modules look like their base modules (for validation).
+
+    ``table``: a (name, module) list of the view's ``named_modules()`` computed earlier, reused while the model's
+    wrapping does not change (None: walk the model each time).
+    """
+
+    def __init__(self, model: nn.Module, table: list[tuple[str, nn.Module]] | None = None) -> None:
+        super().__init__()
+        object.__setattr__(self, "_m", model)
+        object.__setattr__(self, "_table", table)
+
+    def named_modules(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, nn.Module]]:  # type: ignore[override]
+        if self._table is not None and not args and not kwargs:
+            yield from self._table
+            return
+        inside: str | None = None  # a wrapper's own children (its base's) come right after it, depth first
+        for name, mod in self._m.named_modules(*args, **kwargs):
+            if inside is not None and name.startswith(inside):
+                continue
+            if isinstance(mod, WrappedModule):
+                inside = name + "."
+                yield name, mod.base
+            else:
+                inside = None
+                yield name, mod
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        f = getattr(self._m, "get_output_embeddings", None)
+        return f() if callable(f) else None
+
+    def __getattr__(self, item: str) -> Any:
+        return getattr(object.__getattribute__(self, "_m"), item)
