@@ -213,8 +213,8 @@ BAD_CASES: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
      "adapters.active", "'auto' needs an adapters.router block"),
     ("llm with an encoder task", lambda d: d["adapters"]["adapters"]["chat"].update(task="classification"),
      "adapters.adapters.chat.task", "model_type llm trains causal_lm adapters"),
-    ("merge weights sum to zero", lambda d: d["adapters"]["merge"].update(weights=[1, -1]), "adapters.merge.weights",
-     "weights sum to 0"),
+    ("merge weights all zero", lambda d: d["adapters"]["merge"].update(weights=[0, 0]), "adapters.merge.weights",
+     "all weights are 0"),
 ]
 
 
