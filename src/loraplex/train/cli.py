@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
         tune_cpu_allocator()  # this process only trains: keep large freed blocks instead of page-faulting them in
         try:
             cfg = load_config(config, check_files=True, require_datasets=True)
-            if ray:
+            if ray or cfg.backend_type == "ray":  # Ludwig's backend: {type: ray}
                 from loraplex.distributed.cli import train_on_ray
 
                 result = train_on_ray(config, only=only or None, output_dir=output_dir, force=force, device=device,
