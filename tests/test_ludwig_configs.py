@@ -207,6 +207,21 @@ def test_wrong_keys_and_types_stay_errors(extra: dict[str, Any], path: str, frag
     assert any(fragment in m for m in matches), info.value.problems
 
 
+def test_prompt_template_placeholders() -> None:
+    """``{column}`` from the row, ``{__sample__}`` the prompt column, ``{__task__}`` the prompt task; other braces
+    are kept."""
+    from loraplex.config.ludwig import render_prompt, template_columns
+
+    t = "{__task__}: {__sample__} | {context} {not a placeholder} {context}"
+    assert template_columns(t) == ["context"]
+    assert render_prompt(t, {"context": "ctx"}, sample="q", task="T") == "T: q | ctx {not a placeholder} ctx"
+    with pytest.raises(KeyError):
+        render_prompt("{missing}", {})
+    cfg = load_config({"base_model": "m", "adapter": "lora", "prompt": {"template": "{__task__}: {__sample__}",
+                                                                         "task": "Summarise"}})
+    assert cfg.get_adapter("default").prompt_template == "Summarise: {__sample__}"
+
+
 def test_scheduler_shapes() -> None:
     """``make_scheduler`` against the formulas: constant / exponential (staircase) after linear warmup."""
     from loraplex.train.trainer import make_scheduler
@@ -383,6 +398,8 @@ def test_backend_ray_takes_the_ray_path(trained: dict[str, Any], monkeypatch: py
     res = cli("train", str(path), "--no-progress")
     assert res.exit_code == 0, res.output
     assert calls == [str(path)]
+    [line] = [x for x in res.stderr.splitlines() if "generation.pad_token_id" in x]  # one line, once
+    assert line.startswith("warning: ") and "predict takes the special token ids from the tokenizer" in line
 
 
 # ------------------------------------------------------------------------------------------------ pretrained / saved
