@@ -13,7 +13,8 @@ import yaml
 from pydantic import ValidationError
 
 from loraplex.config.explain import TOP_LEVEL, ConfigError, ConfigProblems, Loc, dotted, problems_from
-from loraplex.config.ludwig import LudwigConfigWarning, ludwig_notes
+from loraplex.config.ludwig import LudwigConfigWarning
+from loraplex.config.notes import ludwig_notes
 from loraplex.config.schema import TrainConfig
 from loraplex.config.validate import complete
 

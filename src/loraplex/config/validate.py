@@ -17,7 +17,7 @@ from pathlib import Path
 from loraplex.compose.spec import NAME_RE, Auto, ComposeSpecError, MoE
 from loraplex.compose.spec import parse as parse_spec
 from loraplex.config.explain import ConfigProblems, Loc, hint
-from loraplex.config.ludwig import SAMPLE, TASK
+from loraplex.config.ludwig import TASK
 from loraplex.config.schema import AdapterConfig, AdaptersBlock, MergeConfig, RouterConfig, TrainConfig, TrainerConfig
 
 __all__ = ["DEFAULT_RUN_NAME", "complete", "problem_with_active"]
