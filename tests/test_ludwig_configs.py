@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from loraplex.adapters.io import load_adapter
 from loraplex.cli import app
 from loraplex.config import ConfigError, LudwigConfigWarning, load_config
-from train_project import ANSWERS, pairs, save_tiny_llama, write_csv, write_jsonl, write_yaml
+from train_project import pairs, save_tiny_llama, write_csv, write_jsonl, write_yaml
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
 
@@ -205,6 +205,20 @@ def test_wrong_keys_and_types_stay_errors(extra: dict[str, Any], path: str, frag
         load_config(data)
     matches = [msg for p, msg in info.value.problems if p == path]
     assert any(fragment in m for m in matches), info.value.problems
+
+
+def test_ludwig_trainer_and_feature_names_map_onto_ours(recwarn: pytest.WarningsRecorder) -> None:
+    cfg = load_config({"base_model": "m", "adapter": "lora",
+                       "input_features": [{"name": "q", "type": "text", "column": "question"}],
+                       "output_features": [{"name": "a", "type": "text", "column": "answer"}],
+                       "trainer": {"train_steps": 7, "steps_per_checkpoint": 3, "warmup_ratio": 0.2,
+                                   "learning_rate_scheduler": {"decay": "exponential", "decay_rate": 0.5}}})
+    t, a = cfg.trainer, cfg.get_adapter("default")
+    assert (t.max_steps, t.checkpoint_every, t.scheduler) == (7, 3, ("exponential", 0.2))
+    assert (a.prompt_column, a.response_column) == ("question", "answer")
+    assert ludwig_notes(recwarn) == []
+    with pytest.raises(ConfigError, match="trainer.train_steps: contradicts max_steps 5"):
+        load_config({"base_model": "m", "adapter": "lora", "trainer": {"train_steps": 7, "max_steps": 5}})
 
 
 def test_prompt_template_placeholders() -> None:
@@ -489,4 +503,3 @@ def test_modules_to_save_are_trained_saved_and_load_in_peft(trained: dict[str, A
         ref_p = pp(input_ids=ids[1:]).logits
     torch.testing.assert_close(ours[:1], ref_s, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(ours[1:], ref_p, atol=1e-5, rtol=1e-4)
-    assert ANSWERS  # the shared vocabulary of the tiny tokenizer

@@ -15,6 +15,11 @@
     output_features: [{name: response, type: text}]
     trainer: {epochs: 3, learning_rate: 2e-4, batch_size: 8, max_length: 512}
 
+Ludwig's LLM sections (``prompt``, ``generation``, ``quantization``, ``backend``, the trainer's
+``learning_rate_scheduler``, the LoRA fields ``bias_type``, ``init_lora_weights``, ``loraplus_lr_ratio``,
+``pretrained_adapter_weights``, ``postprocessor``) are accepted as Ludwig writes them
+(:mod:`loraplex.config.ludwig`); the keys loraplex does not honour are listed by :mod:`loraplex.config.notes`.
+
 The models check each field on its own; the checks across fields and the defaults that depend on other fields
 live in :mod:`loraplex.config.validate`, and :func:`loraplex.config.load.load_config` runs both, so a loaded
 config is complete.
