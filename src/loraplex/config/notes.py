@@ -44,6 +44,22 @@ _IGNORED_TRAINER = {
     "enable_profiling": "ignored",
     "profiler": "ignored",
     "steps_per_epoch": "ignored; an epoch is every row once",
+    "learning_rate_scaling": "ignored; the learning rate does not scale with the number of workers",
+    "increase_batch_size_on_plateau_patience": "ignored; batch_size is fixed",
+    "increase_batch_size_on_plateau_rate": "ignored; batch_size is fixed",
+    "increase_batch_size_on_plateau_max": "ignored; batch_size is fixed",
+    "increase_batch_size_eval_metric": "ignored; batch_size is fixed",
+    "increase_batch_size_eval_split": "ignored; batch_size is fixed",
+    "reduce_learning_rate_on_plateau": "ignored; use learning_rate_scheduler.decay",
+    "reduce_learning_rate_on_plateau_patience": "ignored; use learning_rate_scheduler.decay",
+    "reduce_learning_rate_on_plateau_rate": "ignored; use learning_rate_scheduler.decay",
+    "reduce_learning_rate_eval_metric": "ignored; use learning_rate_scheduler.decay",
+    "reduce_learning_rate_eval_split": "ignored; use learning_rate_scheduler.decay",
+    "learning_rate_warmup_epochs": "ignored; use learning_rate_scheduler.warmup_fraction",
+    "decay": "ignored; use learning_rate_scheduler.decay",
+    "decay_steps": "ignored; use learning_rate_scheduler.decay_steps",
+    "decay_rate": "ignored; use learning_rate_scheduler.decay_rate",
+    "staircase": "ignored; use learning_rate_scheduler.staircase",
 }
 
 

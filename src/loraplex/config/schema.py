@@ -377,6 +377,22 @@ class TrainerConfig(_Strict):
     enable_profiling: Any = None
     profiler: Any = None
     steps_per_epoch: Any = None
+    learning_rate_scaling: Any = None
+    increase_batch_size_on_plateau_patience: Any = None
+    increase_batch_size_on_plateau_rate: Any = None
+    increase_batch_size_on_plateau_max: Any = None
+    increase_batch_size_eval_metric: Any = None
+    increase_batch_size_eval_split: Any = None
+    reduce_learning_rate_on_plateau: Any = None
+    reduce_learning_rate_on_plateau_patience: Any = None
+    reduce_learning_rate_on_plateau_rate: Any = None
+    reduce_learning_rate_eval_metric: Any = None
+    reduce_learning_rate_eval_split: Any = None
+    learning_rate_warmup_epochs: Any = None
+    decay: Any = None
+    decay_steps: Any = None
+    decay_rate: Any = None
+    staircase: Any = None
 
     @field_validator("warmup_ratio")
     @classmethod
