@@ -86,6 +86,9 @@ def test_merge_defaults_and_normalisation() -> None:
     assert cfg.merges[0].weights == pytest.approx([0.5, 0.5])
     assert cfg.merges[1].weights == [1.0, -0.5]
     assert cfg.active == "m2"
+    # divided by sum |w| (the rule of the CLI and of loraplex.merge): task subtraction keeps its signs
+    cfg = load_config({"base_model": "m", "adapters": {"adapters": {"a": {}, "b": {}}, "merge": {"weights": [1, -0.5]}}})
+    assert cfg.merges[0].weights == pytest.approx([2 / 3, -1 / 3])
 
 
 def test_singular_adapter_is_named_default() -> None:
@@ -213,8 +216,8 @@ BAD_CASES: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
      "adapters.active", "'auto' needs an adapters.router block"),
     ("llm with an encoder task", lambda d: d["adapters"]["adapters"]["chat"].update(task="classification"),
      "adapters.adapters.chat.task", "model_type llm trains causal_lm adapters"),
-    ("merge weights sum to zero", lambda d: d["adapters"]["merge"].update(weights=[1, -1]), "adapters.merge.weights",
-     "weights sum to 0"),
+    ("merge weights all zero", lambda d: d["adapters"]["merge"].update(weights=[0, 0]), "adapters.merge.weights",
+     "all weights are 0"),
 ]
 
 

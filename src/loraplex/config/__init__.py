@@ -3,8 +3,10 @@
 
 from loraplex.config.explain import ConfigError
 from loraplex.config.load import load_config, resolve_base_model
+from loraplex.config.ludwig import LudwigConfigWarning
 from loraplex.config.schema import (ADAPTER_TASKS, AdapterConfig, AdaptersBlock, Feature, MergeConfig, RouterConfig,
                                     RouterTrainSection, TrainConfig, TrainerConfig)
 
-__all__ = ["ADAPTER_TASKS", "AdapterConfig", "AdaptersBlock", "ConfigError", "Feature", "MergeConfig", "RouterConfig",
-           "RouterTrainSection", "TrainConfig", "TrainerConfig", "load_config", "resolve_base_model"]
+__all__ = ["ADAPTER_TASKS", "AdapterConfig", "AdaptersBlock", "ConfigError", "Feature", "LudwigConfigWarning",
+           "MergeConfig", "RouterConfig", "RouterTrainSection", "TrainConfig", "TrainerConfig", "load_config",
+           "resolve_base_model"]

@@ -30,6 +30,9 @@ SYNONYMS = {
     "combination": "combination_type", "adapter_names": "sources", "adapters": "sources", "peft_type": "type",
     "dora": "use_dora", "rslora": "use_rslora", "k": "top_k", "num_experts_per_tok": "top_k",
     "output_directory": "output_dir", "model": "base_model", "base_model_name_or_path": "base_model",
+    "warmup_fraction": "warmup_ratio", "lr_scheduler": "learning_rate_scheduler",
+    "scheduler": "learning_rate_scheduler", "max_tokens": "max_new_tokens", "template": "prompt",
+    "bias": "bias_type", "quantize": "quantization", "generation_config": "generation",
 }
 
 #: A location in the config: keys and list indices from the top level down.

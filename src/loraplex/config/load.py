@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -12,6 +13,8 @@ import yaml
 from pydantic import ValidationError
 
 from loraplex.config.explain import TOP_LEVEL, ConfigError, ConfigProblems, Loc, dotted, problems_from
+from loraplex.config.ludwig import LudwigConfigWarning
+from loraplex.config.notes import ludwig_notes
 from loraplex.config.schema import TrainConfig
 from loraplex.config.validate import complete
 from loraplex.models import resolve as resolve_model
@@ -100,7 +103,8 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any], *, check_fil
     Relative dataset paths resolve against the config file's folder (``base_dir`` for a dict; left as given when
     neither is known). ``check_files`` reports dataset/eval_dataset files that do not exist; ``require_datasets``
     reports adapters without a ``dataset`` (both on for ``loraplex train``). Raises :class:`ConfigError` listing
-    every problem as ``dotted.path: expected ..., got ...``.
+    every problem as ``dotted.path: expected ..., got ...``. Each Ludwig key that is accepted but not honoured
+    gives one :class:`~loraplex.config.ludwig.LudwigConfigWarning` ``dotted.path: what loraplex does instead``.
     """
     path: Path | None = None
     if isinstance(source, Mapping):
@@ -124,10 +128,13 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any], *, check_fil
     except ValidationError as exc:
         raise ConfigError(_as_written(problems_from(exc, TrainConfig), raw), name) from None
     try:
-        return complete(fields, source=path, base_dir=folder, config_stem=stem, check_files=check_files,
+        done = complete(fields, source=path, base_dir=folder, config_stem=stem, check_files=check_files,
                         require_datasets=require_datasets)
     except ConfigProblems as exc:
         raise ConfigError(_as_written(exc.problems, raw), name) from None
+    for where, msg in ludwig_notes(fields):
+        warnings.warn(f"{name}: {where}: {msg}", LudwigConfigWarning, stacklevel=2)
+    return done
 
 
 def resolve_base_model(config: TrainConfig) -> str:

@@ -15,6 +15,11 @@
     output_features: [{name: response, type: text}]
     trainer: {epochs: 3, learning_rate: 2e-4, batch_size: 8, max_length: 512}
 
+Ludwig's LLM sections (``prompt``, ``generation``, ``quantization``, ``backend``, the trainer's
+``learning_rate_scheduler``, the LoRA fields ``bias_type``, ``init_lora_weights``, ``loraplus_lr_ratio``,
+``pretrained_adapter_weights``, ``postprocessor``) are accepted as Ludwig writes them
+(:mod:`loraplex.config.ludwig`); the keys loraplex does not honour are listed by :mod:`loraplex.config.notes`.
+
 The models check each field on its own; the checks across fields and the defaults that depend on other fields
 live in :mod:`loraplex.config.validate`, and :func:`loraplex.config.load.load_config` runs both, so a loaded
 config is complete.
@@ -31,6 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 from loraplex.adapters.spec import LoraSpec
 from loraplex.compose.spec import COMBINATION_TYPES, NAME_RE
 from loraplex.config.explain import show
+from loraplex.config.ludwig import (BackendConfig, GenerationConfig, LRSchedulerConfig, PostprocessorConfig,
+                                    PromptConfig, QuantizationConfig)
 from loraplex.errors import UnknownAdapterError
 
 __all__ = [
@@ -103,6 +110,39 @@ class AdapterConfig(_Strict):
     response_column: str | None = None
     stack_on: str | None = None  # train on top of this frozen adapter
     init_seed: int | None = None
+    prompt_template: str | None = None  # default: the config's prompt.template
+    # Ludwig's LoRA fields
+    bias_type: Literal["none", "all", "lora_only"] = "none"
+    init_lora_weights: bool | str = True  # true (A kaiming-uniform, B zeros) or "gaussian" (A normal(0, 1/r))
+    loraplus_lr_ratio: float | None = Field(None, gt=0)  # LoRA+: B's learning rate is this times A's
+    pretrained_adapter_weights: str | None = None  # a PEFT adapter folder the adapter starts from
+    postprocessor: PostprocessorConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _type_shorthand(cls, v: Any) -> Any:
+        return {"type": v} if isinstance(v, str) else v  # Ludwig's `adapter: lora`
+
+    @field_validator("bias_type")
+    @classmethod
+    def _no_bias(cls, v: str) -> str:
+        if v != "none":
+            raise ValueError(f"loraplex trains no bias terms (got {v!r}); set bias_type: none")
+        return v
+
+    @field_validator("init_lora_weights")
+    @classmethod
+    def _init(cls, v: bool | str) -> bool | str:
+        if v is True or v == "gaussian":
+            return v
+        raise ValueError(f"expected true (kaiming-uniform A, zero B) or 'gaussian', got {show(v)}")
+
+    @field_validator("pretrained_adapter_weights")
+    @classmethod
+    def _pretrained(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("expected a PEFT adapter folder, got an empty string")
+        return v
 
     @field_validator("dropout")
     @classmethod
@@ -163,6 +203,7 @@ class AdapterConfig(_Strict):
     def _default_alpha(self) -> "AdapterConfig":
         if self.alpha is None:
             self.alpha = float(2 * self.r)
+            self.__pydantic_fields_set__.discard("alpha")  # a default, not written by the user
         return self
 
     @property
@@ -177,7 +218,7 @@ class MergeConfig(_Strict):
 
     name: str = "merged"
     sources: list[str] | None = None  # default: all adapters
-    weights: list[float] | None = None  # default 1.0 each; normalised to sum 1 unless normalize is false
+    weights: list[float] | None = None  # default 1.0 each; divided by sum |w| unless normalize is false
     normalize: bool = True
     combination_type: Literal[COMBINATION_TYPES] = "linear"  # type: ignore[valid-type]
     density: float = 0.5  # in (0, 1]
@@ -249,6 +290,16 @@ class AdaptersBlock(_Strict):
     router: RouterConfig | None = None
     active: str | None = None  # default: the first adapter
 
+    @model_validator(mode="before")
+    @classmethod
+    def _flat(cls, v: Any) -> Any:
+        """``adapters: {a: lora, b: lora}``: adapters named directly under ``adapters:``, by type shorthand."""
+        if isinstance(v, Mapping) and "adapters" not in v:
+            named = {k: s for k, s in v.items() if k not in ("merge", "router", "active")}
+            if named and all(isinstance(s, str) for s in named.values()):
+                return {"adapters": named, **{k: s for k, s in v.items() if k not in named}}
+        return v
+
     @field_validator("adapters", mode="before")
     @classmethod
     def _adapters(cls, v: Any) -> Any:
@@ -277,33 +328,130 @@ class AdaptersBlock(_Strict):
         return v.strip() if isinstance(v, str) else v
 
 
-class TrainerConfig(_Strict):
-    """Optimisation settings shared by the adapters of one run."""
+#: What ``auto`` means for the trainer fields Ludwig lets tune themselves.
+AUTO_VALUES: dict[str, int | float] = {"batch_size": 8, "eval_batch_size": 8, "gradient_accumulation_steps": 1,
+                                       "learning_rate": 2e-4}
 
+
+class TrainerConfig(_Strict):
+    """Optimisation settings shared by the adapters of one run (Ludwig's trainer names where they exist)."""
+
+    type: Literal["finetune"] = "finetune"  # Ludwig's LLM trainer type
     epochs: int = Field(3, gt=0)
-    learning_rate: float = Field(2e-4, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)  # these four may be written "auto" (AUTO_VALUES)
     batch_size: int = Field(8, gt=0)
+    eval_batch_size: int | None = Field(None, gt=0)  # default: batch_size
     max_length: int = Field(512, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
     warmup_ratio: float = 0.0  # in [0, 1)
+    learning_rate_scheduler: LRSchedulerConfig | None = None  # Ludwig's; default: linear decay after warmup_ratio
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 42
     checkpoint_every: int | None = Field(None, gt=0)  # steps
+    steps_per_checkpoint: int | None = Field(None, gt=0)  # Ludwig's name of checkpoint_every
     max_steps: int | None = Field(None, gt=0)
+    train_steps: int | None = Field(None, gt=0)  # Ludwig's name of max_steps
     precision: Precision = "fp32"
     joint: bool = True  # train all adapters in one mixed-batch job
+    # Ludwig trainer keys accepted and noted (loraplex.config.ludwig)
+    optimizer: Any = None
+    checkpoints_per_epoch: Any = None
+    early_stop: Any = None
+    evaluate_training_set: Any = None
+    validation_field: Any = None
+    validation_metric: Any = None
+    max_batch_size: Any = None
+    increase_batch_size_on_plateau: Any = None
+    regularization_lambda: Any = None
+    regularization_type: Any = None
+    should_shuffle: Any = None
+    use_mixed_precision: Any = None
+    compile: Any = None
+    enable_gradient_checkpointing: Any = None
+    layers_to_freeze_regex: Any = None
+    skip_all_evaluation: Any = None
+    bucketing_field: Any = None
+    effective_batch_size: Any = None
+    gradient_clipping: Any = None
+    base_learning_rate: Any = None
+    enable_profiling: Any = None
+    profiler: Any = None
+    steps_per_epoch: Any = None
+    learning_rate_scaling: Any = None
+    increase_batch_size_on_plateau_patience: Any = None
+    increase_batch_size_on_plateau_rate: Any = None
+    increase_batch_size_on_plateau_max: Any = None
+    increase_batch_size_eval_metric: Any = None
+    increase_batch_size_eval_split: Any = None
+    reduce_learning_rate_on_plateau: Any = None
+    reduce_learning_rate_on_plateau_patience: Any = None
+    reduce_learning_rate_on_plateau_rate: Any = None
+    reduce_learning_rate_eval_metric: Any = None
+    reduce_learning_rate_eval_split: Any = None
+    learning_rate_warmup_epochs: Any = None
+    decay: Any = None
+    decay_steps: Any = None
+    decay_rate: Any = None
+    staircase: Any = None
 
     @field_validator("warmup_ratio")
     @classmethod
     def _check_warmup(cls, v: float) -> float:
         return _range_check(0, 1, False, True)(v)
 
+    _auto: list[str] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _auto_values(cls, v: Any, handler: Any) -> "TrainerConfig":
+        """Ludwig's ``auto`` becomes loraplex's value (:data:`AUTO_VALUES`); :attr:`auto_fields` remembers which."""
+        auto: list[str] = []
+        if isinstance(v, Mapping):
+            v = dict(v)
+            for k, value in AUTO_VALUES.items():
+                if v.get(k) == "auto":
+                    v[k] = value
+                    auto.append(k)
+        out = handler(v)
+        if auto:
+            out._auto = auto
+        return out
+
+    @property
+    def auto_fields(self) -> list[str]:
+        """The fields written as ``auto``."""
+        return list(self._auto)
+
+    @property
+    def scheduler(self) -> tuple[str, float]:
+        """(decay: ``linear`` | ``cosine`` | ``exponential`` | ``constant``, warmup fraction) of the per-adapter
+        schedule."""
+        s = self.learning_rate_scheduler
+        if s is None:
+            return "linear", self.warmup_ratio
+        return s.decay or "constant", s.warmup_fraction
+
 
 class Feature(_Strict):
-    """A Ludwig input/output feature; its name is the default column name."""
+    """A Ludwig input/output feature; its ``column`` (default: its name) is the default column name."""
 
     name: str = Field(min_length=1)
     type: str = "text"
+    column: str | None = None
+    # accepted and noted (loraplex.config.ludwig)
+    encoder: Any = None
+    decoder: Any = None
+    preprocessing: Any = None
+    loss: Any = None
+    tied: Any = None
+    dependencies: Any = None
+    reduce_input: Any = None
+    reduce_dependencies: Any = None
+
+    @property
+    def column_name(self) -> str:
+        """The dataset column this feature reads."""
+        return self.column or self.name
 
 
 # ---------------------------------------------------------------------------------------------------- root
@@ -319,14 +467,29 @@ class TrainConfig(_Strict):
     input_features: list[Feature] = Field(default_factory=list)
     output_features: list[Feature] = Field(default_factory=list)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    # Ludwig's LLM sections
+    prompt: PromptConfig | None = None
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    quantization: QuantizationConfig | None = None
+    backend: BackendConfig | None = None
+    preprocessing: Any = None
+    defaults: Any = None
+    hyperopt: Any = None
+    model_parameters: Any = None
+    ludwig_version: Any = None
 
     _source: Path | None = PrivateAttr(default=None)
     _single: bool = PrivateAttr(default=False)
 
-    @field_validator("trainer", mode="before")
+    @field_validator("trainer", "generation", mode="before")
     @classmethod
     def _none_trainer(cls, v: Any) -> Any:
         return {} if v is None else v
+
+    @property
+    def backend_type(self) -> str:
+        """``local`` or ``ray`` (Ludwig's ``backend.type``)."""
+        return self.backend.type if self.backend is not None else "local"
 
     @field_validator("base_model")
     @classmethod

@@ -10,13 +10,15 @@ as a :class:`~loraplex.config.explain.ConfigProblems`.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from loraplex.compose.spec import NAME_RE, Auto, ComposeSpecError, MoE
 from loraplex.compose.spec import parse as parse_spec
 from loraplex.config.explain import ConfigProblems, Loc, hint
-from loraplex.config.schema import AdapterConfig, AdaptersBlock, MergeConfig, RouterConfig, TrainConfig
+from loraplex.config.ludwig import TASK
+from loraplex.config.schema import AdapterConfig, AdaptersBlock, MergeConfig, RouterConfig, TrainConfig, TrainerConfig
 
 __all__ = ["DEFAULT_RUN_NAME", "complete", "problem_with_active"]
 
@@ -79,19 +81,46 @@ def complete(config: TrainConfig, *, source: Path | None = None, base_dir: str |
         if problem:
             problems.append((("adapters", "active"), problem))
 
+    trainer = _complete_trainer(config.trainer, problems)
+    if config.prompt is not None and config.prompt.template is not None and config.model_type != "llm":
+        problems.append((("prompt", "template"), "a prompt template needs model_type llm"))
+
     if problems:
         raise ConfigProblems(problems)
     done = block.model_copy(update={"adapters": adapters, "merge": merges, "router": router, "active": active})
     output_dir = config.output_dir if config.output_dir is not None else f"runs/{config_stem or DEFAULT_RUN_NAME}"
-    new = config.model_copy(update={"adapter": None, "adapters": done, "output_dir": output_dir})
+    new = config.model_copy(update={"adapter": None, "adapters": done, "output_dir": output_dir, "trainer": trainer})
     return new.with_origin(source=source, single_adapter=single)
+
+
+def _complete_trainer(t: TrainerConfig, problems: list[tuple[Loc, str]]) -> TrainerConfig:
+    """Ludwig's ``train_steps`` / ``steps_per_checkpoint`` / ``warmup_fraction`` moved to
+    ``max_steps`` / ``checkpoint_every`` / ``warmup_ratio`` (the same value twice is fine, two values a problem)."""
+    loc: Loc = ("trainer",)
+    update: dict[str, object] = {}
+    for ours, theirs in (("max_steps", "train_steps"), ("checkpoint_every", "steps_per_checkpoint")):
+        a, b = getattr(t, ours), getattr(t, theirs)
+        if a is not None and b is not None and a != b:
+            problems.append((loc + (theirs,), f"contradicts {ours} {a} (got {b}); set one of them"))
+        elif b is not None:
+            update[ours] = b
+    s = t.learning_rate_scheduler
+    if s is not None and "warmup_fraction" in s.model_fields_set:
+        if "warmup_ratio" in t.model_fields_set and t.warmup_ratio != s.warmup_fraction:
+            problems.append((loc + ("learning_rate_scheduler", "warmup_fraction"),
+                             f"contradicts warmup_ratio {t.warmup_ratio:g} (got {s.warmup_fraction:g}); set one "
+                             f"of them"))
+        update["warmup_ratio"] = s.warmup_fraction
+    elif s is not None:  # the scheduler's warmup is warmup_ratio
+        update["learning_rate_scheduler"] = s.model_copy(update={"warmup_fraction": t.warmup_ratio})
+    return t.model_copy(update=update)
 
 
 def _complete_adapter(config: TrainConfig, a: AdapterConfig, loc: Loc, base_dir: str | os.PathLike[str] | None,
                       check_files: bool, require_datasets: bool, problems: list[tuple[Loc, str]]) -> AdapterConfig:
-    """Task, column names and resolved dataset paths of one adapter."""
-    in_col = config.input_features[0].name if config.input_features else None
-    out_col = config.output_features[0].name if config.output_features else None
+    """Task, column names, prompt template, resolved dataset paths and pretrained weights of one adapter."""
+    in_col = config.input_features[0].column_name if config.input_features else None
+    out_col = config.output_features[0].column_name if config.output_features else None
     update: dict[str, object] = {}
     if config.model_type == "llm":
         if a.task is None:
@@ -101,6 +130,11 @@ def _complete_adapter(config: TrainConfig, a: AdapterConfig, loc: Loc, base_dir:
                                               f"(use model_type: encoder)"))
         update["prompt_column"] = a.prompt_column or in_col or "prompt"
         update["response_column"] = a.response_column or out_col or "response"
+        p = config.prompt
+        template = a.prompt_template or (p.template if p is not None else None)
+        if template is not None and p is not None and p.task is not None:
+            template = template.replace("{" + TASK + "}", p.task)
+        update["prompt_template"] = template
     else:
         if a.task is None:
             update["task"] = "classification"
@@ -119,10 +153,58 @@ def _complete_adapter(config: TrainConfig, a: AdapterConfig, loc: Loc, base_dir:
         update[fld] = p
         if check_files and not os.path.isfile(p):
             problems.append((loc + (fld,), f"file not found: {p}"))
+    if a.pretrained_adapter_weights is not None:
+        folder = os.path.expanduser(a.pretrained_adapter_weights)
+        if base_dir is not None and not os.path.isabs(folder):
+            folder = os.path.normpath(os.path.join(str(base_dir), folder))
+        update["pretrained_adapter_weights"] = folder
+        update.update(_pretrained_settings(a, folder, loc + ("pretrained_adapter_weights",), check_files, problems))
     if a.dataset is None and require_datasets:
         problems.append((loc + ("dataset",), "required for training (a .csv, .jsonl, .json or .parquet file), "
                                              "got nothing"))
     return a.model_copy(update=update)
+
+
+#: adapter field -> adapter_config.json key, for settings an adapter takes from its pretrained weights
+_PRETRAINED_FIELDS = {"r": "r", "alpha": "lora_alpha", "target_modules": "target_modules", "use_rslora": "use_rslora",
+                      "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern"}
+
+
+def _pretrained_settings(a: AdapterConfig, folder: str, loc: Loc, check_files: bool,
+                         problems: list[tuple[Loc, str]]) -> dict[str, object]:
+    """The LoRA settings of the PEFT folder an adapter starts from, for the fields the config leaves unset (PEFT
+    builds the adapter from the folder's ``adapter_config.json``); a set field that disagrees is a problem."""
+    path = os.path.join(folder, "adapter_config.json")
+    if not os.path.isfile(path):
+        if check_files:
+            problems.append((loc, f"not a PEFT adapter folder (no adapter_config.json): {folder}"))
+        return {}
+    try:
+        peft = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        problems.append((loc, f"cannot read {path}: {exc}"))
+        return {}
+    out: dict[str, object] = {}
+    for ours, theirs in _PRETRAINED_FIELDS.items():
+        if peft.get(theirs) is None:
+            continue
+        value = peft[theirs]
+        if ours == "alpha":
+            value = float(value)
+        if ours in a.model_fields_set:
+            mine = getattr(a, ours)
+            if ours == "target_modules" and isinstance(mine, list) and isinstance(value, list):
+                same = sorted(mine) == sorted(value)
+            else:
+                same = mine == value
+            if not same:
+                problems.append((loc, f"the folder's {theirs} is {value!r} but the config sets {ours} {mine!r}; "
+                                      f"drop {ours} or make them agree"))
+            continue
+        out[ours] = value
+    if "alpha" not in out and "r" in out and "alpha" not in a.model_fields_set:
+        out["alpha"] = float(2 * int(out["r"]))  # type: ignore[call-overload]
+    return out
 
 
 def _stack_cycles(adapters: dict[str, AdapterConfig]) -> list[tuple[str, str]]:
@@ -144,7 +226,8 @@ def _stack_cycles(adapters: dict[str, AdapterConfig]) -> list[tuple[str, str]]:
 
 
 def _complete_merge(m: MergeConfig, loc: Loc, names: list[str], problems: list[tuple[Loc, str]]) -> MergeConfig:
-    """Sources default to every adapter; weights to 1 each, normalised to sum 1 unless ``normalize`` is false."""
+    """Sources default to every adapter; weights to 1 each, divided by ``sum |w|`` unless ``normalize`` is false
+    (the rule of :func:`loraplex.merge.merge.resolve_weights`, so ``[1, -1]`` task subtraction is ``[0.5, -0.5]``)."""
     sources = list(m.sources) if m.sources is not None else list(names)
     unknown = [s for s in sources if s not in names]
     if not sources:
@@ -160,9 +243,9 @@ def _complete_merge(m: MergeConfig, loc: Loc, names: list[str], problems: list[t
         problems.append((loc + ("weights",), f"expected {len(sources)} weights (one per source: "
                                              f"{', '.join(sources)}), got {len(weights)}"))
     elif m.normalize and weights:
-        total = sum(weights)
+        total = sum(abs(w) for w in weights)
         if total == 0:
-            problems.append((loc + ("weights",), "weights sum to 0 and cannot be normalised; set normalize: false"))
+            problems.append((loc + ("weights",), "all weights are 0; nothing to merge"))
         else:
             weights = [w / total for w in weights]
     return m.model_copy(update={"sources": sources, "weights": weights})

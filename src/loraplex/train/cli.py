@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import List, NoReturn, Optional
+import warnings
+from typing import Any, List, NoReturn, Optional
 
 import typer
 
@@ -20,6 +21,21 @@ EXIT_BAD_INPUT = 2
 def _fail(msg: str) -> NoReturn:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _load(config: str, **kwargs: Any) -> Any:
+    """``load_config``, each Ludwig key it does not honour printed as one ``warning: ...`` line on stderr."""
+    from loraplex.config import LudwigConfigWarning, load_config
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = load_config(config, **kwargs)
+    for w in caught:
+        if issubclass(w.category, LudwigConfigWarning):
+            typer.echo(f"warning: {w.message}", err=True)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return cfg
 
 
 def register(app: typer.Typer) -> None:
@@ -43,14 +59,13 @@ def register(app: typer.Typer) -> None:
                                                                                "(default: start one locally)."),
     ) -> None:
         """Train the config's new or changed adapters (all in one mixed-batch job), then its merges and router."""
-        from loraplex.config import load_config
         from loraplex.hostmem import tune_cpu_allocator
         from loraplex.train.trainer import train
 
         tune_cpu_allocator()  # this process only trains: keep large freed blocks instead of page-faulting them in
         try:
-            cfg = load_config(config, check_files=True, require_datasets=True)
-            if ray:
+            cfg = _load(config, check_files=True, require_datasets=True)
+            if ray or cfg.backend_type == "ray":  # Ludwig's backend: {type: ray}
                 from loraplex.distributed.cli import train_on_ray
 
                 result = train_on_ray(config, only=only or None, output_dir=output_dir, force=force, device=device,
@@ -94,11 +109,10 @@ def register(app: typer.Typer) -> None:
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     ) -> None:
         """Write predictions for a dataset (and metrics when it has labels / responses)."""
-        from loraplex.config import load_config
         from loraplex.train.predict import predict
 
         try:
-            cfg = load_config(config)
+            cfg = _load(config)
             res = predict(cfg, dataset, adapter=adapter, compose=compose, out=out, output_dir=output_dir,
                           batch_size=batch_size, max_new_tokens=max_new_tokens, device=device,
                           progress=False if no_progress else None)

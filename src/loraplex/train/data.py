@@ -4,6 +4,8 @@ Three row kinds, chosen by the adapter's task:
 
 * ``causal_lm``: ``prompt`` + ``response`` columns (names from the adapter's ``prompt_column`` /
   ``response_column``, which default to the config's first input / output feature), or a single ``text`` column.
+  With a prompt template (Ludwig's ``prompt.template``) the prompt is the template with each ``{column}`` replaced
+  by the row's value (``{__sample__}``: the prompt column's), for training and prediction alike.
   Tokens are ``[bos] prompt response [eos]``; labels are the token ids on the response (and eos) and -100 on the
   prompt and on padding (plain ``text`` rows are labelled everywhere but on bos).
 * ``classification``: a text column and a label column; labels become class ids (label names sorted, as strings).
@@ -29,12 +31,13 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from loraplex.config.ludwig import SAMPLE, render_prompt, template_columns
 from loraplex.errors import LoraplexError
 from loraplex.tokens import bos_id, encode_words, eos_id, first_tokens, join_words, split_words
 
 __all__ = [
     "AdapterData", "DataError", "Example", "bio_spans", "collate", "examples_for_task", "load_adapter_data",
-    "read_rows", "row_label", "words_from_spans", "token_examples", "word_windows",
+    "read_rows", "row_label", "row_prompt", "words_from_spans", "token_examples", "word_windows",
 ]
 
 IGNORE = -100
@@ -485,9 +488,27 @@ class Columns:
     label: str | None = None
     words: str | None = None
     tags: str | None = None
+    template: str | None = None  # causal LM: the prompt template over the row's columns
 
     def as_dict(self) -> dict[str, str]:
-        return {k: v for k, v in self.__dict__.items() if k != "task" and v is not None}
+        return {k: v for k, v in self.__dict__.items() if k not in ("task", "template") and v is not None}
+
+    @property
+    def has_prompt(self) -> bool:
+        """Whether rows have a prompt (a prompt column or a template)."""
+        return self.prompt is not None or self.template is not None
+
+
+def row_prompt(columns: Columns, row: dict[str, Any], path: str, i: int) -> str:
+    """Row ``i``'s prompt: its prompt column, or the template filled from its columns."""
+    if columns.template is None:
+        return _text(row.get(columns.prompt), path, i, columns.prompt or "prompt")
+    sample = row.get(columns.prompt) if columns.prompt is not None else None
+    try:
+        return render_prompt(columns.template, row, sample=None if sample is None else str(sample))
+    except KeyError as exc:
+        raise DataError(f"{_where(path, i)}: the prompt template reads column {exc.args[0]!r}, which this row "
+                        f"does not have") from None
 
 
 def resolve_columns(rows: list[dict[str, Any]], path: str, task: str, adapter: Any, *,
@@ -499,6 +520,18 @@ def resolve_columns(rows: list[dict[str, Any]], path: str, task: str, adapter: A
         pcol = getattr(adapter, "prompt_column", None) or "prompt"
         rcol = getattr(adapter, "response_column", None) or "response"
         tcol = getattr(adapter, "text_column", None) or "text"
+        template = getattr(adapter, "prompt_template", None)
+        if template is not None:
+            needed = template_columns(template) + ([pcol] if "{" + SAMPLE + "}" in template else [])
+            missing = [c for c in needed if c not in cols]
+            if missing:
+                raise DataError(f"{path}: the prompt template reads column {missing[0]!r}, which the data does not "
+                                f"have; columns found: {shown}")
+            if rcol not in cols and need_labels:
+                raise DataError(f"{path}: causal LM data with a prompt template needs a response column {rcol!r}; "
+                                f"columns found: {shown}")
+            return Columns(task, prompt=pcol if pcol in cols else None, response=rcol if rcol in cols else None,
+                           template=template)
         if pcol in cols and (rcol in cols or not need_labels):
             return Columns(task, prompt=pcol, response=rcol if rcol in cols else None)
         if tcol in cols:
@@ -552,7 +585,7 @@ def examples_for_task(rows: list[dict[str, Any]], path: str, task: str, columns:
             if columns.text is not None:
                 ex = causal_example(tokenizer, None, _text(r.get(columns.text), path, i, columns.text), max_length, i)
             else:
-                prompt = _text(r.get(columns.prompt), path, i, columns.prompt or "prompt")
+                prompt = row_prompt(columns, r, path, i)
                 if columns.response is None:
                     ex = Example(encode_prompt(tokenizer, prompt, max_length), [], i)
                 else:

@@ -20,7 +20,7 @@ from loraplex.config import TrainConfig
 from loraplex.merge import merge_to_disk
 from loraplex.run import ADAPTERS_DIR, ROUTER_DIR, TrainedRun, merge_fingerprint, router_fingerprint
 from loraplex.tokens import pad_batch, pad_id
-from loraplex.train.data import encode_prompt, read_rows, resolve_columns
+from loraplex.train.data import encode_prompt, read_rows, resolve_columns, row_prompt
 
 __all__ = ["Built", "ROUTER_ROWS_PER_EXPERT", "build_merges", "build_router"]
 
@@ -131,9 +131,11 @@ def _routing_rows(config: TrainConfig, experts: list[str], tok: Any) -> tuple[li
         # word lists (token tasks) only when there is no text column
         tcol = a.text_column or "text"
         col = cols.prompt or cols.text or (tcol if rows and tcol in rows[0] else cols.words)
-        for r in rows:
+        for i, r in enumerate(rows):
             v = r.get(col)
             text = " ".join(map(str, v)) if isinstance(v, list) else str(v)
+            if cols.template is not None:  # the prompt as the adapter was trained on it
+                text = row_prompt(cols, r, str(a.dataset), i)
             texts.append(text)
             labels.append(e)
             if config.model_type == "llm":

@@ -1,7 +1,8 @@
 """``loraplex predict``: run trained adapters (or a composition of them) over a dataset; write predictions + metrics.
 
-* causal LM rows (``prompt`` [+ ``response``] or ``text``): greedy generation from the prompt (bounded
-  ``max_new_tokens``), and with a response or text, the teacher-forced loss. Metrics: ``loss``, ``perplexity`` (token
+* causal LM rows (``prompt`` [+ ``response``] or ``text``): generation from the prompt (the config's prompt
+  template applied; greedy and bounded by ``max_new_tokens`` unless the config's ``generation`` block says
+  otherwise), and with a response or text, the teacher-forced loss. Metrics: ``loss``, ``perplexity`` (token
   weighted) and ``exact_match`` (generated token ids up to eos == the response's token ids).
 * classification: the predicted label and its probability; metrics ``accuracy`` and ``macro_f1``.
 * token classification: one BIO tag per word (from the word's first sub-token); metrics entity-level
@@ -34,7 +35,7 @@ from loraplex.plan import NeedsCompositionError, RowSpec, rows_from_spec
 from loraplex.run import TrainedRun, load_trained_plex
 from loraplex.tokens import eos_id, first_tokens, pad_batch, pad_id
 from loraplex.train.data import (IGNORE, DataError, bio_spans, encode_response, examples_for_task, read_rows,
-                                 resolve_columns, write_rows)
+                                 resolve_columns, row_prompt, write_rows)
 
 __all__ = ["PredictResult", "Runner", "classification_metrics", "entity_metrics", "make_runner", "predict",
            "rows_for_choice"]
@@ -168,7 +169,9 @@ def predict(config: TrainConfig | str | os.PathLike[str], dataset: str | os.Path
     """Predict ``dataset`` with ``adapter`` / ``compose`` / the config's ``active``; write predictions and metrics.
 
     ``out`` defaults to ``<output_dir>/predictions/<dataset stem>.<choice>.<csv|jsonl>`` (the dataset's format);
-    metrics go to ``<out stem>.metrics.json`` when the data has labels or responses.
+    metrics go to ``<out stem>.metrics.json`` when the data has labels or responses. Causal LM generation uses the
+    config's ``generation`` settings; ``max_new_tokens`` here overrides the config's. ``batch_size`` defaults to
+    ``trainer.eval_batch_size``.
     """
     if adapter is not None and compose is not None:
         raise LoraplexError("give --adapter or --compose, not both")
@@ -193,7 +196,11 @@ def predict(config: TrainConfig | str | os.PathLike[str], dataset: str | os.Path
     acfg = config.get_adapter(own[0] if own else config.adapter_names[0])
     columns = resolve_columns(rows, path, task, acfg, need_labels=False)
     max_len = config.trainer.max_length
-    bs = batch_size or max(config.trainer.batch_size, 8)
+    bs = batch_size or config.trainer.eval_batch_size or max(config.trainer.batch_size, 8)
+    gen_kw = config.generation.generate_kwargs()
+    if max_new_tokens is None:
+        max_new_tokens = gen_kw.pop("max_new_tokens", None)
+    gen_kw.pop("max_new_tokens", None)
     dev = next(plex.model.parameters()).device
     safe = re.sub(r"[^A-Za-z0-9_.=-]+", "_", choice).strip("_") or "base"
     ext = ".csv" if path.lower().endswith(".csv") else ".jsonl"
@@ -203,13 +210,15 @@ def predict(config: TrainConfig | str | os.PathLike[str], dataset: str | os.Path
 
     try:
         if isinstance(runner.composition, Pipeline):
-            if task != "causal_lm" or columns.prompt is None:
+            if task != "causal_lm" or not columns.has_prompt:
                 raise LoraplexError(f"{choice!r} is a pipeline (text in, text out, one generation per stage): it needs "
                                     f"a causal LM and a dataset with a prompt column ({path} has "
                                     f"{'no prompt column' if task == 'causal_lm' else 'task ' + task})")
-            records, metrics = _predict_pipeline(runner.composition, rows, columns, max_len, bs, max_new_tokens, bar)
+            records, metrics = _predict_pipeline(runner.composition, rows, path, columns, max_len, bs, max_new_tokens,
+                                                 bar)
         elif task == "causal_lm":
-            records, metrics = _predict_causal(runner, rows, path, columns, max_len, bs, dev, max_new_tokens, bar)
+            records, metrics = _predict_causal(runner, rows, path, columns, max_len, bs, dev, max_new_tokens, bar,
+                                               gen_kw)
         else:
             records, metrics = _predict_encoder(runner, task, rows, path, columns, labels, max_len, bs, dev, bar)
     finally:
@@ -242,8 +251,10 @@ def _tick(bar: Any, n: int) -> None:
 
 @torch.no_grad()
 def _predict_causal(runner: Runner, rows: list[dict[str, Any]], path: str, columns: Any, max_len: int, bs: int,
-                    dev: torch.device, max_new_tokens: int | None, bar: Any
+                    dev: torch.device, max_new_tokens: int | None, bar: Any, gen_kw: dict[str, Any] | None = None
                     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Loss and generation per row; ``gen_kw`` are extra ``generate`` arguments (the config's generation block;
+    greedy when it does not say ``do_sample: true``)."""
     from loraplex.train.data import encode_prompt
 
     tok = runner.plex.tokenizer
@@ -254,9 +265,14 @@ def _predict_causal(runner: Runner, rows: list[dict[str, Any]], path: str, colum
     by_row = {e.row: e for e in scored if isinstance(e.labels, list) and any(x != IGNORE for x in e.labels)}
     gen_inputs: list[list[int]] = []
     new, refs = _new_tokens(tok, rows, columns, max_new_tokens)
-    if columns.prompt is not None:
-        gen_inputs = [encode_prompt(tok, str(r.get(columns.prompt, "")), max_len) for r in rows]
     records: list[dict[str, Any]] = [dict(r) for r in rows]
+    if columns.has_prompt:
+        prompts_text = [row_prompt(columns, r, path, i) for i, r in enumerate(rows)]
+        gen_inputs = [encode_prompt(tok, text, max_len) for text in prompts_text]
+        if columns.template is not None:  # the text the model was given
+            for rec, text in zip(records, prompts_text):
+                rec["prompt_text"] = text
+    sampling = {"do_sample": False, **(gen_kw or {})}
     total_loss, total_tok = 0.0, 0
     exact, n_ref = 0, 0
     for s in range(0, len(rows), bs):
@@ -280,8 +296,7 @@ def _predict_causal(runner: Runner, rows: list[dict[str, Any]], path: str, colum
             prompts = [gen_inputs[i] for i in idx]
             ids, mask = pad_batch(prompts, pad, left=True, device=dev)  # left padding for generation
             length = ids.shape[1]
-            gen = runner.generate(ids, mask, max_new_tokens=new, do_sample=False, pad_token_id=pad,
-                                  eos_token_id=eos)
+            gen = runner.generate(ids, mask, max_new_tokens=new, pad_token_id=pad, eos_token_id=eos, **sampling)
             for j, i in enumerate(idx):
                 out_ids = gen[j, length:].tolist()
                 if eos is not None and eos in out_ids:
@@ -318,7 +333,7 @@ def _new_tokens(tok: Any, rows: list[dict[str, Any]], columns: Any, max_new_toke
 
 
 @torch.no_grad()
-def _predict_pipeline(pipe: Any, rows: list[dict[str, Any]], columns: Any, max_len: int, bs: int,
+def _predict_pipeline(pipe: Any, rows: list[dict[str, Any]], path: str, columns: Any, max_len: int, bs: int,
                       max_new_tokens: int | None, bar: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every row through every stage (greedy; stage prompts encoded as the training prompts were); the last stage's
     text is the prediction, earlier ones are kept as ``stage1``, ``stage2``..."""
@@ -332,7 +347,7 @@ def _predict_pipeline(pipe: Any, rows: list[dict[str, Any]], columns: Any, max_l
     exact, n_ref = 0, 0
     for s in range(0, len(rows), bs):
         idx = list(range(s, min(s + bs, len(rows))))
-        res = pipe.run([str(rows[i].get(columns.prompt, "")) for i in idx], max_new_tokens=new, do_sample=False,
+        res = pipe.run([row_prompt(columns, rows[i], path, i) for i in idx], max_new_tokens=new, do_sample=False,
                        eos_token_id=eos)
         for j, i in enumerate(idx):
             for k, stage in enumerate(res.stages[:-1]):

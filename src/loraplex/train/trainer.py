@@ -60,7 +60,8 @@ from loraplex.train import postbuild
 from loraplex.train.data import IGNORE, AdapterData, Example, epoch_order, load_adapter_data
 from loraplex.train.plot import plot_losses
 
-__all__ = ["AdapterRun", "TrainResult", "Trainer", "default_target_modules", "train", "tune_cpu_allocator"]
+__all__ = ["AdapterRun", "TrainResult", "Trainer", "default_target_modules", "make_scheduler", "train",
+           "tune_cpu_allocator"]
 
 #: test hook: seconds to sleep after every micro-step (lets a test kill a run between checkpoints)
 STEP_SLEEP_ENV = "LORAPLEX_TRAIN_STEP_SLEEP"
@@ -111,6 +112,7 @@ class AdapterRun:
     dropout: float
     params: dict[str, tuple[nn.Parameter, nn.Parameter]]  # module -> (A [r, d_in], B [d_out, r]) fp32 leaves
     head: list[nn.Parameter] = field(default_factory=list)
+    saved: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # modules_to_save: module -> params
     batches: list[list[int]] = field(default_factory=list)  # micro-batches (example indices), all epochs
     accum: int = 1
     optimizer: torch.optim.Optimizer | None = None
@@ -128,7 +130,19 @@ class AdapterRun:
         return math.ceil(self.n_micro / self.accum)
 
     def trainable(self) -> list[nn.Parameter]:
-        return [t for ab in self.params.values() for t in ab] + list(self.head)
+        return [t for ab in self.params.values() for t in ab] + list(self.head) + self.saved_params()
+
+    def saved_params(self) -> list[nn.Parameter]:
+        """The trainable copies of the modules_to_save (installed by :meth:`Trainer._register`)."""
+        return [t for sd in self.saved.values() for t in sd.values() if isinstance(t, nn.Parameter)]
+
+    def param_groups(self, lr: float, loraplus_lr_ratio: float | None) -> list[dict[str, Any]]:
+        """AdamW parameter groups: everything at ``lr``, or with LoRA+ the B matrices at ``lr * ratio``."""
+        if loraplus_lr_ratio is None:
+            return [{"params": self.trainable(), "lr": lr}]
+        a = [ab[0] for ab in self.params.values()] + list(self.head) + self.saved_params()
+        b = [ab[1] for ab in self.params.values()]
+        return [{"params": a, "lr": lr}, {"params": b, "lr": lr * loraplus_lr_ratio}]
 
     def window_size(self, t: int) -> int:
         start = (t // self.accum) * self.accum
@@ -170,6 +184,29 @@ def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
         if module_dims(mod) is not None:
             out[name] = mod
     return out
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, decay: str, warmup_fraction: float, n_steps: int, *,
+                   decay_rate: float = 0.96, decay_steps: int = 10000, staircase: bool = False) -> Any:
+    """The per-adapter learning-rate schedule: linear warmup over ``warmup_fraction`` of ``n_steps``, then
+    ``linear`` / ``cosine`` decay to 0, ``exponential`` (``decay_rate ** (step / decay_steps)``, floored with
+    ``staircase``) or ``constant``."""
+    from transformers import get_scheduler
+
+    warm = int(warmup_fraction * n_steps)
+    total = max(n_steps, 1)
+    if decay in ("linear", "cosine"):
+        return get_scheduler(decay, optimizer, num_warmup_steps=warm, num_training_steps=total)
+    if decay == "constant":
+        return get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=warm)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return float(step) / float(max(1, warm))
+        t = (step - warm) / decay_steps
+        return decay_rate ** (math.floor(t) if staircase else t)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -322,15 +359,23 @@ class Trainer:
         gen = torch.Generator().manual_seed(seed)
         linear = _linear_modules(model)
         params: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
+        start = self._pretrained(name, mods) if a.pretrained_adapter_weights is not None else None
         for m in mods:
             d_in, d_out = module_dims(linear[m])  # type: ignore[misc]
             r = spec.rank_for(m)
             A = torch.empty(r, d_in)
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=gen)  # PEFT's init of lora_A (nn.Linear's)
+            if a.init_lora_weights == "gaussian":  # PEFT's gaussian init
+                nn.init.normal_(A, 0.0, 1.0 / r, generator=gen)
+            else:
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=gen)  # PEFT's init of lora_A (nn.Linear's)
             B = torch.zeros(d_out, r)
+            if start is not None:  # the adapter starts from its pretrained weights
+                A, B = start.modules[m].A.float().clone(), start.modules[m].B.float().clone()
             params[m] = (nn.Parameter(A.to(self.device)), nn.Parameter(B.to(self.device)))
         rows = [(name, 1.0)] + [(b, 1.0) for b in reversed(cfg.stack_chain(name))]
         run = AdapterRun(name, task, data, spec, fps[name], seed, rows, float(a.dropout), params)
+        if task == "causal_lm" and spec.modules_to_save:
+            run.saved = self._saved_start(name, model, list(spec.modules_to_save), start)
         if task in ("classification", "token_classification"):
             hidden = model.config.hidden_size
             std = float(getattr(model.config, "initializer_range", 0.02))
@@ -350,12 +395,58 @@ class Trainer:
         run.batches = batches
         return run
 
+    def _pretrained(self, name: str, mods: list[str]) -> LoraAdapter:
+        """The PEFT adapter ``name`` starts from (``pretrained_adapter_weights``); it must adapt exactly ``mods``
+        with the config's ranks."""
+        a = self.config.get_adapter(name)
+        loc = f"{self.config.adapter_path(name)}.pretrained_adapter_weights"
+        where = str(self.config.source) if self.config.source else None
+        folder = Path(str(a.pretrained_adapter_weights))
+        try:
+            start = load_adapter(folder, name)
+        except (LoraplexError, OSError) as exc:
+            raise ConfigError([(loc, f"cannot load the PEFT adapter {folder}: {exc}")], where) from None
+        have, want = set(start.modules), set(mods)
+        if have != want:
+            diff = sorted(want - have) or sorted(have - want)
+            raise ConfigError([(loc, f"{folder} adapts other modules than the config's target_modules "
+                                     f"(e.g. {diff[0]}); drop target_modules to use the folder's")], where)
+        spec = self.config.lora_spec(name)
+        for m in mods:
+            if start.modules[m].A.shape[0] != spec.rank_for(m):
+                raise ConfigError([(loc, f"{folder} has rank {start.modules[m].A.shape[0]} at {m}, the config "
+                                         f"{spec.rank_for(m)}; drop r to use the folder's")], where)
+        return start
+
+    def _saved_start(self, name: str, model: nn.Module, wanted: list[str],
+                     start: LoraAdapter | None) -> dict[str, dict[str, torch.Tensor]]:
+        """Initial state of each ``modules_to_save`` module (full module path -> parameters): the pretrained
+        adapter's copy when it has one, else the base module's weights."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for path, mod in model.named_modules():
+            if not any(path == w or path.endswith("." + w) for w in wanted):
+                continue
+            if any(path.startswith(p + ".") for p in out):
+                continue  # inside a module already saved whole
+            if isinstance(mod, (MultiLoraLinear, SavedModuleSwitch)):
+                mod = mod.base
+            if start is not None and path in start.saved_modules:
+                out[path] = {k: v.float().clone() for k, v in start.saved_modules[path].items()}
+            else:
+                out[path] = {k: v.detach().float().cpu().clone() for k, v in mod.named_parameters()}
+        if not out:
+            raise ConfigError([(f"{self.config.adapter_path(name)}.modules_to_save",
+                                f"no module of the base model is named {', '.join(wanted)}")],
+                              str(self.config.source) if self.config.source else None)
+        return out
+
     def _snapshot(self, run: AdapterRun, *, meta_extra: dict[str, Any] | None = None) -> LoraAdapter:
         """The run's current weights as a :class:`LoraAdapter` (CPU, fp32)."""
         mods = {m: LoraModule(A.detach().float().cpu().clone(), B.detach().float().cpu().clone(),
                               run.spec.scaling_for(m, int(A.shape[0])))
                 for m, (A, B) in run.params.items()}
-        saved: dict[str, dict[str, torch.Tensor]] = {}
+        saved: dict[str, dict[str, torch.Tensor]] = {
+            mod: {k: t.detach().float().cpu().clone() for k, t in sd.items()} for mod, sd in run.saved.items()}
         meta: dict[str, Any] = {"task": run.task}
         if run.head:
             saved["classifier"] = {"weight": run.head[0].detach().float().cpu().clone(),
@@ -375,6 +466,15 @@ class Trainer:
             head.weight.requires_grad_(True)
             head.bias.requires_grad_(True)
             run.head = [head.weight, head.bias]
+        for mod in run.saved:  # likewise the adapter's copies of its modules_to_save
+            switch = plex.model.get_submodule(mod)
+            copy = switch.copy_for(run.name) if isinstance(switch, SavedModuleSwitch) else None
+            if copy is None:
+                raise LoraplexError(f"adapter {run.name!r}: modules_to_save {mod!r} has no per-adapter copy")
+            params = dict(copy.named_parameters())
+            for t in params.values():
+                t.requires_grad_(True)
+            run.saved[mod] = params
 
     def _ensure_frozen(self, names: Sequence[str]) -> None:
         for n in names:
@@ -396,12 +496,14 @@ class Trainer:
             self._register(run)
         self._ensure_frozen(frozen)
         tr = cfg.trainer
-        from transformers import get_scheduler
-
+        decay, warmup = tr.scheduler
+        sched = tr.learning_rate_scheduler
         for run in runs:
-            run.optimizer = torch.optim.AdamW(run.trainable(), lr=tr.learning_rate, weight_decay=tr.weight_decay)
-            run.scheduler = get_scheduler("linear", run.optimizer, num_warmup_steps=int(tr.warmup_ratio * run.n_steps),
-                                          num_training_steps=max(run.n_steps, 1))
+            groups = run.param_groups(tr.learning_rate, cfg.get_adapter(run.name).loraplus_lr_ratio)
+            run.optimizer = torch.optim.AdamW(groups, lr=tr.learning_rate, weight_decay=tr.weight_decay)
+            run.scheduler = make_scheduler(run.optimizer, decay, warmup, run.n_steps,
+                                           **({"decay_rate": sched.decay_rate, "decay_steps": sched.decay_steps,
+                                               "staircase": sched.staircase} if sched is not None else {}))
         key = {"group": list(group), "fingerprints": {n: fps[n] for n in group}, "joint": self.joint}
         start = 0
         tokens = 0
@@ -426,7 +528,7 @@ class Trainer:
             plex.release(slots)
         # serve the trained weights from the bank, evaluate, save
         for run in runs:
-            for p in run.head:
+            for p in run.head + run.saved_params():
                 p.requires_grad_(False)
             self._register_trained(run)
             if cfg.get_adapter(run.name).eval_dataset:
@@ -590,7 +692,7 @@ class Trainer:
         a = cfg.get_adapter(run.name)
         data = load_adapter_data(cfg, run.name, self.plex.tokenizer, dataset=a.eval_dataset, labels=run.data.labels)
         total, n = 0.0, 0
-        bs = cfg.trainer.batch_size
+        bs = cfg.trainer.eval_batch_size or cfg.trainer.batch_size
         for i in range(0, len(data.examples), bs):
             exs = data.examples[i:i + bs]
             ids, mask = pad_batch([e.input_ids for e in exs], pad_id(self.plex.tokenizer), device=self.device)
@@ -608,6 +710,7 @@ class Trainer:
             "runs": {r.name: {
                 "params": {m: (A.detach().cpu().clone(), B.detach().cpu().clone()) for m, (A, B) in r.params.items()},
                 "head": [p.detach().cpu().clone() for p in r.head],
+                "saved": [p.detach().cpu().clone() for p in r.saved_params()],
                 "optimizer": r.optimizer.state_dict() if r.optimizer is not None else None,
                 "scheduler": r.scheduler.state_dict() if r.scheduler is not None else None,
                 "losses": list(r.losses), "window": list(r.window),
@@ -624,6 +727,8 @@ class Trainer:
                     r.params[m][0].copy_(A)
                     r.params[m][1].copy_(B)
                 for p, v in zip(r.head, st["head"]):
+                    p.copy_(v)
+                for p, v in zip(r.saved_params(), st.get("saved", [])):
                     p.copy_(v)
                 r.optimizer.load_state_dict(st["optimizer"])  # type: ignore[union-attr]
                 r.scheduler.load_state_dict(st["scheduler"])
