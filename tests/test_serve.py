@@ -284,8 +284,8 @@ def test_error_cases(env):
     error_of(c.post("/v1/completions", json={"model": "ad0", "prompt": "x", "temperature": 7}), 400)
     error_of(c.post("/v1/completions", json={"model": "ad0", "prompt": "x", "top_p": 0}), 400)
     error_of(c.post("/v1/completions", json={"model": "ad0", "prompt": [1, 99999999]}), 400)
-    assert error_of(c.post("/v1/completions", json={"model": "ad0", "prompt": "x", "logprobs": 3}),
-                    400)["param"] == "logprobs"
+    assert error_of(c.post("/v1/completions", json={"model": "ad0", "prompt": "x", "logit_bias": {"3": 1}}),
+                    400)["param"] == "logit_bias"
     error_of(c.post("/v1/completions", json={"model": "ad0", "prompt": "x", "n": 100}), 400)
     error_of(c.post("/v1/chat/completions", json={"model": "ad0", "messages": [{"role": "wizard",
                                                                                   "content": "x"}]}), 400)

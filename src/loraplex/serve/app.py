@@ -14,16 +14,18 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from loraplex.serve import schemas
+from loraplex.serve.detok import text_offsets
 from loraplex.serve.engine import Delta, Engine, Final, RequestHandle, RequestTooLarge
 from loraplex.serve.http import (MAX_BODY_BYTES, ApiError, api_error, install_admin_endpoints, install_info_endpoints,
                                  json_body, new_app, tokens_over_limit, until_disconnect, validate_body)
+from loraplex.serve.logprobs import chat_logprobs, completion_logprobs
 from loraplex.serve.registry import ModelRegistry, Resolved
 from loraplex.serve.sampling import SamplingParams
 
@@ -86,18 +88,35 @@ def create_app(engine: Engine, registry: ModelRegistry | None = None, *, admin_t
             return await anyio.to_thread.run_sync(lambda: registry.resolve(model, prompt=prompt, user=user))
         return registry.resolve(model, prompt=prompt, user=user)
 
-    def sampling(req: Any, max_tokens: int, j: int) -> SamplingParams:
+    def check_request(req: Any) -> None:
+        """400 for a field the server does not implement, or fields that contradict each other."""
         bad = req.unsupported()
         if bad:
             raise ApiError(400, f"parameter {bad!r} is not supported by this server", "unsupported_parameter", bad)
-        stops = req.stop_list()
-        if len(stops) > 16:
+        if req.stream_options is not None and not req.stream:
+            raise ApiError(400, "stream_options is only allowed when stream is true", "invalid_request",
+                           "stream_options")
+        if getattr(req, "top_logprobs", None) is not None and not req.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs set to true", "invalid_request", "top_logprobs")
+        if len(req.stop_list()) > 16:
             raise ApiError(400, "at most 16 stop sequences are allowed", "invalid_request", "stop")
+        bad_ids = [t for t in (req.stop_token_ids or []) if t < 0 or (vocab and t >= vocab)]
+        if bad_ids:
+            raise ApiError(400, f"stop_token_ids: token id {bad_ids[0]} is outside the vocabulary (0..{vocab - 1})",
+                           "invalid_token", "stop_token_ids")
+
+    def sampling(req: Any, max_tokens: int, j: int) -> SamplingParams:
         temperature = 1.0 if req.temperature is None else req.temperature
         try:
-            return SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                                  top_p=1.0 if req.top_p is None else req.top_p, stop=tuple(stops),
-                                  seed=None if req.seed is None else req.seed + j, ignore_eos=req.ignore_eos)
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=temperature, top_p=1.0 if req.top_p is None else req.top_p,
+                stop=tuple(req.stop_list()), seed=None if req.seed is None else req.seed + j,
+                ignore_eos=req.ignore_eos, stop_token_ids=tuple(req.stop_token_ids or ()),
+                top_k=req.top_k or 0, min_p=req.min_p or 0.0,
+                repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+                min_tokens=req.min_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
+                logprobs=req.top_logprobs_count(), prompt_logprobs=req.echo_logprobs())
         except ValueError as exc:
             raise ApiError(400, str(exc), "invalid_request") from None
 
@@ -119,6 +138,7 @@ def create_app(engine: Engine, registry: ModelRegistry | None = None, *, admin_t
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         req = validate_body(schemas.CompletionRequest, await json_body(request))
+        check_request(req)
         p = req.prompt
         if isinstance(p, list) and p and not isinstance(p[0], int):
             check_choices(len(p), req.n)  # before tokenizing 10,000 prompts
@@ -138,11 +158,16 @@ def create_app(engine: Engine, registry: ModelRegistry | None = None, *, admin_t
             first_text = decode(prompts[0])
         resolved = await resolve(req.model, first_text, req.user)
         handles = submit(prompts, resolved, req, req.max_tokens)
-        return await respond(request, "text_completion", req, resolved, handles, prompts)
+        echo = None
+        if req.echo:  # the prompt's text, as sent (or decoded from its ids), before each choice's text
+            echo = [p if isinstance(p, str) else p[i] for i in range(len(prompts))] if isinstance(p, str) or (
+                p and isinstance(p[0], str)) else [decode(ids) for ids in prompts]
+        return await respond(request, "text_completion", req, resolved, handles, prompts, echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         req = validate_body(schemas.ChatCompletionRequest, await json_body(request))
+        check_request(req)
         try:
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         except ValueError as exc:
@@ -170,16 +195,51 @@ def create_app(engine: Engine, registry: ModelRegistry | None = None, *, admin_t
         handles = submit(prompts, resolved, req, max_tokens)
         return await respond(request, "chat.completion", req, resolved, handles, prompts)
 
+    token_texts: dict[int, str] = {}
+
+    def token_text(token_id: int) -> str:
+        """A token's own text, as logprobs name it."""
+        t = token_texts.get(token_id)
+        if t is None:
+            t = tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
+            if len(token_texts) < 200_000:
+                token_texts[token_id] = t
+        return t
+
+    def echo_logprobs(scored: list | None, ids: list[int], n_top: int) -> dict[str, Any]:
+        """The prompt's part of an echoed completion's logprobs (text offsets into the decoded prompt)."""
+        entries = list(scored or [None] * len(ids))
+        for e, off in zip(entries, text_offsets(tokenizer, ids)):
+            if e is not None:
+                e.offset = off
+        return completion_logprobs(entries, token_text, n_top)
+
+    def joined(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        return {k: a[k] + b[k] for k in a}
+
     async def respond(request: Request, kind: str, req: Any, resolved: Resolved, handles: list[RequestHandle],
-                      prompts: list[list[int]]) -> Any:
+                      prompts: list[list[int]], echo: list[str] | None = None) -> Any:
         rid = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         n_prompt = sum(len(p) for p in prompts)
         info = resolved.info()
+        n_top = req.top_logprobs_count()
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
+            shape = echo_shape = None
+            if n_top is not None and kind == "chat.completion":
+                def shape(i: int, entries: list) -> Any:
+                    return chat_logprobs(entries, token_text, n_top)
+            elif n_top is not None:
+                def shape(i: int, entries: list) -> Any:
+                    return completion_logprobs(entries, token_text, n_top, len(echo[i // req.n]) if echo else 0)
+
+                if echo is not None:
+                    def echo_shape(i: int) -> Any:
+                        return echo_logprobs(handles[i].prompt_logprobs, prompts[i // req.n], n_top)
             return StreamingResponse(
-                _sse(handles, kind, rid, created, req.model, info, n_prompt, include_usage),
+                _sse(handles, kind, rid, created, req.model, info, n_prompt, include_usage, shape, echo, echo_shape,
+                     req.n),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         finals = await _wait(request, handles)
         for f in finals:
@@ -188,10 +248,20 @@ def create_app(engine: Engine, registry: ModelRegistry | None = None, *, admin_t
         choices = []
         for i, f in enumerate(finals):
             if kind == "chat.completion":
+                lp = None if n_top is None else chat_logprobs(f.logprobs or [], token_text, n_top)
                 choices.append({"index": i, "message": {"role": "assistant", "content": f.text},
-                                "finish_reason": f.finish_reason, "logprobs": None})
-            else:
-                choices.append({"index": i, "text": f.text, "finish_reason": f.finish_reason, "logprobs": None})
+                                "finish_reason": f.finish_reason, "logprobs": lp})
+                continue
+            text, base = f.text, 0
+            if echo is not None:
+                text, base = echo[i // req.n] + f.text, len(echo[i // req.n])
+            lp = None
+            if n_top is not None:
+                lp = completion_logprobs(f.logprobs or [], token_text, n_top, base)
+                if echo is not None:
+                    lp = joined(await anyio.to_thread.run_sync(
+                        lambda: echo_logprobs(f.prompt_logprobs, prompts[i // req.n], n_top)), lp)
+            choices.append({"index": i, "text": text, "finish_reason": f.finish_reason, "logprobs": lp})
         n_completion = sum(f.completion_tokens for f in finals)
         return JSONResponse({
             "id": rid, "object": kind, "created": created, "model": req.model, "choices": choices,
@@ -256,37 +326,56 @@ async def _events(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Delt
 
 
 async def _sse(handles: list[RequestHandle], kind: str, rid: str, created: int, model: str, info: dict,
-               n_prompt: int, include_usage: bool) -> AsyncIterator[str]:
+               n_prompt: int, include_usage: bool, shape: Callable[[int, list], Any] | None = None,
+               echo: list[str] | None = None, echo_shape: Callable[[int], Any] | None = None,
+               n: int = 1) -> AsyncIterator[str]:
+    """The SSE stream of a request. ``shape(choice, entries)``: a chunk's logprobs object for these token
+    logprobs (None: logprobs off); ``echo``: each prompt's text, sent first (completions), with the prompt's
+    logprobs ``echo_shape(choice)``."""
     chat = kind == "chat.completion"
     obj = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(i: int, text: str | None, finish: str | None, role: bool = False) -> dict:
+    def chunk(i: int, text: str | None, finish: str | None, role: bool = False, lp: Any = None) -> dict:
         if chat:
             delta: dict[str, Any] = {}
             if role:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            choice = {"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}
+            choice = {"index": i, "delta": delta, "finish_reason": finish, "logprobs": lp}
         else:
-            choice = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": None}
+            choice = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": lp}
         return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
                 "x_loraplex": info}
 
     completion = 0
+    sent = [0] * len(handles)  # logprob entries sent per choice
+    echoed = [echo is None] * len(handles)
     try:
         if chat:
             for i in range(len(handles)):
                 yield _sse_line(chunk(i, "", None, role=True))
         async for i, ev in _events(handles):
+            if not echoed[i] and (isinstance(ev, Delta) or ev.error is None):
+                echoed[i] = True  # the prompt's text (and logprobs) first, once the prompt was scored
+                plp = await anyio.to_thread.run_sync(echo_shape, i) if echo_shape is not None else None
+                yield _sse_line(chunk(i, echo[i // n], None, lp=plp))  # type: ignore[index]
             if isinstance(ev, Delta):
-                yield _sse_line(chunk(i, ev.text, None))
+                lp = None
+                if shape is not None and ev.logprobs:
+                    lp = shape(i, ev.logprobs)
+                    sent[i] += len(ev.logprobs)
+                yield _sse_line(chunk(i, ev.text, None, lp=lp))
             elif ev.error is not None:
                 err = api_error(ev.error)
                 yield _sse_line(schemas.error_body(err.status, err.message, err.code, err.param, **err.extra))
             else:
                 completion += ev.completion_tokens
-                yield _sse_line(chunk(i, None if chat else "", ev.finish_reason))
+                lp = None
+                rest = (ev.logprobs or [])[sent[i]:]
+                if shape is not None and rest:
+                    lp = shape(i, rest)
+                yield _sse_line(chunk(i, None if chat else "", ev.finish_reason, lp=lp))
         if include_usage:
             yield _sse_line({"id": rid, "object": obj, "created": created, "model": model, "choices": [],
                              "usage": {"prompt_tokens": n_prompt, "completion_tokens": completion,

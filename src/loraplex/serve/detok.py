@@ -3,7 +3,8 @@
 :class:`TextStream` turns a growing list of token ids into text pieces that are never revised: the
 concatenation of every piece it hands out *is* the request's final text, streamed or not. It holds back
 text that may still change (an incomplete UTF-8 sequence shows as U+FFFD) and any tail that could be the
-start of a stop string; when a stop string appears the text ends just before it.
+start of a stop string; when a stop string appears the text ends just before it (or just after it, with
+``include_stop``).
 
 Cost: the first ``FULL_DECODE_TOKENS`` tokens are decoded in full at every step (exactly ``tokenizer.decode``);
 after that only a short window of the latest tokens is decoded (the incremental scheme of vLLM/TGI: the text a
@@ -21,9 +22,11 @@ WINDOW = 5
 class TextStream:
     """Token ids in, stable text pieces out."""
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = (), *, skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = (), *, skip_special_tokens: bool = True,
+                 include_stop: bool = False) -> None:
         self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
+        self.include_stop = include_stop
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
         self._text = ""  # decoded text accepted so far (never revised)
@@ -33,6 +36,11 @@ class TextStream:
         self._end: int | None = None
         self._prefix = 0  # incremental mode: window start ...
         self._read: int | None = None  # ... and end of the tokens already turned into text (None: full mode)
+
+    @property
+    def accepted_chars(self) -> int:
+        """Characters of text accepted so far (the text offset of the next token), capped at a stop string."""
+        return len(self._text) if self._end is None else self._end
 
     @property
     def text(self) -> str:
@@ -88,7 +96,7 @@ class TextStream:
             hits = [(i, s) for i, s in hits if i >= 0]
             if hits:
                 pos, s = min(hits)
-                self._end, self.stopped = pos, s
+                self._end, self.stopped = (pos + len(s) if self.include_stop else pos), s
         if self._end is not None:
             end = self._end
         elif final:
@@ -109,3 +117,13 @@ def _held_tail(text: str, stops: tuple[str, ...], max_stop: int) -> int:
         if any(s.startswith(tail) for s in stops):
             return k
     return 0
+
+
+def text_offsets(tokenizer: Any, ids: Sequence[int]) -> list[int]:
+    """The offset of each token's text in the decoded text of ``ids`` (characters before it)."""
+    stream = TextStream(tokenizer)
+    out = []
+    for t in ids:
+        out.append(stream.accepted_chars)
+        stream.push(t)
+    return out

@@ -43,6 +43,7 @@ from loraplex.errors import LoraplexError, UnknownAdapterError
 from loraplex.tokens import eos_ids, pad_batch, pad_id
 from loraplex.serve import kv
 from loraplex.serve.detok import TextStream
+from loraplex.serve.logprobs import TokenLogprob, prompt_logprobs, token_logprobs
 from loraplex.serve.metrics import ServeMetrics
 from loraplex.serve.sampling import SamplingParams, sample_rows
 from loraplex.serve.worker import WorkerThread
@@ -93,9 +94,11 @@ class EngineClosed(EngineError):
 # --------------------------------------------------------------------------- events and handles
 @dataclass
 class Delta:
-    """A piece of generated text (never revised)."""
+    """A piece of generated text (never revised); with ``logprobs`` requested, one per token (the text may be
+    empty) carrying that token's logprob."""
 
     text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -108,6 +111,8 @@ class Final:
     completion_tokens: int
     token_ids: list[int]
     error: BaseException | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token of ``token_ids`` (when requested)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token, the first None (echo)
 
 
 class RequestHandle:
@@ -123,6 +128,7 @@ class RequestHandle:
         self.params = params
         self.adapter_names = names
         self.final: Final | None = None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None  # set at prefill (echo), before any event
         self.submitted = time.monotonic()
         self._q: queue.SimpleQueue[Delta | Final] = queue.SimpleQueue()
         self._loop = loop
@@ -212,6 +218,8 @@ class _Row:
     started: float = 0.0
     admitted: bool = False  # prefilled (or about to be): counts in latency metrics
     counted: bool = False  # counts in ``Engine._in_use`` (what unload waits for)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 # --------------------------------------------------------------------------- engine
@@ -308,7 +316,9 @@ class Engine(WorkerThread):
             self.check(len(ids), params)
             names = self.adapter_names(choice)
             h = RequestHandle(ids, choice, params, names, loop)
-            rows.append(_Row(h, TextStream(self.tokenizer, params.stop), params.make_generator()))
+            rows.append(_Row(h, TextStream(self.tokenizer, params.stop,
+                                           include_stop=params.include_stop_str_in_output),
+                             params.make_generator()))
         with self._cv:
             if self._stopping or self.dead is not None:
                 raise EngineClosed("the engine is not running" + (f" ({self.dead})" if self.dead else ""))
@@ -472,27 +482,53 @@ class Engine(WorkerThread):
             admitted.append(row)
         return admitted
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any,
+                 all_positions: bool = False) -> torch.Tensor:
+        """Logits of the last position [B, V], or of every position [B, T, V] with ``all_positions``."""
         kwargs: dict[str, Any] = dict(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                                       use_cache=True)
         if self._logits_to_keep:
-            kwargs["logits_to_keep"] = 1
+            kwargs["logits_to_keep"] = 0 if all_positions else 1
         out = self.model(**kwargs)
-        return out.logits[:, -1, :]
+        return out.logits if all_positions else out.logits[:, -1, :]
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """Each row's next token from raw ``logits`` [B, V]; the rows asking for logprobs get them."""
+        params = [r.handle.params for r in rows]
+        tokens = sample_rows(logits, params, [r.generator for r in rows], [r.handle.prompt_ids for r in rows],
+                             [r.token_ids for r in rows], sorted(self.eos_token_ids))
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if want:
+            sel = torch.tensor(want, device=logits.device)
+            lps = token_logprobs(logits.index_select(0, sel), torch.tensor([tokens[i] for i in want]),
+                                 [params[i].logprobs or 0 for i in want])
+            for i, lp in zip(want, lps):
+                lp.offset = rows[i].stream.accepted_chars
+                rows[i].logprobs.append(lp)
+        return tokens
 
     def _prefill(self, rows: list[_Row]) -> None:
         k = len(rows)
         ids, mask = pad_batch([r.handle.prompt_ids for r in rows], self.pad_token_id, left=True, device=self.device)
         cache = kv.new_cache(self.model)
+        echo = [i for i, r in enumerate(rows) if r.handle.params.prompt_logprobs is not None]
         with self.plex.using([r.handle.choice for r in rows], k):
-            logits = self._forward(ids, mask, kv.position_ids(mask), cache)
+            logits = self._forward(ids, mask, kv.position_ids(mask), cache, all_positions=bool(echo))
+        if echo:  # logits [k, T, V]: score each echoed prompt at its own (left-padded) positions
+            width = logits.shape[1]
+            for i in echo:
+                prompt = rows[i].handle.prompt_ids
+                scored = prompt_logprobs(logits[i, width - len(prompt):], prompt,
+                                         rows[i].handle.params.prompt_logprobs or 0)
+                rows[i].prompt_logprobs = rows[i].handle.prompt_logprobs = scored
+            logits = logits[:, -1, :]
         if self._continuous is None:
             self._continuous = kv.supports_surgery(cache)
             if not self._continuous:
                 log.info("KV cache layers do not support batch surgery: running batches as cohorts")
         self.metrics.batch_size.observe(k, phase="prefill")
         self.metrics.prompt_tokens.inc(int(mask.sum()))
-        tokens = sample_rows(logits, [r.handle.params for r in rows], [r.generator for r in rows])
+        tokens = self._sample(rows, logits)
         done = [self._accept(r, t) for r, t in zip(rows, tokens)]
         keep = [i for i, d in enumerate(done) if d is None]
         if keep:
@@ -524,7 +560,7 @@ class Engine(WorkerThread):
         logits = self._forward(ids, mask, pos, self._cache)
         self._mask = mask
         self.metrics.batch_size.observe(n, phase="decode")
-        tokens = sample_rows(logits, [r.handle.params for r in rows], [r.generator for r in rows])
+        tokens = self._sample(rows, logits)
         reasons = [self._accept(r, t) for r, t in zip(rows, tokens)]
         idx = [i for i, d in enumerate(reasons) if d is not None]
         if idx:
@@ -552,7 +588,9 @@ class Engine(WorkerThread):
         if token in self.eos_token_ids and not p.ignore_eos:
             return "stop"
         piece = row.stream.push(token)
-        if piece:
+        if p.logprobs is not None:  # one event per token, carrying its logprob
+            row.handle._emit(Delta(piece, row.logprobs[-1:]))
+        elif piece:
             row.handle._emit(Delta(piece))
         if row.stream.stopped is not None or token in p.stop_token_ids:
             return "stop"
@@ -582,8 +620,10 @@ class Engine(WorkerThread):
             if tail:
                 row.handle._emit(Delta(tail))
         self.metrics.finished.inc(reason=reason)
+        wants = row.handle.params.logprobs is not None
         row.handle._emit(Final(row.stream.text, reason, len(row.handle.prompt_ids), len(row.token_ids),
-                               list(row.token_ids), error))
+                               list(row.token_ids), error, list(row.logprobs) if wants else None,
+                               row.prompt_logprobs))
 
     def _refresh_plan(self) -> None:
         """Hold the running rows' adapter plan for the following decode steps."""
