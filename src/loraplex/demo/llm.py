@@ -33,7 +33,7 @@ from torch import nn
 
 from loraplex.demo.llm_data import DOMAINS, build_rows
 from loraplex.models import DEFAULT_LLM
-from loraplex.tokens import pad_batch
+from loraplex.tokens import pad_batch, pad_id
 
 #: The two merges of ``code`` + ``docs`` the config asks for.
 MERGES = {"code_docs_linear": "linear", "code_docs_ties": "ties"}
@@ -191,7 +191,7 @@ def score_rows(plex: Any, examples: Sequence[Any], choices: Sequence[Sequence[An
 
     model = plex.model
     head = model.get_output_embeddings()
-    pad = plex.tokenizer.pad_token_id if plex.tokenizer.pad_token_id is not None else 0
+    pad = pad_id(plex.tokenizer, plex.model)
     n_var = len(choices)
     out: list[list[Scored]] = []
     for lo in range(0, len(examples), chunk):
@@ -457,7 +457,7 @@ def pipeline_rows(plex: Any, tok: Any, rows: Sequence[dict[str, Any]], *, new_to
     from loraplex.demo.llm_data import LANG_SNIPPET_CHARS, chat_prompt, lang_message
     from loraplex.train.data import encode_prompt
 
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(tok)
     snippets = [r["message"].split("\n\n", 1)[1] for r in rows]
     ids, mask = pad_batch([encode_prompt(tok, sn, max_length) for sn in snippets], pad, left=True)
     gen = plex.generate(ids, attention_mask=mask, adapters="code", max_new_tokens=new_tokens, do_sample=False,

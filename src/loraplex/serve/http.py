@@ -316,7 +316,7 @@ def install_admin_endpoints(app: FastAPI, *, admin_token: str | None, roots: Seq
         why = registry.reserved(name)
         if why:
             raise ApiError(400, why, "invalid_name", "lora_name")
-        if name in plex and not req.replace:
+        if name in plex and not req.replacing:
             raise ApiError(409, f"adapter {name!r} is already loaded (send \"replace\": true to swap it)",
                            "adapter_exists", "lora_name")
         if not roots:
@@ -331,7 +331,7 @@ def install_admin_endpoints(app: FastAPI, *, admin_token: str | None, roots: Seq
         try:  # disk -> CPU on a worker thread: requests keep flowing meanwhile
             adapter = await anyio.to_thread.run_sync(lambda: load_adapter(
                 path, name, trust_pickle=plex.trust_pickle, roots=roots, dtype=plex.dtype))
-            await anyio.to_thread.run_sync(lambda: register(name, adapter, bool(req.replace)))
+            await anyio.to_thread.run_sync(lambda: register(name, adapter, bool(req.replacing)))
         except (LoraplexError, OSError, ValueError) as exc:  # a file inside may be a symlink out of the roots: 403
             metrics.adapter_loads.inc(adapter=name, result="refused" if isinstance(exc, PathNotAllowedError)
                                       else "error")
@@ -344,7 +344,7 @@ def install_admin_endpoints(app: FastAPI, *, admin_token: str | None, roots: Seq
         metrics.adapter_loads.inc(adapter=name, result="ok")
         metrics.adapter_load_seconds.set(seconds, adapter=name)
         return {"object": "lora_adapter", "id": name, "status": "loaded", "path": str(path),
-                "replaced": bool(req.replace), "load_seconds": round(seconds, 6)}
+                "replaced": bool(req.replacing), "load_seconds": round(seconds, 6)}
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(request: Request) -> Any:
