@@ -236,9 +236,8 @@ def test_health_answers_while_a_huge_prompt_is_tokenized_and_refused(gen):
     assert max(latencies) < 1.0, (max(latencies), out["seconds"])
 
 
-def test_an_unexpected_exception_is_a_json_500(gen):
-    from fastapi.testclient import TestClient
-
+def crashing_app(method: str):
+    """A bare app of the shared HTTP layer whose ``/boom`` route raises (no-op request metering)."""
     from loraplex.serve.http import new_app
 
     class Metrics:
@@ -249,9 +248,17 @@ def test_an_unexpected_exception_is_a_json_500(gen):
 
     app = new_app(title="t", description="t", metrics=Metrics())
 
-    @app.get("/boom")
+    @app.api_route("/boom", methods=[method])
     async def boom():
         raise RuntimeError("kaboom")
+
+    return app
+
+
+def test_an_unexpected_exception_is_a_json_500(gen):
+    from fastapi.testclient import TestClient
+
+    app = crashing_app("GET")
 
     r = TestClient(app, raise_server_exceptions=False).get("/boom")
     err = error_of(r, 500)
@@ -266,19 +273,7 @@ def test_in_process_asgi_call_answers_a_crash_in_openai_shape():
 
     from loraplex.distributed.asgi import call
     from loraplex.errors import UnknownAdapterError
-    from loraplex.serve.http import new_app
-
-    class Metrics:
-        class requests:
-            @staticmethod
-            def inc(**_):
-                pass
-
-    app = new_app(title="t", description="t", metrics=Metrics())
-
-    @app.post("/boom")
-    async def boom():
-        raise RuntimeError("kaboom")
+    app = crashing_app("POST")
 
     async def bare(scope, receive, send):  # an ASGI app that raises before sending anything
         raise UnknownAdapterError("zz", ["a", "b"])
