@@ -416,6 +416,46 @@ def test_backend_ray_takes_the_ray_path(trained: dict[str, Any], monkeypatch: py
     assert line.startswith("warning: ") and "predict takes the special token ids from the tokenizer" in line
 
 
+def test_serve_applies_the_template_and_generation_defaults(trained: dict[str, Any]) -> None:
+    """``loraplex serve CONFIG``: an adapter's completion prompts get its template, requests default to the
+    config's ``generation`` block (greedy, ``max_new_tokens``), and what the client sends wins."""
+    import httpx
+    from transformers import AutoTokenizer
+
+    from loraplex.run import serve_arguments
+    from loraplex.serve import ServerThread
+    from loraplex.serve.cli import build_engine_from_config
+
+    args = serve_arguments(load_config(trained["cfg"]))
+    assert args["generation"] == {"max_new_tokens": 1, "temperature": 0.1}
+    assert args["prompt_templates"] == {n: ("up {question} down", "question") for n in ("a", "b")}
+    tok = AutoTokenizer.from_pretrained(trained["root"] / "base")
+    engine, _, app = build_engine_from_config(trained["cfg"])
+    rendered = tok("up what is it down")["input_ids"]
+    ref = engine.call_on_worker(  # greedy next token of adapter b on the rendered prompt
+        lambda: int(engine.plex(torch.tensor([rendered]), adapters="b").logits[0, -1].argmax()))
+    try:
+        with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+            def complete(**body: Any) -> dict[str, Any]:
+                r = http.post("/v1/completions", json=body)
+                assert r.status_code == 200, r.text
+                return r.json()
+
+            out = complete(model="b", prompt="what is it", echo=True, max_tokens=None)
+            assert out["usage"] == {"prompt_tokens": len(rendered), "completion_tokens": 1,
+                                    "total_tokens": len(rendered) + 1}
+            assert out["choices"][0]["text"] == "up what is it down" + tok.decode([ref], skip_special_tokens=True)
+            more = complete(model="b", prompt="what is it", max_tokens=3, ignore_eos=True)
+            assert more["usage"]["completion_tokens"] == 3  # the client's max_tokens wins
+            assert more["choices"][0]["text"].startswith(tok.decode([ref], skip_special_tokens=True))
+            ids = complete(model="b", prompt=rendered)  # token ids are sent as given
+            assert ids["usage"]["prompt_tokens"] == len(rendered)
+            merged = complete(model="a_minus_b", prompt="what is it")  # a merge has no template
+            assert merged["usage"]["prompt_tokens"] == len(tok("what is it")["input_ids"])
+    finally:
+        engine.close()
+
+
 # ------------------------------------------------------------------------------------------------ pretrained / saved
 def _peft_loss(base: Path, adapter: Path, rows: list[dict[str, str]]) -> float:
     """Token-weighted teacher-forced response loss with PEFT's own model."""

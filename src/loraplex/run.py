@@ -262,7 +262,9 @@ def serve_arguments(config: TrainConfig, output_dir: str | os.PathLike[str] | No
     arguments.
 
     The trained adapters and merges of the run are served under their names, the router (when trained) as model
-    ``auto``, and the run's ``active`` choice as model ``active`` (a composition alias).
+    ``auto``, and the run's ``active`` choice as model ``active`` (a composition alias). The config's
+    ``generation`` block becomes the request defaults and each adapter's prompt template is applied to its
+    completion prompts (:mod:`loraplex.serve.defaults`).
     """
     run = TrainedRun.of(config, output_dir)
     where = str(config.source) if config.source is not None else "the config"
@@ -279,4 +281,11 @@ def serve_arguments(config: TrainConfig, output_dir: str | os.PathLike[str] | No
         active = "auto" if "router_dir" in serve else None
     if active is not None and "active" not in adapters:
         serve["compositions"] = {"active": active}
+    generation = config.generation.generate_kwargs()
+    if generation:
+        serve["generation"] = generation
+    templates = {n: (a.prompt_template, a.prompt_column or "prompt") for n, a in config.adapter_configs.items()
+                 if n in adapters and a.prompt_template is not None}
+    if templates:
+        serve["prompt_templates"] = templates
     return serve

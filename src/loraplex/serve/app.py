@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from loraplex.serve import schemas
+from loraplex.serve.defaults import ServeDefaults
 from loraplex.serve.detok import text_offsets
 from loraplex.serve.engine import Delta, Engine, Final, RequestHandle, RequestTooLarge
 from loraplex.serve.http import (MAX_BODY_BYTES, ApiError, api_error, install_admin_endpoints, install_info_endpoints,
@@ -33,12 +34,15 @@ from loraplex.serve.sampling import SamplingParams
 def create_app(engine: Engine, registry: ModelRegistry | None = None, *, admin_token: str | None = None,
                adapter_roots: Sequence[str] = (), base_id: str = "base", max_choices: int = 16,
                unload_timeout: float = 30.0, add_special_tokens: bool = True,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, defaults: ServeDefaults | None = None) -> FastAPI:
     """The FastAPI app. ``registry`` defaults to one with just the base model and the registered adapters.
+
+    ``defaults``: request defaults and prompt templates of a trained config (:mod:`loraplex.serve.defaults`).
 
     ``max_body_bytes``: larger request bodies are answered 413. Prompts are tokenized on a worker thread, a long one
     checked on a prefix first (:func:`~loraplex.serve.http.tokens_over_limit`), so no request stalls the others."""
     registry = registry or ModelRegistry(engine.plex, base_id=base_id)
+    defaults = defaults or ServeDefaults()
     tokenizer = engine.tokenizer
     vocab = int(getattr(getattr(engine.model, "config", None), "vocab_size", 0) or 0)
     roots = [str(r) for r in adapter_roots]
@@ -137,7 +141,8 @@ def create_app(engine: Engine, registry: ModelRegistry | None = None, *, admin_t
     # ------------------------------------------------------------------ generation endpoints
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        req = validate_body(schemas.CompletionRequest, await json_body(request))
+        body = await json_body(request)
+        req = defaults.apply(validate_body(schemas.CompletionRequest, body), body, chat=False)
         check_request(req)
         p = req.prompt
         if isinstance(p, list) and p and not isinstance(p[0], int):
@@ -157,16 +162,20 @@ def create_app(engine: Engine, registry: ModelRegistry | None = None, *, admin_t
             check_ids(prompts[0])
             first_text = decode(prompts[0])
         resolved = await resolve(req.model, first_text, req.user)
+        texts = [p] if isinstance(p, str) else list(p) if p and isinstance(p[0], str) else None
+        if texts is not None and defaults.templated(resolved.served_by):  # the adapter's prompt template
+            texts = [defaults.prompt(resolved.served_by, t) for t in texts]
+            prompts = await encode_all(texts, add_special_tokens)
         handles = submit(prompts, resolved, req, req.max_tokens)
         echo = None
         if req.echo:  # the prompt's text, as sent (or decoded from its ids), before each choice's text
-            echo = [p if isinstance(p, str) else p[i] for i in range(len(prompts))] if isinstance(p, str) or (
-                p and isinstance(p[0], str)) else [decode(ids) for ids in prompts]
+            echo = texts if texts is not None else [decode(ids) for ids in prompts]
         return await respond(request, "text_completion", req, resolved, handles, prompts, echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        req = validate_body(schemas.ChatCompletionRequest, await json_body(request))
+        body = await json_body(request)
+        req = defaults.apply(validate_body(schemas.ChatCompletionRequest, body), body, chat=True)
         check_request(req)
         try:
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]

@@ -47,17 +47,22 @@ def build_server(*, base: str, adapters: Mapping[str, str] | None = None, adapte
                  dtype: str | None = None, max_slots: int = 32, cpu_budget_mb: float | None = None,
                  trust_pickle: bool = False,
                  max_batch_size: int = 16, batch_window_ms: float = 5.0, max_queue: int = 256,
-                 max_prompt_tokens: int | None = None, max_tokens_cap: int | None = None, seed: int = 0) -> Any:
+                 max_prompt_tokens: int | None = None, max_tokens_cap: int | None = None, seed: int = 0,
+                 generation: Mapping[str, Any] | None = None,
+                 prompt_templates: Mapping[str, tuple[str, str]] | None = None) -> Any:
     """(engine, registry, app) for a base model and adapters; shared by the CLI and the config hook.
 
     ``router`` is a router object (see :class:`~loraplex.serve.registry.ModelRegistry`), or ``router_dir`` a saved
     sequence router, served as model ``auto``. Admin loads are confined to ``adapter_roots`` (default:
-    ``adapters_dir``); without ``admin_token`` the admin endpoints are disabled."""
+    ``adapters_dir``); without ``admin_token`` the admin endpoints are disabled. ``generation`` (a config's
+    ``generation`` block) sets request defaults and ``prompt_templates`` maps an adapter to its (template, input
+    column) (:mod:`loraplex.serve.defaults`)."""
     import torch
 
     import loraplex
     from loraplex.adapters.io import load_adapter_dir
     from loraplex.serve.app import create_app
+    from loraplex.serve.defaults import PromptTemplate, ServeDefaults
     from loraplex.serve.engine import Engine
     from loraplex.serve.registry import ModelRegistry
 
@@ -81,7 +86,18 @@ def build_server(*, base: str, adapters: Mapping[str, str] | None = None, adapte
     registry = ModelRegistry(plex, base_id=bid, compositions=compositions, ab_splits=ab_splits, router=router,
                              seed=seed)
     roots = list(adapter_roots) or ([adapters_dir] if adapters_dir else [])
-    app = create_app(engine, registry, admin_token=admin_token, adapter_roots=roots, base_id=bid)
+    log = logging.getLogger("loraplex.serve")
+    templates: dict[str, PromptTemplate] = {}
+    for name, (template, column) in (prompt_templates or {}).items():
+        try:
+            templates[name] = PromptTemplate(template, column)
+        except LoraplexError as exc:
+            log.warning("adapter %r: %s; its completion prompts are sent as given", name, exc)
+    defaults = ServeDefaults(dict(generation or {}), templates)
+    if defaults.ignored:
+        log.warning("generation keys not applied by the server: %s", ", ".join(defaults.ignored))
+    app = create_app(engine, registry, admin_token=admin_token, adapter_roots=roots, base_id=bid,
+                     defaults=defaults)
     return engine, registry, app
 
 
