@@ -436,4 +436,4 @@ def test_inspect_names_a_missing_base_folder(env, cli_app, tmp_path: Path) -> No
     missing = tmp_path / "no" / "such" / "base"
     res = runner.invoke(cli_app, ["inspect", str(env["good"]), "--base", str(missing)])
     assert res.exit_code == 2 and "Traceback" not in res.output
-    assert f"base model folder not found: {missing}" in res.output and "Repo id" not in res.output
+    assert f"base model folder '{missing}' does not exist" in res.output and "Repo id" not in res.output

@@ -110,6 +110,37 @@ def test_stamping_restores_model_and_adds_replica_info():
     assert raw == b'data: {"model": "mix", "choices": [], "x_loraplex": {"replica": "r1"}}\n\ndata: [DONE]\n\n'
 
 
+def test_replica_loads_stay_inside_the_store(store, tmp_path):
+    """A store folder whose weights file is a symlink to a file outside the roots is refused by the replica's
+    loader (PathNotAllowedError naming the file and the link's target), like the admin load; the same adapter
+    copied in whole loads."""
+    import shutil
+
+    from loraplex.errors import PathNotAllowedError
+
+    root = tmp_path / "root"
+    shutil.copytree(store["root"] / "ad0", root / "good")
+    (root / "sneaky").mkdir()
+    shutil.copy(store["root"] / "ad0" / "adapter_config.json", root / "sneaky" / "adapter_config.json")
+    (root / "sneaky" / "adapter_model.safetensors").symlink_to(store["root"] / "ad0" / "adapter_model.safetensors")
+    plex = loraplex.load(store["base"], max_slots=4)
+    engine = Engine(plex, max_batch_size=2)
+    aset = AdapterSet(engine, AdapterStore.of(root))
+
+    async def scenario():
+        with pytest.raises(PathNotAllowedError, match=r"sneaky/adapter_model.safetensors' \(a symlink to .*\) is "
+                                                      r"outside the allowed adapter roots"):
+            await aset.hold("sneaky")
+        held = await aset.hold("good")
+        assert plex.adapters == ["good"]
+        held.release()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.close()
+
+
 def test_adapter_set_refcounts_loads_and_unloads(store):
     plex = loraplex.load(store["base"], max_slots=4)
     engine = Engine(plex, max_batch_size=2)

@@ -29,11 +29,49 @@ def test_unknown_name_lists_the_known_ones() -> None:
 
 def test_hub_ids_and_local_folders_pass_through(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert models.resolve("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    (tmp_path / "config.json").write_text("{}")
     assert models.resolve(str(tmp_path)) == str(tmp_path)
     # a local folder that happens to have an embedded model's name wins over the name
     (tmp_path / "smollm2").mkdir()
+    (tmp_path / "smollm2" / "config.json").write_text("{}")
     monkeypatch.chdir(tmp_path)
     assert models.resolve("smollm2") == "smollm2"
+
+
+@pytest.mark.parametrize("given, fragment", [
+    ("{tmp}/nope/base", r"base model folder '.*/nope/base' does not exist \(nearest existing folder: .*\)"),
+    ("./nope", r"base model folder './nope' \(.*/nope\) does not exist"),
+    ("org/name/extra", r"base model folder 'org/name/extra' \(.*\) does not exist"),
+    ("{tmp}", r"base model folder '.*' has no config.json: it is not a transformers model folder"),
+    ("{tmp}/model.gguf", r"base model '.*model.gguf' is a file; give the model's folder \(with config.json\) or an "
+                         r"embedded model's name"),
+])
+def test_missing_or_wrong_base_folders_are_named(given: str, fragment: str, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local path that is not a model folder is refused as such (not as a malformed hub id), by loraplex.load too."""
+    import loraplex
+
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    monkeypatch.chdir(tmp_path)
+    text = given.format(tmp=tmp_path)
+    with pytest.raises(LoraplexError, match=fragment):
+        models.check_model_path(text)
+    with pytest.raises(LoraplexError, match=fragment):
+        loraplex.load(text)
+    models.check_model_path("HuggingFaceTB/SmolLM2-135M-Instruct")  # hub ids are left to the hub code path
+    models.check_model_path("gpt2")
+
+
+def test_config_base_model_error_names_the_config(tmp_path: Path) -> None:
+    from loraplex.config import load_config
+    from loraplex.config.load import resolve_base_model
+
+    (tmp_path / "a.csv").write_text("prompt,response\nx,y\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("base_model: ./nobase\nadapters: {adapters: {a: {dataset: a.csv}}}\n")
+    with pytest.raises(LoraplexError, match=r"c\.yaml: base_model: base model folder './nobase' .* does not exist.*"
+                                            r"\(looked in .* and the working directory\)"):
+        resolve_base_model(load_config(cfg))
 
 
 def test_minilm_is_the_package_folder() -> None:

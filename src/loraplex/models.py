@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -121,13 +122,45 @@ def resolve(name_or_path: str | os.PathLike[str]) -> str:
 
     Raises:
         LoraplexError: the embedded model's package is not installed (the message has the install command), or
-            its file is missing from the package.
+            its file is missing from the package; or ``name_or_path`` is a local path that is not a model folder
+            (:func:`check_model_path`).
     """
     text = os.fspath(name_or_path)
     if not is_embedded(text):
+        check_model_path(text)
         return text
     m = get(text)
     return str(convert(m) if m.kind == "gguf" else package_file(m))
+
+
+#: A Hugging Face Hub id: ``name`` or ``namespace/name`` (letters, digits, ``-_.``; no leading/trailing ``-.``).
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
+
+
+def check_model_path(text: str) -> None:
+    """Refuse a local path that cannot be a model folder, before transformers takes it for a hub id.
+
+    A string that exists must be a folder with a ``config.json``; one that does not exist must have the shape of a
+    hub id (``name`` or ``namespace/name``), else it is a missing folder.
+
+    Raises:
+        LoraplexError: naming the path as given and as resolved, and what is wrong with it.
+    """
+    p = Path(os.path.expanduser(text))
+    where = f"{text!r}" + (f" ({p.resolve()})" if str(p.resolve()) != text else "")
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise LoraplexError(f"base model folder {where} has no config.json: it is not a transformers model "
+                                f"folder")
+        return
+    if p.exists():
+        raise LoraplexError(f"base model {where} is a file; give the model's folder (with config.json)"
+                            + (" or an embedded model's name" if p.suffix == ".gguf" else ""))
+    if text.startswith(("/", ".", "~")) or "\\" in text or not _HUB_ID.match(text) or ".." in text:
+        parent = next((a for a in p.resolve().parents if a.is_dir()), None)
+        raise LoraplexError(f"base model folder {where} does not exist"
+                            + (f" (nearest existing folder: {parent})" if parent is not None else "")
+                            + f"; give a model folder, a hub id or an embedded model's name ({', '.join(names())})")
 
 
 def package_dir(m: EmbeddedModel) -> Path:

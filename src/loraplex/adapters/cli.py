@@ -138,9 +138,7 @@ def load_base_skeleton(base: str, task_type: str | None = None) -> torch.nn.Modu
 
     from loraplex.models import resolve as resolve_model
 
-    resolved = resolve_model(base)
-    if not Path(resolved).expanduser().exists() and (resolved.startswith((".", "~", "/")) or resolved.count("/") > 1):
-        raise LoraplexError(f"base model folder not found: {base}")
+    resolved = resolve_model(base)  # a local path that is not a model folder is refused here, by name
     config = AutoConfig.from_pretrained(resolved)
     candidates: list[Any] = []
     if task_type in _TASK_CLASSES:

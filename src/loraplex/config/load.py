@@ -17,6 +17,7 @@ from loraplex.config.ludwig import LudwigConfigWarning
 from loraplex.config.notes import ludwig_notes
 from loraplex.config.schema import TrainConfig
 from loraplex.config.validate import complete
+from loraplex.errors import LoraplexError
 from loraplex.models import resolve as resolve_model
 
 __all__ = ["load_config", "read_yaml", "resolve_base_model"]
@@ -143,10 +144,16 @@ def resolve_base_model(config: TrainConfig) -> str:
     folder; hub ids pass through."""
     base = config.base_model
     p = Path(os.path.expanduser(base))
-    if p.is_absolute():
-        return str(p)
-    if config.source is not None:
+    if not p.is_absolute() and config.source is not None:
         cand = config.source.resolve().parent / p
         if cand.exists():
             return str(cand)
-    return str(p) if p.exists() else resolve_model(base)
+    if p.exists():
+        return str(p)
+    try:
+        return resolve_model(base)
+    except LoraplexError as exc:
+        where = f"{config.source}: " if config.source is not None else ""
+        tried = f" (looked in {config.source.resolve().parent} and the working directory)" \
+            if config.source is not None and not p.is_absolute() else ""
+        raise LoraplexError(f"{where}base_model: {exc}{tried}") from None

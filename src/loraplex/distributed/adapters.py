@@ -120,7 +120,7 @@ class AdapterSet:
     async def _load(self, name: str) -> None:
         path = self.store.path(name)
         adapter = await asyncio.to_thread(load_adapter, path, name, trust_pickle=self.trust_pickle,
-                                          dtype=self.engine.plex.dtype)
+                                          roots=self.store.roots_for(name), dtype=self.engine.plex.dtype)
         await asyncio.to_thread(self.engine.register_adapter, name, adapter)
         self.loads += 1
         log.info("loaded adapter %s from %s", name, path)

@@ -61,6 +61,10 @@ class AdapterStore:
                 return folder
         return None
 
+    def roots_for(self, name: str) -> list[str]:
+        """The folders every file read for adapter ``name`` must resolve inside: its explicit folder, or the roots."""
+        return [self.paths[name]] if name in self.paths else list(self.roots)
+
     def path(self, name: str) -> Path:
         """The folder of adapter ``name`` (:class:`UnknownAdapterError` listing the store when absent)."""
         folder = self.find(name)
