@@ -502,7 +502,8 @@ def test_health_and_metrics(env):
     assert metric(text, "loraplex_adapter_requests_total", adapter="base") > 0
     assert metric(text, "loraplex_generation_tokens_total") > 100
     assert metric(text, "loraplex_adapter_load_seconds", adapter="hot") > 0
-    assert metric(text, "loraplex_adapter_loads_total", adapter="bad1", result="error") == 3
+    assert metric(text, "loraplex_adapter_loads_total", adapter="bad1", result="error") == 2
+    assert metric(text, "loraplex_adapter_loads_total", adapter="bad1", result="not_found") == 1
     assert metric(text, "loraplex_cache_hits_total") > 0 and metric(text, "loraplex_cache_misses_total") > 0
     assert metric(text, "loraplex_cache_evictions_total") > 0  # 6 device slots, more adapters than that
     assert "loraplex_queue_depth 0" in text
