@@ -67,7 +67,7 @@ def cli_merge(env, out, *args):
 
 def metric(env, name):
     text = env["raw"].get("/metrics").text
-    m = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+    m = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.MULTILINE)
     assert m, f"{name} not in /metrics"
     return float(m.group(1))
 
@@ -123,6 +123,18 @@ def test_concurrent_first_requests_build_once_and_do_not_block_others(env, monke
     env["engine"].register_adapter("ref_dare", ref)
     assert texts == {completion(env, "ref_dare", 6).choices[0].text}
     env["engine"].unload_adapter("ref_dare")
+
+
+def test_a_merge_gone_from_the_bank_is_built_again(env):
+    """A request that finds its merge's bank name gone (evicted between resolving and queueing) builds it again."""
+    m, spec = env["merges"], "merge(magnitude_prune;ad1=1,ad2=-0.5;density=0.8)"
+    first = completion(env, spec, 5)
+    name = m.names()[merge_key(spec)]
+    env["engine"].unload_adapter(name)  # behind the cache's back
+    misses = m.misses.value()
+    again = completion(env, spec, 5)
+    assert again.choices[0].text == first.choices[0].text and m.misses.value() == misses + 1
+    assert m.names()[merge_key(spec)] != name
 
 
 def test_cache_key_is_the_normalised_spec():
@@ -210,7 +222,10 @@ def test_a_merge_composition_loaded_by_the_admin_is_pinned_and_blocks_unloads(en
     assert completion(env, "adminmerge").usage.completion_tokens == 8
     r = raw.post("/v1/unload_lora_adapter", json={"lora_name": "ad2"}, headers=AUTH)
     assert r.status_code == 409 and set(r.json()["error"]["compositions"]) == {"cfgmerge", "adminmerge"}
+    key = merge_key("merge(ties;ad1=0.5,ad2=0.5)")
+    assert key in env["merges"].pinned()
     assert raw.post("/v1/unload_composition", json={"name": "adminmerge"}, headers=AUTH).status_code == 200
+    assert key not in env["merges"].pinned() and merge_key("merge(linear;ad1=0.5,ad2=0.5)") in env["merges"].pinned()
 
 
 def test_a_server_without_a_merge_cache_refuses_merges_clearly():

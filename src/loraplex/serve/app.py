@@ -25,12 +25,12 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from loraplex.errors import UnknownAdapterError
 from loraplex.serve import schemas
 from loraplex.serve.detok import text_offsets
 from loraplex.serve.engine import Delta, Engine, Final, RequestHandle, RequestTooLarge
 from loraplex.serve.http import (MAX_BODY_BYTES, ApiError, api_error, install_admin_endpoints, install_info_endpoints,
                                  json_body, new_app, tokens_over_limit, until_disconnect, validate_body)
-from loraplex.errors import UnknownAdapterError
 from loraplex.serve.logprobs import chat_logprobs, completion_logprobs
 from loraplex.serve.merges import MergeCache
 from loraplex.serve.registry import ModelRegistry, Resolved, parse_merge
@@ -160,7 +160,8 @@ def create_app(engine: Engine, registry: ModelRegistry | None = None, *, admin_t
         except UnknownAdapterError:
             if resolved.merge is None:
                 raise
-        # the merge was evicted between resolving and queueing: build it again, once
+        # the merge left the bank between resolving and queueing (evicted): build it again, once
+        merges.discard(resolved.choice)
         return submit_now(prompts, await built(dataclasses.replace(resolved, choice=None)), req, max_tokens)
 
     def chat_default_max(ids: list[int]) -> int:

@@ -37,7 +37,7 @@ from loraplex.api import Plex
 from loraplex.errors import LoraplexError, PathNotAllowedError, UnknownAdapterError
 from loraplex.serve import schemas
 from loraplex.serve.engine import EngineError, QueueFull, RequestTooLarge
-from loraplex.serve.merges import merge_key
+from loraplex.serve.merges import MergeCache, merge_key
 from loraplex.serve.metrics import CONTENT_TYPE
 from loraplex.serve.registry import ModelRegistry, ResolveError, is_merge_name, parse_merge
 
@@ -303,7 +303,7 @@ def check_admin_token(request: Request, admin_token: str | None) -> None:
 def install_admin_endpoints(app: FastAPI, *, admin_token: str | None, roots: Sequence[str], registry: ModelRegistry,
                             plex: Plex, metrics: Any, register: Callable[[str, Any, bool], None],
                             unload: Callable[[str, float], None], unload_timeout: float = 30.0,
-                            merges: Any = None) -> None:
+                            merges: MergeCache | None = None) -> None:
     """``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter`` (vLLM's shape), ``POST
     /v1/load_composition`` and ``POST /v1/unload_composition`` (loraplex's) on ``app``.
 
@@ -382,6 +382,7 @@ def install_admin_endpoints(app: FastAPI, *, admin_token: str | None, roots: Seq
     async def load_composition(request: Request) -> Any:
         check_admin_token(request, admin_token)
         req = validate_body(schemas.LoadCompositionRequest, await json_body(request))
+        old = registry.compositions.get(req.name)
         try:
             registry.add_composition(req.name, req.spec, replace=req.replace)
         except ResolveError as exc:
@@ -391,6 +392,8 @@ def install_admin_endpoints(app: FastAPI, *, admin_token: str | None, roots: Seq
         node = parse_merge(req.spec)
         if node is not None and merges is not None:
             merges.start(node, pinned=True)  # built in the background; its first request waits for it
+        if old is not None:
+            release_merge(old)
         return {"object": "composition", "id": req.name, "spec": registry.compositions[req.name],
                 "status": "loaded"}
 
@@ -404,11 +407,17 @@ def install_admin_endpoints(app: FastAPI, *, admin_token: str | None, roots: Seq
             raise ApiError(404, f"no composition {req.name!r}; compositions: "
                                 f"{', '.join(registry.compositions) or '(none)'}", "composition_not_found",
                            "name") from None
-        node = parse_merge(spec)
-        if node is not None and merges is not None and not any(
-                merge_key(m) == merge_key(node) for m in map(parse_merge, registry.compositions.values()) if m):
-            merges.unpin(node)  # no other composition names this merge: the LRU may evict it
+        release_merge(spec)
         return {"object": "composition", "id": req.name, "status": "unloaded"}
+
+    def release_merge(spec: str) -> None:
+        """Unpin the merge of a composition spec that no composition names any more (the LRU may evict it)."""
+        node = parse_merge(spec)
+        if node is None or merges is None:
+            return
+        key = merge_key(node)
+        if not any(m is not None and merge_key(m) == key for m in map(parse_merge, registry.compositions.values())):
+            merges.unpin(node)
 
 
 # --------------------------------------------------------------------------- waiting

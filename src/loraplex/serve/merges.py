@@ -145,6 +145,11 @@ class MergeCache:
         with self._lock:
             return {k: e.name for k, e in self._entries.items() if e.future.done() and not e.future.exception()}
 
+    def pinned(self) -> list[str]:
+        """Keys of the pinned merges (configured compositions)."""
+        with self._lock:
+            return [k for k, e in self._entries.items() if e.pinned]
+
     def start(self, spec: Merge | str, *, pinned: bool = False) -> Future:
         """The build of ``spec`` (started unless cached or under way): a future of its bank name. ``pinned``: never
         evicted by the LRU (a configured composition)."""
@@ -228,6 +233,16 @@ class MergeCache:
                 self.start(e.key, pinned=True)
         return [e.key for e in dropped]
 
+    def discard(self, name: str) -> bool:
+        """Forget the entry registered as bank name ``name`` (found missing from the bank), so the next request
+        builds its merge again; True when there was one."""
+        with self._lock:
+            for key, e in list(self._entries.items()):
+                if e.name == name:
+                    del self._entries[key]
+                    return True
+        return False
+
     def unpin(self, spec: Merge | str) -> None:
         """Let ``spec``'s merge be evicted like a per-request one (its composition was removed)."""
         with self._lock:
@@ -246,7 +261,7 @@ class MergeCache:
             self.host.unload_adapter(name, timeout=self.unload_timeout)
         except UnknownAdapterError:
             pass
-        except Exception:  # noqa: BLE001 - an eviction must not take the server down: the adapter stays registered
+        except Exception:  # an eviction must not take the server down: the adapter stays registered
             log.exception("could not unload the merged adapter %s", name)
 
     def close(self) -> None:
