@@ -29,6 +29,7 @@ are reported too. Prints a markdown table and asserts that no request failed.
     python benchmarks/serve.py --quick            # smaller model and load, smoke test
     python benchmarks/serve.py --model smollm2    # the real SmolLM2 shapes and weights
     python benchmarks/serve.py --model smollm2 --quick   # 32 requests of 16 tokens, smoke test
+    python benchmarks/serve.py --scenarios mixed-uniform,mixed-logprobs --rounds 8   # one ratio, more rounds
 """
 
 from __future__ import annotations
@@ -199,6 +200,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4,
                     help="each scenario's requests are split into this many interleaved rounds; throughput is the "
                          "median round (robust to other processes stealing the CPU)")
+    ap.add_argument("--scenarios", default=None,
+                    help="comma-separated scenarios to run (default: all); single and the ratios' operands are "
+                         "added as needed")
     ap.add_argument("--seed", type=int, default=0)
     add_malloc_option(ap)
     args = ap.parse_args()
@@ -243,6 +247,15 @@ def main() -> None:
         extras = {"mixed-logprobs": {"logprobs": 5}}
         loads["auto"] = ["auto"] * n
         loads["auto-per-request"] = ["auto"] * n
+        wanted = set(loads) | {"naive-switch"}
+        if args.scenarios:
+            wanted = {x.strip() for x in args.scenarios.split(",") if x.strip()}
+            unknown = wanted - set(loads) - {"naive-switch"}
+            if unknown:
+                ap.error(f"--scenarios: unknown {', '.join(sorted(unknown))}; choose from "
+                         f"{', '.join([*loads, 'naive-switch'])}")
+            wanted |= {"single", "mixed-uniform"}  # the denominators of the ratios
+            loads = {k: v for k, v in loads.items() if k in wanted}
         nn = min(args.naive_requests, n)
         engine = Engine(plex, max_batch_size=args.max_batch_size, batch_window_ms=args.batch_window_ms,
                         max_queue=max(256, n))
@@ -273,11 +286,12 @@ def main() -> None:
                           f"({ds} decode steps x {dr / max(ds, 1):.1f} rows, {ps} prefills x "
                           f"{pr / max(ps, 1):.1f} rows)", flush=True)
                     parts[label].append(got)
-            asyncio.run(run_load(naive.url, warm[:4], prompts[:4], 1, 4))
-            got = asyncio.run(run_load(naive.url, loads["mixed-uniform"][:nn], prompts[:nn], args.concurrency,
-                                       args.max_tokens))
-            parts["naive-switch"] = [got]
-            print(f"  naive-switch   {got['wall']:5.1f}s {got['tps']:6.0f} tok/s\n", flush=True)
+            if "naive-switch" in wanted:
+                asyncio.run(run_load(naive.url, warm[:4], prompts[:4], 1, 4))
+                got = asyncio.run(run_load(naive.url, loads["mixed-uniform"][:nn], prompts[:nn], args.concurrency,
+                                           args.max_tokens))
+                parts["naive-switch"] = [got]
+                print(f"  naive-switch   {got['wall']:5.1f}s {got['tps']:6.0f} tok/s\n", flush=True)
         engine.close()
 
     results = {label: summarize(p) for label, p in parts.items()}
@@ -293,25 +307,30 @@ def main() -> None:
         print(f"| {label} | {r['rps']:.2f} | {r['tps']:.0f} | {r['p50']:.3f} | {r['p99']:.3f} | "
               f"{r['tok_per_cpu_s']:.0f} | {r['tps'] / single['tps']:.2f}x | "
               f"{r['tok_per_cpu_s'] / single['tok_per_cpu_s']:.2f}x |")
-    mixed = min(results["mixed-uniform"]["tps"], results["mixed-zipf"]["tps"]) / single["tps"]
-    mixed_cpu = min(results["mixed-uniform"]["tok_per_cpu_s"],
-                    results["mixed-zipf"]["tok_per_cpu_s"]) / single["tok_per_cpu_s"]
-    speedup = results["mixed-uniform"]["tps"] / results["naive-switch"]["tps"]
+
     def verdict(x: float, target: float = 0.95) -> str:
         return "OK" if x >= target else "MISSED"
 
-    print(f"\nmixed / single throughput (worse of uniform, zipf; target >= 0.95x, DESIGN.md): {mixed:.2f}x wall-clock "
+    print()
+    mixes = [results[k] for k in ("mixed-uniform", "mixed-zipf") if k in results]
+    mixed = min(r["tps"] for r in mixes) / single["tps"]
+    mixed_cpu = min(r["tok_per_cpu_s"] for r in mixes) / single["tok_per_cpu_s"]
+    print(f"mixed / single throughput (worse of uniform, zipf; target >= 0.95x, DESIGN.md): {mixed:.2f}x wall-clock "
           f"({verdict(mixed)}), {mixed_cpu:.2f}x per CPU second ({verdict(mixed_cpu)})")
-    print(f"mixed-uniform vs naive per-request switching: {speedup:.1f}x the throughput")
-    lp_on = results["mixed-logprobs"]["tps"] / results["mixed-uniform"]["tps"]
-    lp_on_cpu = results["mixed-logprobs"]["tok_per_cpu_s"] / results["mixed-uniform"]["tok_per_cpu_s"]
-    print(f"logprobs on (top-5) / off throughput (mixed-uniform load; target >= 0.9x, DESIGN.md): {lp_on:.2f}x "
-          f"wall-clock ({verdict(lp_on, 0.9)}), {lp_on_cpu:.2f}x per CPU second ({verdict(lp_on_cpu, 0.9)})")
-    sizes = list(auto_reg._route_batcher.batch_sizes)  # type: ignore[union-attr]
-    print(f"auto: {len(sizes)} routing passes for {sum(sizes)} requests (mean {sum(sizes) / max(len(sizes), 1):.1f} "
-          f"prompts per pass, largest {max(sizes, default=0)}); auto vs auto-per-request: "
-          f"{results['auto']['tps'] / results['auto-per-request']['tps']:.2f}x the throughput, auto vs "
-          f"mixed-uniform: {results['auto']['tps'] / results['mixed-uniform']['tps']:.2f}x")
+    if "naive-switch" in results:
+        speedup = results["mixed-uniform"]["tps"] / results["naive-switch"]["tps"]
+        print(f"mixed-uniform vs naive per-request switching: {speedup:.1f}x the throughput")
+    if "mixed-logprobs" in results:
+        lp_on = results["mixed-logprobs"]["tps"] / results["mixed-uniform"]["tps"]
+        lp_on_cpu = results["mixed-logprobs"]["tok_per_cpu_s"] / results["mixed-uniform"]["tok_per_cpu_s"]
+        print(f"logprobs on (top-5) / off throughput (mixed-uniform load; target >= 0.9x, DESIGN.md): {lp_on:.2f}x "
+              f"wall-clock ({verdict(lp_on, 0.9)}), {lp_on_cpu:.2f}x per CPU second ({verdict(lp_on_cpu, 0.9)})")
+    if "auto" in results and "auto-per-request" in results:
+        sizes = list(auto_reg._route_batcher.batch_sizes)  # type: ignore[union-attr]
+        print(f"auto: {len(sizes)} routing passes for {sum(sizes)} requests (mean "
+              f"{sum(sizes) / max(len(sizes), 1):.1f} prompts per pass, largest {max(sizes, default=0)}); auto vs "
+              f"auto-per-request: {results['auto']['tps'] / results['auto-per-request']['tps']:.2f}x the "
+              f"throughput, auto vs mixed-uniform: {results['auto']['tps'] / results['mixed-uniform']['tps']:.2f}x")
     failed = {k: r["failures"] for k, r in results.items() if r["failures"]}
     assert not failed, f"requests failed: {failed}"
     print(f"no request failed ({sum(r['requests'] for r in results.values())} requests)")
