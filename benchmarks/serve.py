@@ -9,6 +9,8 @@ text; or ``--model smollm2``: the real SmolLM2-135M-Instruct with its own tokeni
 * ``single``         - all requests on one adapter
 * ``mixed-uniform``  - each request picks one of 8 adapters uniformly
 * ``mixed-zipf``     - skewed popularity (Zipf, s=1.2)
+* ``mixed-logprobs`` - the mixed-uniform load with ``logprobs: 5`` (each token's logprob and its top-5
+  alternatives, what scoring and eval clients ask for); reported as a ratio to ``mixed-uniform`` (target >= 0.9x)
 * ``auto``           - ``model: "auto"``: a linear router over the base model's last hidden state (a routing pass
   per prompt, loraplex.compose.RoutedModel) picks each request's adapter; the prompts of requests that arrive
   while the engine is busy are routed in one batched pass
@@ -27,6 +29,7 @@ are reported too. Prints a markdown table and asserts that no request failed.
     python benchmarks/serve.py --quick            # smaller model and load, smoke test
     python benchmarks/serve.py --model smollm2    # the real SmolLM2 shapes and weights
     python benchmarks/serve.py --model smollm2 --quick   # 32 requests of 16 tokens, smoke test
+    python benchmarks/serve.py --scenarios mixed-uniform,mixed-logprobs --rounds 8   # one ratio, more rounds
 """
 
 from __future__ import annotations
@@ -104,8 +107,10 @@ def naive_app(plex: loraplex.Plex):
 
 
 # --------------------------------------------------------------------------- load generator
-async def run_load(url: str, models: list[str], prompts: list[str], concurrency: int, max_tokens: int) -> dict:
-    """Send every request (``models[i]``, ``prompts[i]``) with ``concurrency`` clients; latencies and totals."""
+async def run_load(url: str, models: list[str], prompts: list[str], concurrency: int, max_tokens: int,
+                   extra: dict | None = None) -> dict:
+    """Send every request (``models[i]``, ``prompts[i]``, plus the fields of ``extra``) with ``concurrency``
+    clients; latencies and totals."""
     latencies: list[float] = []
     failures: list[str] = []
     tokens = 0
@@ -117,7 +122,7 @@ async def run_load(url: str, models: list[str], prompts: list[str], concurrency:
             i = nxt
             nxt += 1
             payload = {"model": models[i], "prompt": prompts[i], "max_tokens": max_tokens, "temperature": 0,
-                       "ignore_eos": True}
+                       "ignore_eos": True, **(extra or {})}
             t0 = time.perf_counter()
             try:
                 r = await http.post(url + "/v1/completions", json=payload)
@@ -128,7 +133,12 @@ async def run_load(url: str, models: list[str], prompts: list[str], concurrency:
             if r.status_code != 200:
                 failures.append(f"{models[i]}: HTTP {r.status_code} {r.text[:200]}")
                 continue
-            tokens += r.json()["usage"]["completion_tokens"]
+            body = r.json()
+            lp = body["choices"][0].get("logprobs")
+            if extra and extra.get("logprobs") and (not lp or len(lp["top_logprobs"]) != max_tokens):
+                failures.append(f"{models[i]}: logprobs missing or short")
+                continue
+            tokens += body["usage"]["completion_tokens"]
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
@@ -190,6 +200,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4,
                     help="each scenario's requests are split into this many interleaved rounds; throughput is the "
                          "median round (robust to other processes stealing the CPU)")
+    ap.add_argument("--scenarios", default=None,
+                    help="comma-separated scenarios to run (default: all); single and the ratios' operands are "
+                         "added as needed")
     ap.add_argument("--seed", type=int, default=0)
     add_malloc_option(ap)
     args = ap.parse_args()
@@ -230,8 +243,19 @@ def main() -> None:
             "mixed-uniform": [rng.choice(names) for _ in range(n)],
             "mixed-zipf": rng.choices(names, weights=zipf, k=n),
         }
+        loads["mixed-logprobs"] = list(loads["mixed-uniform"])
+        extras = {"mixed-logprobs": {"logprobs": 5}}
         loads["auto"] = ["auto"] * n
         loads["auto-per-request"] = ["auto"] * n
+        wanted = set(loads) | {"naive-switch"}
+        if args.scenarios:
+            wanted = {x.strip() for x in args.scenarios.split(",") if x.strip()}
+            unknown = wanted - set(loads) - {"naive-switch"}
+            if unknown:
+                ap.error(f"--scenarios: unknown {', '.join(sorted(unknown))}; choose from "
+                         f"{', '.join([*loads, 'naive-switch'])}")
+            wanted |= {"single", "mixed-uniform"}  # the denominators of the ratios
+            loads = {k: v for k, v in loads.items() if k in wanted}
         nn = min(args.naive_requests, n)
         engine = Engine(plex, max_batch_size=args.max_batch_size, batch_window_ms=args.batch_window_ms,
                         max_queue=max(256, n))
@@ -256,17 +280,18 @@ def main() -> None:
                     bs = engine.metrics.batch_size
                     steps0, pre0 = _hist(bs, "decode"), _hist(bs, "prefill")
                     got = asyncio.run(run_load(urls.get(label, srv.url), loads[label][lo:hi], prompts[lo:hi],
-                                               args.concurrency, args.max_tokens))
+                                               args.concurrency, args.max_tokens, extras.get(label)))
                     (ds, dr), (ps, pr) = (_delta(_hist(bs, "decode"), steps0), _delta(_hist(bs, "prefill"), pre0))
                     print(f"  round {rnd + 1} {label:14s} {got['wall']:5.1f}s {got['tps']:6.0f} tok/s  "
                           f"({ds} decode steps x {dr / max(ds, 1):.1f} rows, {ps} prefills x "
                           f"{pr / max(ps, 1):.1f} rows)", flush=True)
                     parts[label].append(got)
-            asyncio.run(run_load(naive.url, warm[:4], prompts[:4], 1, 4))
-            got = asyncio.run(run_load(naive.url, loads["mixed-uniform"][:nn], prompts[:nn], args.concurrency,
-                                       args.max_tokens))
-            parts["naive-switch"] = [got]
-            print(f"  naive-switch   {got['wall']:5.1f}s {got['tps']:6.0f} tok/s\n", flush=True)
+            if "naive-switch" in wanted:
+                asyncio.run(run_load(naive.url, warm[:4], prompts[:4], 1, 4))
+                got = asyncio.run(run_load(naive.url, loads["mixed-uniform"][:nn], prompts[:nn], args.concurrency,
+                                           args.max_tokens))
+                parts["naive-switch"] = [got]
+                print(f"  naive-switch   {got['wall']:5.1f}s {got['tps']:6.0f} tok/s\n", flush=True)
         engine.close()
 
     results = {label: summarize(p) for label, p in parts.items()}
@@ -282,21 +307,30 @@ def main() -> None:
         print(f"| {label} | {r['rps']:.2f} | {r['tps']:.0f} | {r['p50']:.3f} | {r['p99']:.3f} | "
               f"{r['tok_per_cpu_s']:.0f} | {r['tps'] / single['tps']:.2f}x | "
               f"{r['tok_per_cpu_s'] / single['tok_per_cpu_s']:.2f}x |")
-    mixed = min(results["mixed-uniform"]["tps"], results["mixed-zipf"]["tps"]) / single["tps"]
-    mixed_cpu = min(results["mixed-uniform"]["tok_per_cpu_s"],
-                    results["mixed-zipf"]["tok_per_cpu_s"]) / single["tok_per_cpu_s"]
-    speedup = results["mixed-uniform"]["tps"] / results["naive-switch"]["tps"]
-    def verdict(x: float) -> str:
-        return "OK" if x >= 0.95 else "MISSED"
 
-    print(f"\nmixed / single throughput (worse of uniform, zipf; target >= 0.95x, DESIGN.md): {mixed:.2f}x wall-clock "
+    def verdict(x: float, target: float = 0.95) -> str:
+        return "OK" if x >= target else "MISSED"
+
+    print()
+    mixes = [results[k] for k in ("mixed-uniform", "mixed-zipf") if k in results]
+    mixed = min(r["tps"] for r in mixes) / single["tps"]
+    mixed_cpu = min(r["tok_per_cpu_s"] for r in mixes) / single["tok_per_cpu_s"]
+    print(f"mixed / single throughput (worse of uniform, zipf; target >= 0.95x, DESIGN.md): {mixed:.2f}x wall-clock "
           f"({verdict(mixed)}), {mixed_cpu:.2f}x per CPU second ({verdict(mixed_cpu)})")
-    print(f"mixed-uniform vs naive per-request switching: {speedup:.1f}x the throughput")
-    sizes = list(auto_reg._route_batcher.batch_sizes)  # type: ignore[union-attr]
-    print(f"auto: {len(sizes)} routing passes for {sum(sizes)} requests (mean {sum(sizes) / max(len(sizes), 1):.1f} "
-          f"prompts per pass, largest {max(sizes, default=0)}); auto vs auto-per-request: "
-          f"{results['auto']['tps'] / results['auto-per-request']['tps']:.2f}x the throughput, auto vs "
-          f"mixed-uniform: {results['auto']['tps'] / results['mixed-uniform']['tps']:.2f}x")
+    if "naive-switch" in results:
+        speedup = results["mixed-uniform"]["tps"] / results["naive-switch"]["tps"]
+        print(f"mixed-uniform vs naive per-request switching: {speedup:.1f}x the throughput")
+    if "mixed-logprobs" in results:
+        lp_on = results["mixed-logprobs"]["tps"] / results["mixed-uniform"]["tps"]
+        lp_on_cpu = results["mixed-logprobs"]["tok_per_cpu_s"] / results["mixed-uniform"]["tok_per_cpu_s"]
+        print(f"logprobs on (top-5) / off throughput (mixed-uniform load; target >= 0.9x, DESIGN.md): {lp_on:.2f}x "
+              f"wall-clock ({verdict(lp_on, 0.9)}), {lp_on_cpu:.2f}x per CPU second ({verdict(lp_on_cpu, 0.9)})")
+    if "auto" in results and "auto-per-request" in results:
+        sizes = list(auto_reg._route_batcher.batch_sizes)  # type: ignore[union-attr]
+        print(f"auto: {len(sizes)} routing passes for {sum(sizes)} requests (mean "
+              f"{sum(sizes) / max(len(sizes), 1):.1f} prompts per pass, largest {max(sizes, default=0)}); auto vs "
+              f"auto-per-request: {results['auto']['tps'] / results['auto-per-request']['tps']:.2f}x the "
+              f"throughput, auto vs mixed-uniform: {results['auto']['tps'] / results['mixed-uniform']['tps']:.2f}x")
     failed = {k: r["failures"] for k, r in results.items() if r["failures"]}
     assert not failed, f"requests failed: {failed}"
     print(f"no request failed ({sum(r['requests'] for r in results.values())} requests)")

@@ -375,11 +375,13 @@ def test_admin_auth_and_path_confinement(env):
 
 def test_failing_loads_report_and_server_stays_healthy(env):
     c, root = env["client"], env["root"]
-    for path, needle in [(root / "broken", "not valid JSON"), (root / "wrongshape", "expects d_in"),
-                         (root / "missing", "not found")]:
+    for path, needle in [(root / "broken", "not valid JSON"), (root / "wrongshape", "expects d_in")]:
         err = error_of(c.post("/v1/load_lora_adapter", json={"lora_name": "bad1", "lora_path": str(path)},
                               headers=AUTH), 400)
         assert err["code"] == "adapter_load_failed" and needle in err["message"], err
+    err = error_of(c.post("/v1/load_lora_adapter", json={"lora_name": "bad1", "lora_path": str(root / "missing")},
+                          headers=AUTH), 404)  # a missing folder inside the roots: 404, as vLLM answers
+    assert err["code"] == "adapter_not_found" and "not found" in err["message"], err
     assert error_of(c.post("/v1/load_lora_adapter", json={"lora_name": "ad0", "lora_path": str(root / "hot")},
                            headers=AUTH), 409)["code"] == "adapter_exists"
     error_of(c.post("/v1/load_lora_adapter", json={"lora_name": "auto", "lora_path": str(root / "hot")},
@@ -500,7 +502,8 @@ def test_health_and_metrics(env):
     assert metric(text, "loraplex_adapter_requests_total", adapter="base") > 0
     assert metric(text, "loraplex_generation_tokens_total") > 100
     assert metric(text, "loraplex_adapter_load_seconds", adapter="hot") > 0
-    assert metric(text, "loraplex_adapter_loads_total", adapter="bad1", result="error") == 3
+    assert metric(text, "loraplex_adapter_loads_total", adapter="bad1", result="error") == 2
+    assert metric(text, "loraplex_adapter_loads_total", adapter="bad1", result="not_found") == 1
     assert metric(text, "loraplex_cache_hits_total") > 0 and metric(text, "loraplex_cache_misses_total") > 0
     assert metric(text, "loraplex_cache_evictions_total") > 0  # 6 device slots, more adapters than that
     assert "loraplex_queue_depth 0" in text

@@ -6,11 +6,16 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (streaming wi
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``; a response says which adapters
 served it in ``x_loraplex: {"served_by": [...], "arm": ...}``. Errors, body limits, metering and the info and admin
 endpoints come from :mod:`loraplex.serve.http` (shared with the encoder app).
+
+A ``model`` such as ``merge(ties;a=0.7,b=0.3;density=0.7)``, or a composition defined as one, is served by a merged
+adapter built once per spec by the app's :class:`~loraplex.serve.merges.MergeCache` (off the engine's worker; the
+first request awaits it, the others keep flowing).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -20,6 +25,7 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from loraplex.errors import UnknownAdapterError
 from loraplex.serve import schemas
 from loraplex.serve.defaults import ServeDefaults
 from loraplex.serve.detok import text_offsets
@@ -27,20 +33,24 @@ from loraplex.serve.engine import Delta, Engine, Final, RequestHandle, RequestTo
 from loraplex.serve.http import (MAX_BODY_BYTES, ApiError, api_error, install_admin_endpoints, install_info_endpoints,
                                  json_body, new_app, tokens_over_limit, until_disconnect, validate_body)
 from loraplex.serve.logprobs import chat_logprobs, completion_logprobs
-from loraplex.serve.registry import ModelRegistry, Resolved
+from loraplex.serve.merges import MergeCache
+from loraplex.serve.registry import ModelRegistry, Resolved, parse_merge
 from loraplex.serve.sampling import SamplingParams
 
 
 def create_app(engine: Engine, registry: ModelRegistry | None = None, *, admin_token: str | None = None,
                adapter_roots: Sequence[str] = (), base_id: str = "base", max_choices: int = 16,
                unload_timeout: float = 30.0, add_special_tokens: bool = True,
-               max_body_bytes: int = MAX_BODY_BYTES, defaults: ServeDefaults | None = None) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, max_merges: int = 8,
+               defaults: ServeDefaults | None = None) -> FastAPI:
     """The FastAPI app. ``registry`` defaults to one with just the base model and the registered adapters.
 
     ``defaults``: request defaults and prompt templates of a trained config (:mod:`loraplex.serve.defaults`).
 
     ``max_body_bytes``: larger request bodies are answered 413. Prompts are tokenized on a worker thread, a long one
-    checked on a prefix first (:func:`~loraplex.serve.http.tokens_over_limit`), so no request stalls the others."""
+    checked on a prefix first (:func:`~loraplex.serve.http.tokens_over_limit`), so no request stalls the others.
+    ``max_merges``: per-request merges kept registered (LRU past it); merges of the registry's compositions are
+    started at once and never evicted."""
     registry = registry or ModelRegistry(engine.plex, base_id=base_id)
     defaults = defaults or ServeDefaults()
     tokenizer = engine.tokenizer
@@ -51,6 +61,13 @@ def create_app(engine: Engine, registry: ModelRegistry | None = None, *, admin_t
     app = new_app(title="loraplex", description="OpenAI-compatible multi-LoRA server", metrics=metrics,
                   max_body_bytes=max_body_bytes)
     app.state.engine, app.state.registry = engine, registry
+    merges = MergeCache(engine, max_entries=max_merges, metrics=metrics)
+    app.state.merges = merges
+    registry.serves_merges = True
+    for spec in registry.compositions.values():  # configured merges: built now, in the background, and pinned
+        node = parse_merge(spec)
+        if node is not None:
+            merges.start(node, pinned=True)
 
     # ------------------------------------------------------------------ helpers
     def encode(text: str, special: bool) -> list[int]:
@@ -89,8 +106,16 @@ def create_app(engine: Engine, registry: ModelRegistry | None = None, *, admin_t
 
     async def resolve(model: str, prompt: str, user: str | None) -> Resolved:
         if registry.router is not None:  # routing blocks on the worker: wait for it off the event loop
-            return await anyio.to_thread.run_sync(lambda: registry.resolve(model, prompt=prompt, user=user))
-        return registry.resolve(model, prompt=prompt, user=user)
+            resolved = await anyio.to_thread.run_sync(lambda: registry.resolve(model, prompt=prompt, user=user))
+        else:
+            resolved = registry.resolve(model, prompt=prompt, user=user)
+        return await built(resolved)
+
+    async def built(resolved: Resolved) -> Resolved:
+        """``resolved`` with a merge it names built and registered (awaited: the event loop keeps serving)."""
+        if resolved.merge is None:
+            return resolved
+        return dataclasses.replace(resolved, choice=await merges.ensure(resolved.merge))
 
     def check_request(req: Any) -> None:
         """400 for a field the server does not implement, or fields that contradict each other."""
@@ -124,7 +149,7 @@ def create_app(engine: Engine, registry: ModelRegistry | None = None, *, admin_t
         except ValueError as exc:
             raise ApiError(400, str(exc), "invalid_request") from None
 
-    def submit(prompts: list[list[int]], resolved: Resolved, req: Any, max_tokens: Any) -> list[RequestHandle]:
+    def submit_now(prompts: list[list[int]], resolved: Resolved, req: Any, max_tokens: Any) -> list[RequestHandle]:
         check_choices(len(prompts), req.n)
         items = []
         for ids in prompts:
@@ -133,6 +158,16 @@ def create_app(engine: Engine, registry: ModelRegistry | None = None, *, admin_t
             for j in range(req.n):
                 items.append((ids, resolved.choice, sampling(req, mt, j)))
         return engine.submit_many(items)
+
+    async def submit(prompts: list[list[int]], resolved: Resolved, req: Any, max_tokens: Any) -> list[RequestHandle]:
+        try:
+            return submit_now(prompts, resolved, req, max_tokens)
+        except UnknownAdapterError:
+            if resolved.merge is None:
+                raise
+        # the merge left the bank between resolving and queueing (evicted): build it again, once
+        merges.discard(resolved.choice)
+        return submit_now(prompts, await built(dataclasses.replace(resolved, choice=None)), req, max_tokens)
 
     def chat_default_max(ids: list[int]) -> int:
         room = (engine.context_length - len(ids)) if engine.context_length else engine.max_tokens_cap
@@ -166,7 +201,7 @@ def create_app(engine: Engine, registry: ModelRegistry | None = None, *, admin_t
         if texts is not None and defaults.templated(resolved.served_by):  # the adapter's prompt template
             texts = [defaults.prompt(resolved.served_by, t) for t in texts]
             prompts = await encode_all(texts, add_special_tokens)
-        handles = submit(prompts, resolved, req, req.max_tokens)
+        handles = await submit(prompts, resolved, req, req.max_tokens)
         echo = None
         if req.echo:  # the prompt's text, as sent (or decoded from its ids), before each choice's text
             echo = texts if texts is not None else [decode(ids) for ids in prompts]
@@ -201,7 +236,7 @@ def create_app(engine: Engine, registry: ModelRegistry | None = None, *, admin_t
 
         prompts = await anyio.to_thread.run_sync(render_and_encode)
         max_tokens = req.max_completion_tokens or req.max_tokens or chat_default_max
-        handles = submit(prompts, resolved, req, max_tokens)
+        handles = await submit(prompts, resolved, req, max_tokens)
         return await respond(request, "chat.completion", req, resolved, handles, prompts)
 
     token_texts: dict[int, str] = {}
@@ -286,11 +321,17 @@ def create_app(engine: Engine, registry: ModelRegistry | None = None, *, admin_t
                         "adapters": len(engine.plex.adapters), "resident": len(engine.plex.resident())})
 
     # ------------------------------------------------------------------ admin endpoints
+    def register(name: str, adapter: Any, replace: bool) -> None:
+        engine.register_adapter(name, adapter, replace=replace, timeout=unload_timeout)
+        merges.forget_sources([name])  # merges built from the old weights
+
+    def unload(name: str, timeout: float) -> None:
+        engine.unload_adapter(name, timeout=timeout)
+        merges.forget_sources([name])
+
     install_admin_endpoints(
         app, admin_token=admin_token, roots=roots, registry=registry, plex=engine.plex, metrics=metrics,
-        register=lambda name, adapter, replace: engine.register_adapter(name, adapter, replace=replace,
-                                                                        timeout=unload_timeout),
-        unload=lambda name, timeout: engine.unload_adapter(name, timeout=timeout), unload_timeout=unload_timeout)
+        register=register, unload=unload, unload_timeout=unload_timeout, merges=merges)
 
     return app
 

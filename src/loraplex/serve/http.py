@@ -10,7 +10,8 @@
 * :class:`RequestMetering`: ASGI middleware counting requests by route and status.
 * :func:`install_info_endpoints`: ``/v1/models``, ``/v1/models/{id}``, ``/health`` and ``/metrics``.
 * :func:`install_admin_endpoints`: ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (admin token, paths
-  confined to the adapter roots).
+  confined to the adapter roots; an unload that would break a composition is 409), ``/v1/load_composition`` and
+  ``/v1/unload_composition`` (compositions checked when defined).
 * :func:`until_disconnect`: await a result unless the client hangs up first (499).
 """
 
@@ -36,8 +37,9 @@ from loraplex.api import Plex
 from loraplex.errors import LoraplexError, PathNotAllowedError, UnknownAdapterError
 from loraplex.serve import schemas
 from loraplex.serve.engine import EngineError, QueueFull, RequestTooLarge
+from loraplex.serve.merges import MergeCache, merge_key
 from loraplex.serve.metrics import CONTENT_TYPE
-from loraplex.serve.registry import ModelRegistry, ResolveError
+from loraplex.serve.registry import ModelRegistry, ResolveError, is_merge_name, parse_merge
 
 log = logging.getLogger("loraplex.serve")
 
@@ -300,13 +302,18 @@ def check_admin_token(request: Request, admin_token: str | None) -> None:
 
 def install_admin_endpoints(app: FastAPI, *, admin_token: str | None, roots: Sequence[str], registry: ModelRegistry,
                             plex: Plex, metrics: Any, register: Callable[[str, Any, bool], None],
-                            unload: Callable[[str, float], None], unload_timeout: float = 30.0) -> None:
-    """``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter`` (vLLM's shape) on ``app``.
+                            unload: Callable[[str, float], None], unload_timeout: float = 30.0,
+                            merges: MergeCache | None = None) -> None:
+    """``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter`` (vLLM's shape), ``POST
+    /v1/load_composition`` and ``POST /v1/unload_composition`` (loraplex's) on ``app``.
 
-    Both need ``Authorization: Bearer <admin_token>`` (no token configured: 403); loads read only under ``roots``:
-    the folder and each file read from it, symlinks resolved (403 naming the file otherwise).
-    ``register(name, adapter, replace)`` and ``unload(name, timeout)`` do the change safely for the app's worker
-    (they run on a thread, so requests keep flowing while an adapter is read from disk)."""
+    All need ``Authorization: Bearer <admin_token>`` (no token configured: 403); loads read only under ``roots``:
+    the folder and each file read from it, symlinks resolved (403 naming the file otherwise); a folder that does
+    not exist inside them is 404. Unloading an adapter that a composition uses is 409 naming the compositions
+    (remove them first with ``/v1/unload_composition``). ``register(name, adapter, replace)`` and
+    ``unload(name, timeout)`` do the change safely for the app's worker (they run on a thread, so requests keep
+    flowing while an adapter is read from disk). ``merges``: the app's :class:`~loraplex.serve.merges.MergeCache`,
+    which builds (and pins) the merge of a ``merge(...)`` composition when it is defined."""
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request) -> Any:
@@ -327,6 +334,9 @@ def install_admin_endpoints(app: FastAPI, *, admin_token: str | None, roots: Seq
         except PathNotAllowedError as exc:
             metrics.adapter_loads.inc(adapter=name, result="refused")
             raise api_error(exc) from None
+        if not path.exists():  # inside the roots, but nothing there: vLLM answers 404 too
+            metrics.adapter_loads.inc(adapter=name, result="not_found")
+            raise ApiError(404, f"adapter folder not found: {req.lora_path}", "adapter_not_found", "lora_path")
         t0 = time.perf_counter()
         try:  # disk -> CPU on a worker thread: requests keep flowing meanwhile
             adapter = await anyio.to_thread.run_sync(lambda: load_adapter(
@@ -351,8 +361,14 @@ def install_admin_endpoints(app: FastAPI, *, admin_token: str | None, roots: Seq
         check_admin_token(request, admin_token)
         req = validate_body(schemas.UnloadAdapterRequest, await json_body(request))
         name = req.lora_name
-        if name not in plex:
-            raise api_error(UnknownAdapterError(name, plex.adapters))
+        if name not in plex or is_merge_name(name):
+            raise api_error(UnknownAdapterError(name, [a for a in plex.adapters if not is_merge_name(a)]))
+        users = registry.compositions_using(name)
+        if users:
+            listed = ", ".join(repr(u) for u in users)
+            raise ApiError(409, f"adapter {name!r} is used by composition(s) {listed}; remove them first "
+                                f"(POST /v1/unload_composition) and unload again; nothing was changed",
+                           "adapter_in_use", "lora_name", compositions=users)
         timeout = unload_timeout if req.timeout is None else req.timeout
         try:
             await anyio.to_thread.run_sync(lambda: unload(name, timeout))
@@ -361,6 +377,47 @@ def install_admin_endpoints(app: FastAPI, *, admin_token: str | None, roots: Seq
             raise api_error(exc) from None
         metrics.adapter_unloads.inc(adapter=name, result="ok")
         return {"object": "lora_adapter", "id": name, "status": "unloaded"}
+
+    @app.post("/v1/load_composition")
+    async def load_composition(request: Request) -> Any:
+        check_admin_token(request, admin_token)
+        req = validate_body(schemas.LoadCompositionRequest, await json_body(request))
+        old = registry.compositions.get(req.name)
+        try:
+            registry.add_composition(req.name, req.spec, replace=req.replace)
+        except ResolveError as exc:
+            status = 409 if exc.code == "name_exists" else 400
+            raise ApiError(status, str(exc), exc.code,
+                           "name" if exc.code in ("name_exists", "invalid_name") else "spec") from None
+        node = parse_merge(req.spec)
+        if node is not None and merges is not None:
+            merges.start(node, pinned=True)  # built in the background; its first request waits for it
+        if old is not None:
+            release_merge(old)
+        return {"object": "composition", "id": req.name, "spec": registry.compositions[req.name],
+                "status": "loaded"}
+
+    @app.post("/v1/unload_composition")
+    async def unload_composition(request: Request) -> Any:
+        check_admin_token(request, admin_token)
+        req = validate_body(schemas.UnloadCompositionRequest, await json_body(request))
+        try:
+            spec = registry.remove_composition(req.name)
+        except UnknownAdapterError:
+            raise ApiError(404, f"no composition {req.name!r}; compositions: "
+                                f"{', '.join(registry.compositions) or '(none)'}", "composition_not_found",
+                           "name") from None
+        release_merge(spec)
+        return {"object": "composition", "id": req.name, "status": "unloaded"}
+
+    def release_merge(spec: str) -> None:
+        """Unpin the merge of a composition spec that no composition names any more (the LRU may evict it)."""
+        node = parse_merge(spec)
+        if node is None or merges is None:
+            return
+        key = merge_key(node)
+        if not any(m is not None and merge_key(m) == key for m in map(parse_merge, registry.compositions.values())):
+            merges.unpin(node)
 
 
 # --------------------------------------------------------------------------- waiting

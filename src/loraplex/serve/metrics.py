@@ -169,6 +169,13 @@ class ServeMetrics:
         self.queue_depth = Gauge("loraplex_queue_depth", "Requests waiting for a batch slot.")
         self.running = Gauge("loraplex_running_requests", "Requests in the running batch.")
         self._extra: list[_Metric] = []
+        self._registered: list[_Metric] = []
+
+    def register(self, *metrics: _Metric) -> None:
+        """Export more metrics (e.g. the merge cache's) after the server's own; one registered under the same name
+        before is replaced."""
+        names = {m.name for m in metrics}
+        self._registered = [m for m in self._registered if m.name not in names] + list(metrics)
 
     def attach_engine(self, engine: Any) -> None:
         """Gauges read from the engine and its adapter bank at scrape time."""
@@ -206,6 +213,7 @@ class ServeMetrics:
             self.requests, self.request_latency, self.prompt_tokens, self.generation_tokens, self.finished,
             self.rejected, self.deferred, self.batch_size, self.adapter_requests, self.adapter_loads,
             self.adapter_load_seconds, self.adapter_unloads, self.queue_depth, self.running, *self._extra,
+            *self._registered,
         ]
         lines: list[str] = []
         for m in metrics:

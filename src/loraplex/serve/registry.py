@@ -11,7 +11,14 @@ A name resolves, in this order, to:
 * a named composition from the config ``{name: spec}``;
 * a registered adapter (merged adapters are registered adapters whose ``loraplex_meta.json`` names parents);
 * a composition spec: ``blend(a=0.7,b=0.3)`` (weighted sum of deltas, one pass) or ``stack(a,b)`` (adapters
-  trained on top of each other: their deltas add up, i.e. a blend with weights 1).
+  trained on top of each other: their deltas add up, i.e. a blend with weights 1);
+* a merge spec ``merge(ties;a=0.7,b=0.3;density=0.7)`` (LoRAX-style per-request merge), when the app serves merges
+  (:attr:`ModelRegistry.serves_merges`): the :class:`Resolved` carries the parsed :class:`~loraplex.compose.spec.Merge`
+  and the app's merge cache (:mod:`loraplex.serve.merges`) turns it into a registered adapter.
+
+Compositions are checked when they are defined (start-up, config, admin load): every adapter they use must be
+registered (:meth:`ModelRegistry.check_composition`), and :meth:`ModelRegistry.compositions_using` names the
+compositions an adapter unload would break.
 
 :class:`Resolved` carries the row choice, the adapters that serve it and the A/B arm.
 """
@@ -30,13 +37,20 @@ from typing import Any, Callable, Container, Mapping, Protocol, Sequence
 
 import torch
 
-from loraplex.compose.spec import ComposeSpecError, Stack, parse
+from loraplex.compose.spec import ComposeSpecError, Merge, Node, Stack, parse
 from loraplex.errors import LoraplexError, UnknownAdapterError
 from loraplex.plan import NeedsCompositionError, RowSpec, rows_from_spec
 from loraplex.serve.worker import Coalescer
 
 AUTO = "auto"
 BASE_ALIASES = ("base", "")
+#: Bank names of per-request merges start with this; such a name is never a valid adapter name for a client.
+MERGE_PREFIX = "merge~"
+
+
+def is_merge_name(name: object) -> bool:
+    """Whether ``name`` is the bank name of a merge computed by the server (hidden from listings)."""
+    return isinstance(name, str) and name.startswith(MERGE_PREFIX)
 
 
 class Router(Protocol):
@@ -66,6 +80,7 @@ class Resolved:
     served_by: list[str]  # adapters used (empty: the base model)
     arm: str | None = None  # the A/B arm drawn, if the name was a split
     weights: dict[str, float] = field(default_factory=dict)
+    merge: Merge | None = None  # a merge to build first: the merge cache sets ``choice`` to its bank name
 
     def info(self) -> dict[str, Any]:
         """The ``x_loraplex`` block of a response."""
@@ -123,9 +138,35 @@ def spec_rows(text: str, known: Container[str] | None, listed: Callable[[], list
         raise ResolveError(_unsupported(str(node).split("(")[0], text), "unsupported_spec") from None
 
 
+def parse_merge(text: str) -> Merge | None:
+    """The :class:`~loraplex.compose.spec.Merge` of a ``merge(...)`` model name, or None for any other name
+    (a malformed ``merge(...)`` is a :class:`ResolveError` pointing at the column at fault)."""
+    t = text.strip()
+    if not (_looks_like_spec(t) and t.startswith("merge")):
+        return None
+    try:
+        node = parse(t)
+    except ComposeSpecError as exc:
+        raise ResolveError(str(exc), "invalid_spec") from None
+    return node if isinstance(node, Merge) else None
+
+
+def spec_adapters(spec: str) -> list[str]:
+    """The adapters a composition spec uses (a plain name: itself), without checking them."""
+    t = spec.strip()
+    if not _looks_like_spec(t):
+        return [t]
+    try:
+        node: Node = parse(t)
+    except ComposeSpecError:
+        return []
+    return list(node.adapter_names())
+
+
 def _unsupported(fn: str, text: str) -> str:
     why = {"moe": "use model 'auto' (the server's router)",
-           "merge": "merge offline with `loraplex merge` and load the result",
+           "merge": "this server does not build merges per request; merge offline with `loraplex merge` and load "
+                    "the result",
            "ensemble": "a logit-level ensemble needs K+1 passes; use blend(...) (delta level, one pass)"}
     return f"{text!r}: {fn}(...) is not served directly; {why.get(fn, 'use blend(...) or stack(...)')}"
 
@@ -152,11 +193,11 @@ class ModelRegistry:
         self.created = int(time.time())
         self._templates: dict[str, tuple[str | None, str | None]] = {}  # adapter -> (path, template)
         self._route_batcher: Coalescer | None = None  # see batch_routing
+        #: Whether ``merge(...)`` names are served (set by an app with a merge cache, :mod:`loraplex.serve.merges`).
+        self.serves_merges = False
         for name, spec in self.compositions.items():
             self._check_new_name(name, "composition")
-            if parse_spec(spec) is None and spec not in plex:
-                raise ResolveError(f"composition {name!r}: {spec!r} is neither a blend(...)/stack(...) spec nor "
-                                   f"an adapter")
+            self.check_composition(name, spec)
         for name, arms in (ab_splits or {}).items():
             self._check_new_name(name, "A/B split")
             total = sum(float(w) for w in arms.values())
@@ -178,10 +219,73 @@ class ModelRegistry:
             return f"{name!r} is not a valid adapter name (letters, digits, '_', '.', '-')"
         return None
 
+    # ------------------------------------------------------------------ compositions
+    def check_composition(self, name: str, spec: str) -> None:
+        """Raise :class:`ResolveError` naming composition ``name`` when ``spec`` cannot be served: malformed, a
+        form served only through the router or offline, or using an adapter that is not registered (each unknown
+        adapter is named, with the registered ones listed)."""
+        if not isinstance(spec, str) or not spec.strip():
+            raise ResolveError(f"composition {name!r}: the spec must be a non-empty string, got {spec!r}",
+                               "invalid_spec")
+        text = spec.strip()
+        if "(" in text and not _looks_like_spec(text):  # a spec cut short: the grammar points at the column
+            try:
+                parse(text)
+            except ComposeSpecError as exc:
+                raise ResolveError(f"composition {name!r}: {exc}", "invalid_spec") from None
+        if not _looks_like_spec(text):
+            if text not in self.plex or is_merge_name(text):
+                raise ResolveError(f"composition {name!r}: {text!r} is neither a blend(...)/stack(...)/merge(...) "
+                                   f"spec nor a registered adapter; known adapters: {self._listed()}",
+                                   "unknown_adapter")
+            return
+        try:
+            merge = parse_merge(text)
+            if merge is None:
+                parse_spec(text)  # refuses moe/ensemble/non-additive stack
+        except ResolveError as exc:
+            raise ResolveError(f"composition {name!r}: {exc}", exc.code) from None
+        unknown = [a for a in spec_adapters(text) if a not in self.plex or is_merge_name(a)]
+        if unknown:
+            noun = "adapter" if len(unknown) == 1 else "adapters"
+            raise ResolveError(f"composition {name!r}: unknown {noun} {', '.join(repr(a) for a in unknown)} in "
+                               f"{text!r}; known adapters: {self._listed()}", "unknown_adapter")
+
+    def _listed(self) -> str:
+        return ", ".join(sorted(a for a in self.plex.adapters if not is_merge_name(a))) or "(none)"
+
+    def compositions_using(self, adapter: str) -> list[str]:
+        """Names of the compositions whose spec uses ``adapter``."""
+        return [n for n, spec in self.compositions.items() if adapter in spec_adapters(spec)]
+
+    def add_composition(self, name: str, spec: str, *, replace: bool = False) -> None:
+        """Define (or with ``replace``, redefine) composition ``name``, checked as at start-up; raises
+        :class:`ResolveError` (code ``name_exists`` when the name is taken)."""
+        why = self.reserved(name) if name not in self.compositions else None
+        if why:
+            raise ResolveError(f"composition name: {why}", "invalid_name")
+        if name in self.plex:
+            raise ResolveError(f"composition name {name!r} is already an adapter", "name_exists")
+        if name in self.compositions and not replace:
+            raise ResolveError(f"composition {name!r} already exists (send \"replace\": true to redefine it)",
+                               "name_exists")
+        self.check_composition(name, spec)
+        self.compositions = {**self.compositions, name: spec.strip()}  # a new dict: readers never see a half edit
+
+    def remove_composition(self, name: str) -> str:
+        """Remove composition ``name``; returns its spec (:class:`UnknownAdapterError` when there is none)."""
+        if name not in self.compositions:
+            raise UnknownAdapterError(name, list(self.compositions))
+        rest = dict(self.compositions)
+        spec = rest.pop(name)
+        self.compositions = rest
+        return spec
+
     # ------------------------------------------------------------------ names
     def known(self) -> list[str]:
         """Every name a request may use."""
-        names = [self.base_id] + list(self.plex.adapters) + list(self.compositions) + list(self.ab_splits)
+        adapters = [a for a in self.plex.adapters if not is_merge_name(a)]
+        names = [self.base_id] + adapters + list(self.compositions) + list(self.ab_splits)
         if self.router is not None:
             names.append(AUTO)
         return list(dict.fromkeys(names))
@@ -201,17 +305,28 @@ class ModelRegistry:
         if name in self.ab_splits:
             arm = self._draw(name, user)
             inner = self.resolve(arm, prompt=prompt, user=user, _depth=_depth + 1)
-            return Resolved(model, inner.choice, inner.served_by, arm, inner.weights)
+            return Resolved(model, inner.choice, inner.served_by, arm, inner.weights, inner.merge)
         if name in self.compositions:
             inner = self.resolve(self.compositions[name], prompt=prompt, user=user, _depth=_depth + 1)
-            return Resolved(model, inner.choice, inner.served_by, inner.arm, inner.weights)
+            return Resolved(model, inner.choice, inner.served_by, inner.arm, inner.weights, inner.merge)
         if name in self.plex:
             return Resolved(model, name, [name], weights={name: 1.0})
+        merge = parse_merge(name) if self.serves_merges else None
+        if merge is not None:
+            return self._merge_resolved(model, merge)
         if _looks_like_spec(name):
             blend = dict(spec_rows(name, self.plex, self.known))
             served = [n for n, w in blend.items() if w != 0]
             return Resolved(model, dict(blend), served, weights=dict(blend))
         raise UnknownAdapterError(name, self.known())
+
+    def _merge_resolved(self, model: str, merge: Merge) -> Resolved:
+        """A merge to build: its sources checked now (404 listing the known names), ``choice`` left to the cache."""
+        for a in merge.adapter_names():
+            if a not in self.plex or is_merge_name(a):
+                raise UnknownAdapterError(a, self.known())
+        weights = dict(merge.items)
+        return Resolved(model, None, [n for n, w in weights.items() if w != 0], weights=weights, merge=merge)
 
     def _draw(self, split: str, user: str | None) -> str:
         arms = self.ab_splits[split]
@@ -289,6 +404,8 @@ class ModelRegistry:
 
         out = [card(self.base_id, "base", None)]
         for name in self.plex.adapters:
+            if is_merge_name(name):  # a merge the server computed: served under its merge(...) spec
+                continue
             try:
                 ad = self.plex.get_adapter(name)
             except UnknownAdapterError:  # removed meanwhile
@@ -300,8 +417,7 @@ class ModelRegistry:
             else:
                 out.append(card(name, "adapter", self.base_id, root=root))
         for name, spec in self.compositions.items():
-            blend = parse_spec(spec) or {spec: 1.0}
-            out.append(card(name, "composition", list(blend), spec=spec))
+            out.append(card(name, "composition", spec_adapters(spec), spec=spec))
         for name, arms in self.ab_splits.items():
             out.append(card(name, "ab_split", list(arms), arms=dict(arms)))
         if self.router is not None:

@@ -157,6 +157,16 @@ class UnloadAdapterRequest(RequestBody):
     timeout: float | None = Field(default=None, ge=0.0, le=3600.0)
 
 
+class LoadCompositionRequest(RequestBody):
+    name: str = Field(min_length=1, max_length=200)
+    spec: str = Field(min_length=1, max_length=10_000)
+    replace: bool = False
+
+
+class UnloadCompositionRequest(RequestBody):
+    name: str = Field(min_length=1)
+
+
 def describe(exc: ValidationError) -> str:
     """A one-line, human-readable summary of a validation error."""
     msgs = []
