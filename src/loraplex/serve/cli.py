@@ -126,7 +126,9 @@ def serve(
                                            help="Folder admin loads may read from (repeatable; default: "
                                                 "--adapters-dir)."),
     composition: list[str] = typer.Option([], "--composition",
-                                          help="NAME=SPEC, e.g. mix='blend(a=0.7,b=0.3)' (repeatable)."),
+                                          help="NAME=SPEC, e.g. mix='blend(a=0.7,b=0.3)' or "
+                                               "m='merge(ties;a=0.7,b=0.3;density=0.7)' (repeatable; checked "
+                                               "at start-up)."),
     ab: list[str] = typer.Option([], "--ab", help="A/B split NAME=ARM:W,ARM:W (repeatable)."),
     router: Optional[str] = typer.Option(None, "--router", help="Router folder: enables model 'auto'."),
     base_id: Optional[str] = typer.Option(None, "--base-id", help="Model id of the bare base model."),
