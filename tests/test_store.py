@@ -324,3 +324,16 @@ def test_store_errors_name_the_adapter(tmp_path, base_model):
     before = fingerprint(root / "a")
     (root / "a" / CONFIG_NAME).write_text((root / "a" / CONFIG_NAME).read_text() + " ")
     assert fingerprint(root / "a") != before
+
+
+@pytest.mark.slow
+def test_scale_benchmark_quick_runs():
+    """``benchmarks/scale.py --quick`` on two small stores (the full run is 10 / 1,000 / 10,000 adapters)."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent.parent / "benchmarks" / "scale.py"
+    res = subprocess.run([sys.executable, str(script), "--quick", "--sizes", "10,100", "--rounds", "1",
+                          "--requests", "16"], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "| 100 |" in res.stdout and "targets:" in res.stdout

@@ -10,6 +10,11 @@ Scheduling (continuous batching across adapters):
   :mod:`loraplex.serve.kv`). Each decode step is one forward of every running row, each row with its own
   adapter or blend (``plex.using``). Finished and cancelled rows leave the batch at once (their cache rows are
   dropped and all-padding columns trimmed), so short requests never wait for long ones.
+* Store adapters (:mod:`loraplex.adapters.store`) not yet in memory: the request stays queued in a *loading*
+  state while a loader thread reads the adapter (one read however many requests wait for it); it is admitted
+  when the read is done, or fails with the adapter's error. Other requests keep running meanwhile.
+* Scarce device slots: rows whose adapters are resident are admitted first, others while slots are free; a row
+  passed over ``max_skips`` times goes first and keeps new slots for itself (bounded waiting).
 * Caches that cannot be spliced (sliding-window / non-``DynamicLayer`` layers) fall back to cohorts: a batch
   runs to completion before the next one is admitted.
 
@@ -39,7 +44,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 import torch
 
 from loraplex.api import Plex
-from loraplex.errors import AdapterError, LoraplexError, UnknownAdapterError
+from loraplex.errors import AdapterError, LoraplexError, UnknownAdapterError, known_text
 from loraplex.tokens import eos_ids, pad_batch, pad_id
 from loraplex.serve import kv
 from loraplex.serve.detok import TextStream
@@ -78,7 +83,7 @@ class AdapterUnavailable(UnknownAdapterError):
 
     def __init__(self, name: str, known: list[str]) -> None:
         super().__init__(name, known)
-        self.args = (f"adapter {name!r} is being unloaded; known adapters: {', '.join(self.known) or '(none)'}",)
+        self.args = (f"adapter {name!r} is being unloaded; {known_text(name, self.known)}",)
 
 
 class AdapterBusy(EngineError):
