@@ -98,7 +98,8 @@ class AdapterBank:
     @property
     def names(self) -> list[str]:
         """Registered adapters (in registration order), then the store's (sorted)."""
-        own = [n for n in self._cpu if n not in self._from_store]
+        with self._lock:
+            own = [n for n in self._cpu if n not in self._from_store]
         if self.store is None:
             return own
         return list(dict.fromkeys(own + self.store.names()))
@@ -112,7 +113,8 @@ class AdapterBank:
         return iter(self.names)
 
     def __len__(self) -> int:
-        own = sum(1 for n in self._cpu if n not in self._from_store)
+        with self._lock:
+            own = sum(1 for n in self._cpu if n not in self._from_store)
         if self.store is None:
             return own
         return own + sum(1 for n in self.store.names() if n not in self._cpu or n in self._from_store)

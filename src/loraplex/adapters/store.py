@@ -21,7 +21,7 @@ import os
 import re
 import stat
 import threading
-import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -38,6 +38,8 @@ log = logging.getLogger("loraplex.adapters")
 #: Adapter names the store serves (as the composition grammar spells them): no '/', so nothing outside a root.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.\-]+")
 
+#: Entries (path, parsed config, meta) kept for the adapters used most recently; the index itself holds names.
+ENTRY_CACHE = 4096
 #: (inode, mtime ns, size) of the config and of the weights file; None for a missing file.
 Fingerprint = tuple[tuple[int, int, int] | None, tuple[int, int, int] | None]
 
@@ -105,7 +107,8 @@ class AdapterStore:
         self.allowed = [str(r) for r in self.roots] + [str(r) for r in confine_to]
         self.trust_pickle = trust_pickle
         self._lock = threading.Lock()
-        self._entries: dict[str, StoreEntry] = {}
+        self._entries: dict[str, int] = {}  # name -> index of its root (-1 - i: root i is that adapter itself)
+        self._cache: OrderedDict[str, StoreEntry] = OrderedDict()  # entries in use (paths, configs, meta), LRU
         self._sorted: list[str] | None = None
         self._read_fp: dict[str, Fingerprint] = {}  # fingerprint of the last weights read per name
         self.reads = 0  # weight reads (tests count them)
@@ -117,10 +120,11 @@ class AdapterStore:
         self.rescan(raise_refused=True)
 
     # ------------------------------------------------------------------ index
-    def _scan_root(self, root: Path, refused: list[PathNotAllowedError]) -> dict[str, Path]:
+    def _scan_root(self, i: int, refused: list[PathNotAllowedError]) -> dict[str, int]:
+        root = self.roots[i]
         if (root / CONFIG_NAME).is_file():  # the root is one adapter folder
-            return {root.name: root}
-        found: dict[str, Path] = {}
+            return {root.name: -1 - i}
+        found: dict[str, int] = {}
         try:
             entries = list(os.scandir(root))
         except OSError as exc:
@@ -142,7 +146,7 @@ class AdapterStore:
                 continue
             except OSError:
                 continue
-            found[e.name] = p
+            found[e.name] = i
         return found
 
     def _confined_files(self, folder: Path) -> bool:
@@ -167,11 +171,11 @@ class AdapterStore:
         files changed since they were last read are reported (listeners are told). A folder whose files are
         symlinks out of the roots is left out (logged), or with ``raise_refused`` its
         :class:`PathNotAllowedError` raised."""
-        found: dict[str, Path] = {}
+        found: dict[str, int] = {}
         refused: list[PathNotAllowedError] = []
-        for root in self.roots:
-            for name, p in self._scan_root(root, refused).items():
-                found.setdefault(name, p)  # the first root holding a name wins
+        for i in range(len(self.roots)):
+            for name, where in self._scan_root(i, refused).items():
+                found.setdefault(name, where)  # the first root holding a name wins
         if refused:
             if raise_refused:
                 raise refused[0]
@@ -182,20 +186,22 @@ class AdapterStore:
             for name in list(self._entries):
                 if name not in found:
                     del self._entries[name]
+                    self._cache.pop(name, None)
                     self._read_fp.pop(name, None)
                     change.removed.append(name)
-            for name, p in found.items():
-                e = self._entries.get(name)
-                if e is None or e.path != p:
-                    self._entries[name] = StoreEntry(name, p)
-                    if e is None:
+            for name, where in found.items():
+                was = self._entries.get(name)
+                if was != where:
+                    self._entries[name] = where
+                    self._cache.pop(name, None)
+                    if was is None:
                         change.added.append(name)
             read = dict(self._read_fp)
             self.scans += 1
             if change.added or change.removed:
                 self._sorted = None
         for name, fp in read.items():  # only adapters read so far can have changed under a reader
-            e = self._entries.get(name)
+            e = self.lookup(name)
             if e is not None and fingerprint(e.path) != fp:
                 change.changed.append(name)
                 with self._lock:
@@ -214,28 +220,40 @@ class AdapterStore:
         if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or is_hidden_or_leftover(name):
             return None
         with self._lock:
-            e = self._entries.get(name)
-        if e is not None:
-            return e
-        for root in self.roots:
+            where = self._entries.get(name)
+            if where is not None:
+                return self._entry_at(name, where)
+        for i, root in enumerate(self.roots):
             if (root / CONFIG_NAME).is_file():
                 if root.name == name:
-                    p = root
+                    where = -1 - i
                     break
                 continue
             try:
                 if (root / name).is_symlink():
                     check_path_allowed(root / name, self.allowed)
                 if self._confined_files(root / name):
-                    p = root / name
+                    where = i
                     break
             except (PathNotAllowedError, OSError) as exc:
                 log.warning("adapter store: %s", exc)
         else:
             return None
         with self._lock:
-            e = self._entries.setdefault(name, StoreEntry(name, p))
+            where = self._entries.setdefault(name, where)
             self._sorted = None
+            return self._entry_at(name, where)
+
+    def _entry_at(self, name: str, where: int) -> StoreEntry:
+        """The (cached) entry of ``name`` in root ``where`` (under ``_lock``)."""
+        e = self._cache.get(name)
+        if e is None:
+            path = self.roots[-1 - where] if where < 0 else self.roots[where] / name
+            e = self._cache[name] = StoreEntry(name, path)
+            if len(self._cache) > ENTRY_CACHE:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(name)
         return e
 
     def __contains__(self, name: object) -> bool:
@@ -347,12 +365,14 @@ class AdapterStore:
         self._listeners.append(fn)
 
     def watch(self, interval: float = 5.0) -> None:
-        """Rescan every ``interval`` seconds on a daemon thread (until :meth:`close`)."""
+        """Rescan every ``interval`` seconds on a daemon thread (until :meth:`close`, or until no root is left)."""
         if self._watch is not None or interval <= 0:
             return
 
         def loop() -> None:
             while not self._stop.wait(interval):
+                if not any(r.is_dir() for r in self.roots):  # the store was deleted: nothing left to watch
+                    return
                 try:
                     self.rescan()
                 except Exception:  # noqa: BLE001 - keep watching

@@ -198,6 +198,8 @@ def serve(
         run(app, host=host, port=port, log_level=log_level)
     finally:
         engine.close()
+        if engine.plex.store is not None:  # stop its rescans
+            engine.plex.store.close()
 
 
 def register(app: typer.Typer) -> None:

@@ -432,6 +432,8 @@ class Engine(WorkerThread):
         """Whether ``row`` may leave the queue now: none of its adapters is being replaced, and each is in memory
         (a store adapter not yet read is fetched off this thread: the row stays *loading* meanwhile). A row whose
         adapter failed to load is admissible: admission fails it."""
+        if row.handle.cancelled:  # leaves the queue at once, loading or not
+            return True
         if any(self._draining.get(n) == "replace" for n in row.handle.adapter_names):
             return False
         return self._loaded(row)
