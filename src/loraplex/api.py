@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import threading
 from contextlib import contextmanager
@@ -12,8 +13,9 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from loraplex.adapters.bank import AdapterBank, BankStats
+from loraplex.adapters.bank import AdapterBank, BankStats, LoadListener
 from loraplex.adapters.io import LoraAdapter, LoraModule, save_adapter
+from loraplex.adapters.store import AdapterInfo, AdapterStore
 from loraplex.errors import LoraplexError
 from loraplex.layers import MultiLoraLinear
 from loraplex.plan import BASE_NAMES, BatchPlan, PlanState, RowChoice, RowSpec, TrainOverrides, rows_from_spec
@@ -74,6 +76,32 @@ class Plex:
         """A registered adapter's CPU copy (spec, factors, ``modules_to_save``, meta, path)."""
         return self.bank.get(name)
 
+    def adapter_info(self, name: str) -> AdapterInfo:
+        """Folder and meta of an adapter, without reading its weights (for listings)."""
+        return self.bank.info(name)
+
+    def attach_store(self, store: AdapterStore) -> None:
+        """Serve every adapter of ``store`` by name, each read from disk on first use (see :meth:`fetch_adapter`)."""
+        self.bank.attach_store(store)
+
+    @property
+    def store(self) -> AdapterStore | None:
+        """The attached adapter store, if any."""
+        return self.bank.store
+
+    def fetch_adapter(self, name: str) -> "concurrent.futures.Future[LoraAdapter]":
+        """Read a store adapter into the CPU tier on a loader thread (once, however many callers ask); a done
+        future when it is in memory already."""
+        return self.bank.fetch(name)
+
+    def needs_fetch(self, name: str) -> bool:
+        """Whether ``name`` is a store adapter not in the CPU tier (its first use reads it from disk)."""
+        return self.bank.needs_fetch(name)
+
+    def on_load(self, fn: LoadListener) -> None:
+        """Call ``fn(tier, seconds)`` after every adapter load: ``disk`` (file -> CPU) or ``slot`` (CPU -> device)."""
+        self.bank.on_load(fn)
+
     def save_adapter(self, name: str, path: str | os.PathLike) -> Path:
         """Write a registered adapter as a PEFT folder."""
         return save_adapter(self.bank.get(name), path)
@@ -104,9 +132,10 @@ class Plex:
         with self.bank.hold(list(names)) as slots:
             yield slots
 
-    def acquire(self, names: Iterable[str]) -> dict[str, int]:
-        """Device slots for ``names`` ({name: slot}), held until :meth:`release`."""
-        return self.bank.acquire(list(names))
+    def acquire(self, names: Iterable[str], loaded: Mapping[str, LoraAdapter] | None = None) -> dict[str, int]:
+        """Device slots for ``names`` ({name: slot}), held until :meth:`release`; ``loaded``: copies
+        :meth:`fetch_adapter` returned (no second read if the CPU tier dropped them meanwhile)."""
+        return self.bank.acquire(list(names), loaded)
 
     def release(self, slots: Mapping[str, int]) -> None:
         """Give back the slots :meth:`acquire` returned."""
@@ -125,6 +154,10 @@ class Plex:
     def stats(self) -> BankStats:
         """Live counters of the adapter cache (slot hits, misses, evictions, reloads, load seconds)."""
         return self.bank.stats
+
+    def cpu_adapters(self) -> int:
+        """How many adapters have their tensors in the CPU tier now."""
+        return self.bank.cpu_count()
 
     def nbytes(self) -> dict[str, int]:
         """Bytes held per tier: ``cpu`` (adapters in RAM) and ``device`` (slot stacks)."""

@@ -1,17 +1,22 @@
-"""AdapterBank: many named adapters resident on one model; device slots, a CPU tier, LRU and byte budgets."""
+"""AdapterBank: many named adapters of one model in three tiers: disk (an adapter store), CPU (byte budget, LRU)
+and device slots (LRU, refcounted)."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
 import threading
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
 
 from torch import nn
 
-from loraplex.adapters.io import LoraAdapter, align_prefix, load_adapter, validate_against
+from loraplex.adapters.io import META_NAME, LoraAdapter, align_prefix, load_adapter, validate_against
+from loraplex.adapters.store import AdapterInfo, AdapterStore, StoreChange
 from loraplex.errors import AdapterError, LoraplexError, UnknownAdapterError
 from loraplex.layers import MultiLoraLinear, SavedModuleSwitch
 from loraplex.modules import UnwrappedView, set_submodule
@@ -20,24 +25,38 @@ from loraplex.plan import PlanState
 
 @dataclass
 class BankStats:
-    """Counters for metrics: device-slot hits/misses/evictions, CPU-tier reloads, load latency."""
+    """Counters of the tier transitions: device-slot hits/misses (CPU -> slot copies)/evictions, disk -> CPU reads
+    (first reads from the store and re-reads after a CPU-tier eviction), CPU-tier evictions, load latency."""
 
     hits: int = 0
     misses: int = 0
     evictions: int = 0
     cpu_evictions: int = 0
+    disk_loads: int = 0
     disk_reloads: int = 0
+    load_errors: int = 0
     load_seconds: float = 0.0
+    disk_seconds: float = 0.0
+
+
+#: ``fn(tier, seconds)`` told of every load: ``"disk"`` (file -> CPU tier, validated) or ``"slot"`` (CPU -> device).
+LoadListener = Callable[[str, float], None]
+#: Threads reading adapters from disk off the serving worker.
+LOAD_THREADS = 4
 
 
 class AdapterBank:
     """Named adapters of one base model.
 
-    *CPU tier*: every registered adapter's tensors (pinned on CUDA); with ``cpu_budget_bytes``, the least recently
-    used adapters that have a file on disk are dropped and re-read when needed.
+    *Disk tier*: an optional :class:`~loraplex.adapters.store.AdapterStore` (:meth:`attach_store`): its adapters
+    are names until first used, then read (:meth:`fetch` off the caller's thread, once per adapter however many
+    callers ask at the same time; or inline by :meth:`get`), validated and kept in the CPU tier.
+    *CPU tier*: registered adapters' tensors (pinned on CUDA); with ``cpu_budget_bytes``, the least recently
+    used adapters that have a file on disk are dropped and re-read when needed (a re-read one counts against the
+    budget again).
     *Device tier*: ``max_slots`` slots in every wrapped layer's stacked tensors; a batch acquires slots for the
     adapters it uses (loading them, evicting the least recently used idle slot) and releases them afterwards.
-    Slot 0 is the all-zero "no adapter" slot.
+    Slot 0 is the all-zero "no adapter" slot. Adapters registered by name take precedence over store entries.
     """
 
     def __init__(self, model: nn.Module, *, max_slots: int = 32, cpu_budget_bytes: int | None = None,
@@ -54,6 +73,14 @@ class AdapterBank:
         self._cpu: dict[str, LoraAdapter | None] = {}  # None: dropped from RAM, reload from ._paths
         self._paths: dict[str, str | None] = {}
         self._cpu_lru: OrderedDict[str, None] = OrderedDict()
+        self._cpu_bytes = 0  # bytes of the adapters held in ._cpu
+        self.store: AdapterStore | None = None
+        self._from_store: set[str] = set()  # names in ._cpu read from the store
+        self._fetched: dict[str, LoraAdapter] = {}  # read and validated, waiting for a module install (see get)
+        self._inflight: dict[str, concurrent.futures.Future] = {}
+        self._outdated: set[str] = set()  # store adapters whose files changed: re-read at their next acquire
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._listeners: list[LoadListener] = []
         self._slot_of: dict[str, int] = {}
         self._slot_owner: list[str | None] = [None] * (max_slots + 1)
         self._refcount: list[int] = [0] * (max_slots + 1)
@@ -70,29 +97,162 @@ class AdapterBank:
     # ------------------------------------------------------------------ registry
     @property
     def names(self) -> list[str]:
-        return list(self._cpu)
+        """Registered adapters (in registration order), then the store's (sorted)."""
+        with self._lock:
+            own = [n for n in self._cpu if n not in self._from_store]
+        if self.store is None:
+            return own
+        return list(dict.fromkeys(own + self.store.names()))
 
     def __contains__(self, name: object) -> bool:
-        return name in self._cpu
+        if name in self._cpu and name not in self._from_store:
+            return True
+        return self.store is not None and name in self.store
 
     def __iter__(self) -> Iterator[str]:
-        return iter(list(self._cpu))
+        return iter(self.names)
 
     def __len__(self) -> int:
-        return len(self._cpu)
+        with self._lock:
+            own = sum(1 for n in self._cpu if n not in self._from_store)
+        if self.store is None:
+            return own
+        return own + sum(1 for n in self.store.names() if n not in self._cpu or n in self._from_store)
+
+    def in_store(self, name: str) -> bool:
+        """Whether ``name`` is served from the store (not registered by name)."""
+        return (self.store is not None and (name not in self._cpu or name in self._from_store)
+                and name in self.store)
+
+    def in_memory(self, name: str) -> bool:
+        """Whether ``name`` is in the CPU tier, ready for a slot without a disk read."""
+        with self._lock:
+            return self._cpu.get(name) is not None or name in self._fetched
+
+    def info(self, name: str) -> AdapterInfo:
+        """Folder and meta of ``name`` without reading its weights (a registered one's CPU copy when held)."""
+        with self._lock:
+            own = name in self._cpu and name not in self._from_store
+            ad = self._cpu.get(name) if own else None
+        if ad is not None:
+            return AdapterInfo(name, ad.path, dict(ad.meta))
+        if own:
+            path = self._paths.get(name)
+            meta: dict = {}
+            if path:
+                f = Path(path) / META_NAME
+                try:
+                    meta = json.loads(f.read_text()) if f.is_file() else {}
+                except (OSError, ValueError):
+                    meta = {}
+            return AdapterInfo(name, path, meta if isinstance(meta, dict) else {})
+        if self.store is not None and name in self.store:
+            return self.store.info(name)
+        raise UnknownAdapterError(name, self.names)
+
+    def needs_fetch(self, name: str) -> bool:
+        """Whether ``name`` is a store adapter whose tensors are not in the CPU tier."""
+        return self.in_store(name) and not self.in_memory(name)
+
+    def attach_store(self, store: AdapterStore) -> None:
+        """Serve the adapters of ``store`` by name (read on first use); its changes invalidate their copies."""
+        self.store = store
+        store.on_change(self._store_changed)
+
+    def on_load(self, fn: LoadListener) -> None:
+        """Call ``fn(tier, seconds)`` after every disk -> CPU read and every CPU -> slot copy."""
+        self._listeners.append(fn)
 
     def get(self, name: str) -> LoraAdapter:
-        """The adapter's CPU copy (re-read from disk if it was dropped)."""
+        """The adapter's CPU copy (read from the store, or re-read from disk if it was dropped)."""
+        if self.in_store(name) and not self.in_memory(name) and not self._lock._is_owned():  # type: ignore[attr-defined]
+            self.fetch(name).result()  # one read shared with concurrent fetches (raises the adapter's error)
         with self._lock:
-            if name not in self._cpu:
-                raise UnknownAdapterError(name, self.names)
-            ad = self._cpu[name]
-            if ad is None:  # re-read and prepared exactly as at register (prefix alignment, dtype, pinning)
+            ad = self._memory_copy(name)
+            if ad is not None:
+                return ad
+            if name in self._cpu and name not in self._from_store:
+                if self._paths.get(name) is None:
+                    raise UnknownAdapterError(name, self.names)
+                t0 = time.perf_counter()  # re-read and prepared exactly as at register (prefix, dtype, pinning)
                 ad = self._prepare(name, self._read(name, self._paths[name]))
-                self._cpu[name] = ad
                 self.stats.disk_reloads += 1
-            self._cpu_lru.move_to_end(name)
+                self._put_cpu(name, ad, from_store=False)
+                self._observe("disk", time.perf_counter() - t0)
+                return ad
+            if not self.in_store(name):
+                raise UnknownAdapterError(name, self.names)
+            # the caller holds the bank (a slot load) and the copy was dropped meanwhile: read it on this thread
+            t0 = time.perf_counter()
+            ad = self._prepare(name, self.store.read(name))  # type: ignore[union-attr]
+            self._install_modules(ad)
+            self._count_read(name, time.perf_counter() - t0, name in self._from_store)
+            self._put_cpu(name, ad, from_store=True)
             return ad
+
+    def _memory_copy(self, name: str) -> LoraAdapter | None:
+        """The CPU copy of ``name`` if there is one (a fetched copy gets its modules installed now, on the thread
+        that owns the model), marked most recently used."""
+        ad = self._fetched.pop(name, None)
+        if ad is not None:
+            self._install_modules(ad)
+            self._put_cpu(name, ad, from_store=True)
+            return ad
+        ad = self._cpu.get(name)
+        if ad is not None:
+            self._cpu_lru.move_to_end(name)
+        return ad
+
+    def _count_read(self, name: str, seconds: float, reread: bool) -> None:
+        if reread:
+            self.stats.disk_reloads += 1
+        else:
+            self.stats.disk_loads += 1
+        self.stats.disk_seconds += seconds
+        self._observe("disk", seconds)
+
+    def fetch(self, name: str) -> "concurrent.futures.Future[LoraAdapter]":
+        """The store adapter ``name`` read and validated into the CPU tier on a loader thread (a done future when
+        it is there already); concurrent calls for one adapter share one read. The future's error is an
+        :class:`AdapterError` naming the adapter and file for an invalid adapter."""
+        with self._lock:
+            ad = self._cpu.get(name)
+            ad = ad if ad is not None else self._fetched.get(name)
+            if ad is not None:
+                done: concurrent.futures.Future = concurrent.futures.Future()
+                done.set_result(ad)
+                return done
+            fut = self._inflight.get(name)
+            if fut is not None:
+                return fut
+            fut = self._inflight[name] = concurrent.futures.Future()
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="loraplex-load")
+            pool = self._pool
+        pool.submit(self._fetch_into, name, fut)
+        return fut
+
+    def _fetch_into(self, name: str, fut: concurrent.futures.Future) -> None:
+        t0 = time.perf_counter()
+        try:
+            if self.store is None or not self.in_store(name):
+                raise UnknownAdapterError(name, self.names)
+            ad = self._prepare(name, self.store.read(name))
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiter
+            with self._lock:
+                self._inflight.pop(name, None)
+                self.stats.load_errors += 1
+            fut.set_exception(exc)
+            return
+        with self._lock:
+            reread = name in self._from_store
+            if self._needs_install(ad):
+                self._fetched[name] = ad
+            else:
+                self._put_cpu(name, ad, from_store=True)
+            self._inflight.pop(name, None)
+            self._count_read(name, time.perf_counter() - t0, reread)
+        fut.set_result(ad)
 
     def register(self, name: str, adapter: LoraAdapter | str, *, replace: bool = False) -> LoraAdapter:
         """Add an adapter (object or folder) under ``name``; with ``replace``, swap it atomically."""
@@ -104,23 +264,21 @@ class AdapterBank:
             ad = self._read(name, str(adapter))
         ad = self._prepare(name, ad)
         with self._lock:
-            if name in self._cpu and not replace:
+            if name in self._cpu and name not in self._from_store and not replace:
                 raise AdapterError(f"adapter {name!r} is already registered (use replace=True to swap it)")
             if name in self._cpu:
                 self._detach_slot(name)
             self._install_modules(ad)
-            self._cpu[name] = ad
+            self._put_cpu(name, ad, from_store=False)
+            self._from_store.discard(name)
             self._paths[name] = ad.path
-            self._cpu_lru[name] = None
-            self._cpu_lru.move_to_end(name)
             self.version += 1
-            self._enforce_cpu_budget()
         return ad
 
     def unregister(self, name: str, *, timeout: float | None = 30.0) -> None:
         """Remove an adapter; waits (up to ``timeout`` s) for batches still using it, then frees its slot."""
         with self._lock:
-            if name not in self._cpu:
+            if name not in self._cpu or name in self._from_store:
                 raise UnknownAdapterError(name, self.names)
             slot = self._slot_of.get(name)
             if slot is not None and self._refcount[slot] > 0:
@@ -138,22 +296,38 @@ class AdapterBank:
             handler = getattr(self.model, "loraplex_remove_saved", None)
             if callable(handler):
                 handler(name)
+            self._drop_cpu(name)
             del self._cpu[name]
+            self._from_store.discard(name)
             self._paths.pop(name, None)
             self._cpu_lru.pop(name, None)
             self.version += 1
 
     # ------------------------------------------------------------------ device slots
-    def acquire(self, names: set[str] | list[str]) -> dict[str, int]:
-        """Slots for ``names`` (loading missing ones); hold them until :meth:`release`."""
+    def acquire(self, names: set[str] | list[str], loaded: Mapping[str, LoraAdapter] | None = None
+                ) -> dict[str, int]:
+        """Slots for ``names`` (loading missing ones); hold them until :meth:`release`. ``loaded``: copies
+        :meth:`fetch` gave, put back into the CPU tier if the budget dropped them meanwhile (no second read)."""
         wanted = list(dict.fromkeys(names))
         if len(wanted) > self.max_slots:
             raise LoraplexError(f"a batch uses {len(wanted)} distinct adapters but the bank has only "
                                 f"{self.max_slots} device slots (raise max_slots)")
+        loaded = dict(loaded or {})
+        if self.store is not None and not self._lock._is_owned():  # type: ignore[attr-defined]
+            for n in wanted:  # disk reads before taking the bank, so other threads' slot work goes on
+                if n not in loaded and self.in_store(n) and not self.in_memory(n):
+                    loaded[n] = self.fetch(n).result()
         with self._lock:
             for n in wanted:
-                if n not in self._cpu:
+                if n not in self:
                     raise UnknownAdapterError(n, self.names)
+                if n in self._outdated:  # its files changed: the new version goes into a slot
+                    self._outdated.discard(n)
+                    self._detach_slot(n)
+                if loaded and n in loaded and self._cpu.get(n) is None and n not in self._fetched \
+                        and self.in_store(n):
+                    self._install_modules(loaded[n])
+                    self._put_cpu(n, loaded[n], from_store=True)
             out: dict[str, int] = {}
             for n in wanted:  # pin the resident ones first so loading others cannot evict them
                 if n in self._slot_of:
@@ -203,9 +377,19 @@ class AdapterBank:
 
     def nbytes(self) -> dict[str, int]:
         """Bytes per tier: CPU adapters held in RAM, device slot stacks."""
-        cpu = sum(a.nbytes for a in self._cpu.values() if a is not None)
         dev = sum(l.lora_A.nbytes + l.lora_B.nbytes for l in self.layers.values())
-        return {"cpu": cpu, "device": dev}
+        return {"cpu": self._cpu_bytes, "device": dev}
+
+    def cpu_count(self) -> int:
+        """Adapters whose tensors are in the CPU tier now."""
+        with self._lock:
+            return sum(1 for a in self._cpu.values() if a is not None) + len(self._fetched)
+
+    def close(self) -> None:
+        """Stop the loader threads (reads in progress finish)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ internals
     def _read(self, name: str, path: str) -> LoraAdapter:
@@ -292,6 +476,7 @@ class AdapterBank:
         self._lru[slot] = None
         self._lru.move_to_end(slot)
         self.stats.load_seconds += time.perf_counter() - t0
+        self._observe("slot", time.perf_counter() - t0)
 
     def _clear_slot(self, slot: int) -> None:
         for layer in self.layers.values():
@@ -310,16 +495,64 @@ class AdapterBank:
         else:
             self._clear_slot(slot)
 
-    def _enforce_cpu_budget(self) -> None:
-        if self.cpu_budget_bytes is None:
-            return
-        total = sum(a.nbytes for a in self._cpu.values() if a is not None)
-        for name in list(self._cpu_lru):
-            if total <= self.cpu_budget_bytes:
-                break
-            ad = self._cpu[name]
-            if ad is None or not self._paths.get(name) or name in self._slot_of:
-                continue
-            total -= ad.nbytes
+    def _observe(self, tier: str, seconds: float) -> None:
+        for fn in list(self._listeners):
+            fn(tier, seconds)
+
+    def _needs_install(self, ad: LoraAdapter) -> bool:
+        """Whether the adapter needs a module wrapped or a ``modules_to_save`` copy installed (model changes)."""
+        return bool(ad.saved_modules) or any(m not in self.layers for m in ad.modules)
+
+    def _put_cpu(self, name: str, ad: LoraAdapter, *, from_store: bool) -> None:
+        """Hold ``ad`` in the CPU tier as the most recently used, then keep the tier under its budget."""
+        self._drop_cpu(name)
+        self._cpu[name] = ad
+        self._cpu_bytes += ad.nbytes
+        if from_store:
+            self._from_store.add(name)
+            self._paths[name] = ad.path
+        self._cpu_lru[name] = None
+        self._cpu_lru.move_to_end(name)
+        self._enforce_cpu_budget()
+
+    def _drop_cpu(self, name: str) -> None:
+        """Forget the CPU copy of ``name`` (the entry stays: it is re-read when needed)."""
+        ad = self._cpu.get(name)
+        if ad is not None:
+            self._cpu_bytes -= ad.nbytes
             self._cpu[name] = None
+
+    def _store_changed(self, change: StoreChange) -> None:
+        """Store rescan: copies of replaced adapters are re-read at their next use (a slot holding the old version
+        is replaced at its next acquire, on the serving thread), removed ones are forgotten."""
+        with self._lock:
+            for name in change.changed + change.removed:
+                if name not in self._from_store and name not in self._fetched:
+                    continue
+                self._fetched.pop(name, None)
+                self._drop_cpu(name)
+                self._cpu_lru.pop(name, None)
+                if name in self._slot_of:
+                    self._outdated.add(name)
+                elif name in change.removed:
+                    self._cpu.pop(name, None)
+                    self._from_store.discard(name)
+                self.version += 1
+
+    def _enforce_cpu_budget(self) -> None:
+        """Drop least recently used CPU copies that can be re-read (a file or the store behind them, not in a
+        slot), never the most recently used one, until the tier fits its budget."""
+        if self.cpu_budget_bytes is None or self._cpu_bytes <= self.cpu_budget_bytes:
+            return
+        newest = next(reversed(self._cpu_lru), None)
+        for name in list(self._cpu_lru):
+            if self._cpu_bytes <= self.cpu_budget_bytes:
+                break
+            ad = self._cpu.get(name)
+            if ad is None or name == newest or name in self._slot_of:
+                continue
+            if not (self._paths.get(name) or name in self._from_store):
+                continue
+            self._drop_cpu(name)
+            self._cpu_lru.pop(name, None)
             self.stats.cpu_evictions += 1

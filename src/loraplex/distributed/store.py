@@ -123,3 +123,7 @@ class StoreCatalog:
             except (OSError, json.JSONDecodeError):
                 meta = {}
         return SimpleNamespace(name=name, path=str(folder), meta=meta)
+
+    def adapter_info(self, name: str) -> Any:
+        """The same record as :meth:`get_adapter` (this catalog never reads weights)."""
+        return self.get_adapter(name)

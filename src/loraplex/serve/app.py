@@ -317,6 +317,7 @@ def create_app(engine: Engine, registry: ModelRegistry | None = None, *, admin_t
     # ------------------------------------------------------------------ info endpoints
     install_info_endpoints(
         app, cards=registry.list_models, known=registry.known, worker=engine, metrics=metrics,
+        count=registry.adapter_count,
         health=lambda: {"queue_depth": engine.queue_depth, "running": engine.running_count,
                         "adapters": len(engine.plex.adapters), "resident": len(engine.plex.resident())})
 

@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse
 from pydantic import Field
 
 from loraplex.api import Plex
-from loraplex.errors import LoraplexError
+from loraplex.errors import AdapterError, LoraplexError
 from loraplex.serve.encode import AUTO, EncoderBatcher, NoTaskHead, head_owner
 from loraplex.serve.http import (MAX_BODY_BYTES, ApiError, api_error, install_admin_endpoints, install_info_endpoints,
                                  json_body, new_app, tokens_over_limit, until_disconnect, validate_body)
@@ -268,17 +268,17 @@ def create_classify_app(plex: Plex, *, router: Any = None, registry: ModelRegist
                              "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
                              "x_loraplex": {"served_by": served}})
 
-    def cards() -> list[dict[str, Any]]:
+    def cards(**page: Any) -> list[dict[str, Any]]:
         heads = batcher.heads
         out = []
-        for card in registry.list_models():
+        for card in registry.list_models(**page):
             if card["x_loraplex_kind"] in ("adapter", "merge"):
                 card["x_loraplex_task"] = task_card(heads.get(card["id"]))
             out.append(card)
         return out
 
     install_info_endpoints(
-        app, cards=cards, known=registry.known, worker=batcher, metrics=metrics,
+        app, cards=cards, known=registry.known, worker=batcher, metrics=metrics, count=registry.adapter_count,
         health=lambda: {"queue_depth": batcher.queue_depth, "running": batcher.running_count,
                         "adapters": len(plex.adapters), "heads": len(batcher.heads), "max_length": limit})
 
@@ -319,16 +319,19 @@ def build_classify_server(*, base: str, adapters: Mapping[str, str] | None = Non
     """(batcher, registry, app) for an encoder base and adapters with heads; ``router_dir``: a saved sequence
     router, served as model ``auto``. An adapter whose labels do not fit its head fails here (AdapterError).
     ``admin_token``: enables the admin load/unload endpoints, reading under ``adapter_roots`` (default:
-    ``adapters_dir``)."""
-    from loraplex.adapters.io import load_adapter_dir
+    ``adapters_dir``). The adapters of ``adapters_dir`` (an adapter store, see :mod:`loraplex.adapters.store`)
+    are registered at start-up, as their task heads decide the server's tasks and labels."""
+    from loraplex.adapters.store import AdapterStore
     from loraplex.tasks import load_encoder_plex
 
     if plex is None:
         plex = load_encoder_plex(base, device=device, max_slots=max_slots, trust_pickle=trust_pickle)
     if adapters_dir:
-        for name, ad in load_adapter_dir(adapters_dir, trust_pickle=trust_pickle,
-                                         roots=[adapters_dir, *adapter_roots]).items():
-            plex.add_adapter(name, ad)
+        store = AdapterStore(adapters_dir, trust_pickle=trust_pickle, confine_to=adapter_roots)
+        if not len(store):
+            raise AdapterError(f"{adapters_dir}: no adapter here (adapter_config.json in it or in a subfolder)")
+        for name in store.names():
+            plex.add_adapter(name, store.read(name))
     for name, path in (adapters or {}).items():
         plex.add_adapter(name, path)
     if router_dir and router is None:

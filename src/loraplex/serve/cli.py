@@ -48,19 +48,21 @@ def build_server(*, base: str, adapters: Mapping[str, str] | None = None, adapte
                  trust_pickle: bool = False,
                  max_batch_size: int = 16, batch_window_ms: float = 5.0, max_queue: int = 256,
                  max_prompt_tokens: int | None = None, max_tokens_cap: int | None = None, seed: int = 0,
-                 generation: Mapping[str, Any] | None = None,
+                 rescan_seconds: float = 5.0, max_skips: int = 8, generation: Mapping[str, Any] | None = None,
                  prompt_templates: Mapping[str, tuple[str, str]] | None = None) -> Any:
     """(engine, registry, app) for a base model and adapters; shared by the CLI and the config hook.
 
-    ``router`` is a router object (see :class:`~loraplex.serve.registry.ModelRegistry`), or ``router_dir`` a saved
-    sequence router, served as model ``auto``. Admin loads are confined to ``adapter_roots`` (default:
-    ``adapters_dir``); without ``admin_token`` the admin endpoints are disabled. ``generation`` (a config's
-    ``generation`` block) sets request defaults and ``prompt_templates`` maps an adapter to its (template, input
-    column) (:mod:`loraplex.serve.defaults`)."""
+    ``adapters_dir`` is an adapter store (:mod:`loraplex.adapters.store`): indexed at start-up, each adapter read
+    on its first request (off the serving thread), rescanned every ``rescan_seconds`` (0: only on requests for
+    unknown names). ``router`` is a router object (see :class:`~loraplex.serve.registry.ModelRegistry`), or
+    ``router_dir`` a saved sequence router, served as model ``auto``. Admin loads are confined to
+    ``adapter_roots`` (default: ``adapters_dir``); without ``admin_token`` the admin endpoints are disabled.
+    ``generation`` (a config's ``generation`` block) sets request defaults and ``prompt_templates`` maps an
+    adapter to its (template, input column) (:mod:`loraplex.serve.defaults`)."""
     import torch
 
     import loraplex
-    from loraplex.adapters.io import load_adapter_dir
+    from loraplex.adapters.store import AdapterStore
     from loraplex.serve.app import create_app
     from loraplex.serve.defaults import PromptTemplate, ServeDefaults
     from loraplex.serve.engine import Engine
@@ -69,10 +71,11 @@ def build_server(*, base: str, adapters: Mapping[str, str] | None = None, adapte
     plex = loraplex.load(base, device=device, dtype=getattr(torch, dtype) if dtype else None, max_slots=max_slots,
                          cpu_budget_bytes=int(cpu_budget_mb * 2**20) if cpu_budget_mb else None,
                          trust_pickle=trust_pickle)
+    store = None
     if adapters_dir:
-        for name, ad in load_adapter_dir(adapters_dir, trust_pickle=trust_pickle,
-                                         roots=[adapters_dir, *adapter_roots]).items():
-            plex.add_adapter(name, ad)
+        store = AdapterStore(adapters_dir, trust_pickle=trust_pickle, confine_to=adapter_roots)
+        plex.attach_store(store)
+        store.watch(rescan_seconds)
     for name, path in (adapters or {}).items():
         plex.add_adapter(name, path)
     if router_dir and router is None:  # a trained sequence router (loraplex route / train): serves model "auto"
@@ -81,7 +84,7 @@ def build_server(*, base: str, adapters: Mapping[str, str] | None = None, adapte
 
         router = RoutedModel(plex, load_router(router_dir, map_location=plex.device))
     engine = Engine(plex, max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, max_queue=max_queue,
-                    max_prompt_tokens=max_prompt_tokens, max_tokens_cap=max_tokens_cap)
+                    max_prompt_tokens=max_prompt_tokens, max_tokens_cap=max_tokens_cap, max_skips=max_skips)
     bid = base_id or Path(str(base)).name or "base"
     registry = ModelRegistry(plex, base_id=bid, compositions=compositions, ab_splits=ab_splits, router=router,
                              seed=seed)
@@ -212,6 +215,8 @@ def serve(
         run(app, host=host, port=port, log_level=log_level)
     finally:
         engine.close()
+        if engine.plex.store is not None:  # stop its rescans
+            engine.plex.store.close()
 
 
 def register(app: typer.Typer) -> None:

@@ -10,6 +10,11 @@ Scheduling (continuous batching across adapters):
   :mod:`loraplex.serve.kv`). Each decode step is one forward of every running row, each row with its own
   adapter or blend (``plex.using``). Finished and cancelled rows leave the batch at once (their cache rows are
   dropped and all-padding columns trimmed), so short requests never wait for long ones.
+* Store adapters (:mod:`loraplex.adapters.store`) not yet in memory: the request stays queued in a *loading*
+  state while a loader thread reads the adapter (one read however many requests wait for it); it is admitted
+  when the read is done, or fails with the adapter's error. Other requests keep running meanwhile.
+* Scarce device slots: rows whose adapters are resident are admitted first, others while slots are free; a row
+  passed over ``max_skips`` times goes first and keeps new slots for itself (bounded waiting).
 * Caches that cannot be spliced (sliding-window / non-``DynamicLayer`` layers) fall back to cohorts: a batch
   runs to completion before the next one is admitted.
 
@@ -39,7 +44,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 import torch
 
 from loraplex.api import Plex
-from loraplex.errors import LoraplexError, UnknownAdapterError
+from loraplex.errors import AdapterError, LoraplexError, UnknownAdapterError, known_text
 from loraplex.tokens import eos_ids, pad_batch, pad_id
 from loraplex.serve import kv
 from loraplex.serve.detok import TextStream
@@ -78,7 +83,7 @@ class AdapterUnavailable(UnknownAdapterError):
 
     def __init__(self, name: str, known: list[str]) -> None:
         super().__init__(name, known)
-        self.args = (f"adapter {name!r} is being unloaded; known adapters: {', '.join(self.known) or '(none)'}",)
+        self.args = (f"adapter {name!r} is being unloaded; {known_text(name, self.known)}",)
 
 
 class AdapterBusy(EngineError):
@@ -220,6 +225,10 @@ class _Row:
     counted: bool = False  # counts in ``Engine._in_use`` (what unload waits for)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    loading: dict[str, Any] = field(default_factory=dict)  # store adapters being read: name -> Future
+    fetched: dict[str, Any] = field(default_factory=dict)  # store adapters read for this row: name -> LoraAdapter
+    load_error: BaseException | None = None  # an adapter of the row failed to load
+    skips: int = 0  # admissions that passed this row over (see Engine.max_skips)
 
 
 # --------------------------------------------------------------------------- engine
@@ -229,7 +238,7 @@ class Engine(WorkerThread):
     def __init__(self, plex: Plex, *, max_batch_size: int = 16, batch_window_ms: float = 5.0, max_queue: int = 256,
                  max_prompt_tokens: int | None = None, max_tokens_cap: int | None = None,
                  metrics: ServeMetrics | None = None, eos_token_ids: Sequence[int] | None = None,
-                 start: bool = True) -> None:
+                 start: bool = True, max_skips: int = 8) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1")
         self.plex = plex
@@ -238,6 +247,9 @@ class Engine(WorkerThread):
         self.max_batch_size = max_batch_size
         self.batch_window = max(0.0, batch_window_ms / 1000.0)
         self.max_queue = max_queue
+        #: a ready request passed over this many times (for rows whose adapters are resident) is admitted first,
+        #: new device slots reserved for it: the bound on waiting when slots are scarce
+        self.max_skips = max_skips
         cfg = getattr(self.model, "config", None)
         self.context_length: int | None = next(
             (int(v) for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
@@ -417,7 +429,100 @@ class Engine(WorkerThread):
                     self._finish(r, "error", exc)
 
     def _admissible(self, row: _Row) -> bool:
-        return not any(self._draining.get(n) == "replace" for n in row.handle.adapter_names)
+        """Whether ``row`` may leave the queue now: none of its adapters is being replaced, and each is in memory
+        (a store adapter not yet read is fetched off this thread: the row stays *loading* meanwhile). A row whose
+        adapter failed to load is admissible: admission fails it."""
+        if row.handle.cancelled:  # leaves the queue at once, loading or not
+            return True
+        if any(self._draining.get(n) == "replace" for n in row.handle.adapter_names):
+            return False
+        return self._loaded(row)
+
+    def _loaded(self, row: _Row) -> bool:
+        """Start or check the reads of the row's store adapters; True when none is still being read."""
+        if row.load_error is not None:
+            return True
+        ready = True
+        for n in row.handle.adapter_names:
+            if n in row.fetched:
+                continue
+            fut = row.loading.get(n)
+            if fut is None:
+                if not self.plex.needs_fetch(n):
+                    continue
+                fut = row.loading[n] = self.plex.fetch_adapter(n)
+                if not fut.done():
+                    self.metrics.adapter_loading.inc()
+                    fut.add_done_callback(self._wake)
+            if not fut.done():
+                ready = False
+                continue
+            del row.loading[n]
+            err = fut.exception()
+            if err is not None:
+                row.load_error = err
+                return True
+            row.fetched[n] = fut.result()
+        return ready
+
+    def _wake(self, _: Any = None) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    def _select(self, room: int, failed: list[tuple[_Row, BaseException | None]]) -> list[_Row]:
+        """Take the rows to admit out of the queue (under ``_cv``); rows to fail go to ``failed``.
+
+        Ready rows are ranked: rows passed over ``max_skips`` times first, then rows whose adapters are all
+        resident in device slots (held by the running batch, or idle), then the rest, each group first come
+        first served. A row is taken while the batch has room and the device slots its new adapters need are
+        free (the batch is not capped at the slot count: rows sharing running adapters need none). When a row
+        that waited too long does not fit, no later row may take a new slot until it does."""
+        pinned = {n for r in self._running for n in r.slots}
+        resident = set(self.plex.resident())
+        free = self.plex.max_slots - len(pinned)
+        ready: list[tuple[int, int, _Row]] = []
+        keep: list[_Row] = []
+        for i, row in enumerate(self._pending):
+            names = row.handle.adapter_names
+            if row.handle.cancelled:
+                failed.append((row, None))
+            elif any(self._draining.get(n) == "unload" for n in names):
+                failed.append((row, AdapterUnavailable(next(n for n in names if self._draining.get(n)),
+                                                       self.plex.adapters)))
+            elif not self._admissible(row):
+                keep.append(row)
+            elif row.load_error is not None:
+                failed.append((row, row.load_error))
+            elif len(set(names)) > self.plex.max_slots:
+                failed.append((row, LoraplexError(
+                    f"a request uses {len(set(names))} distinct adapters but the server has only "
+                    f"{self.plex.max_slots} device slots (raise max_slots)")))
+            else:
+                rank = 0 if row.skips >= self.max_skips else 1 if all(n in resident for n in names) else 2
+                ready.append((rank, i, row))
+        taken: list[_Row] = []
+        reserved = False
+        for rank, _, row in sorted(ready, key=lambda t: (t[0], t[1])):
+            new = [n for n in dict.fromkeys(row.handle.adapter_names) if n not in pinned]
+            if len(taken) < room and len(new) <= (0 if reserved else free):
+                taken.append(row)
+                pinned.update(new)
+                free -= len(new)
+                continue
+            row.skips += 1
+            keep.append(row)
+            if len(taken) < room:  # passed over for device slots, not for room in the batch
+                self.metrics.deferred.inc()
+            if rank == 0 and new:
+                reserved = True
+        order = {id(r): i for i, r in enumerate(self._pending)}
+        keep.sort(key=lambda r: order[id(r)])
+        self._pending.clear()
+        self._pending.extend(keep)
+        for row in taken:
+            self._in_use.update(row.handle.adapter_names)
+            row.counted = True
+        return taken
 
     def _admit(self) -> list[_Row]:
         """Requests to prefill now (may wait for work when idle)."""
@@ -435,32 +540,16 @@ class Engine(WorkerThread):
                         return []
             elif not self._continuous:
                 return []
-            room = self.max_batch_size - len(self._running)
-            taken: list[_Row] = []
-            held: list[_Row] = []
-            while self._pending and len(taken) < room:
-                row = self._pending.popleft()
-                names = row.handle.adapter_names
-                if row.handle.cancelled:
-                    failed.append((row, None))
-                elif any(self._draining.get(n) == "unload" for n in names):
-                    failed.append((row, AdapterUnavailable(next(n for n in names if self._draining.get(n)),
-                                                           self.plex.adapters)))
-                elif not self._admissible(row):
-                    held.append(row)
-                else:
-                    taken.append(row)
-                    self._in_use.update(names)
-                    row.counted = True
-            self._pending.extendleft(reversed(held))
+            taken = self._select(self.max_batch_size - len(self._running), failed)
         for row, err in failed:
             self._finish(row, "cancelled" if err is None else "error", err)
         admitted: list[_Row] = []
         for i, row in enumerate(taken):
             try:
                 if row.handle.adapter_names:
-                    row.slots = self.plex.acquire(row.handle.adapter_names)
-            except UnknownAdapterError as exc:  # removed while queued
+                    row.slots = self.plex.acquire(row.handle.adapter_names, row.fetched)
+                    row.fetched = {}
+            except AdapterError as exc:  # removed while queued, or invalid
                 self._finish(row, "error", exc)
                 continue
             except LoraplexError as exc:  # every device slot is held by running requests

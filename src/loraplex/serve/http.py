@@ -70,8 +70,9 @@ def api_error(exc: BaseException) -> ApiError:
     """The HTTP answer to an exception raised while serving a request."""
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, UnknownAdapterError):
-        return ApiError(404, str(exc), "model_not_found", "model", known_models=list(exc.known))
+    if isinstance(exc, UnknownAdapterError):  # a short body: all names when few, else near matches and the count
+        return ApiError(404, str(exc), "model_not_found", "model", known_models=exc.listed(),
+                        known_count=len(exc.known))
     if isinstance(exc, ResolveError):
         return ApiError(400, str(exc), exc.code, "model")
     if isinstance(exc, QueueFull):
@@ -254,23 +255,40 @@ def new_app(*, title: str, description: str, metrics: Any, max_body_bytes: int =
 
 
 # --------------------------------------------------------------------------- info endpoints
-def install_info_endpoints(app: FastAPI, *, cards: Callable[[], list[dict[str, Any]]],
+def install_info_endpoints(app: FastAPI, *, cards: Callable[..., list[dict[str, Any]]],
                            known: Callable[[], list[str]], worker: Any, health: Callable[[], dict[str, Any]],
-                           metrics: Any) -> None:
-    """``GET /v1/models`` (``cards()``), ``GET /v1/models/{id}``, ``GET /health`` and ``GET /metrics``.
+                           metrics: Any, count: Callable[[], int] | None = None) -> None:
+    """``GET /v1/models`` (``cards(limit=, after=)``), ``GET /v1/models/{id}`` (``cards(only=id)``), ``GET /health`` and ``GET /metrics``.
 
-    ``worker`` has ``alive`` and ``dead`` (the engine or the encoder batcher); ``health()`` gives the body's
-    fields besides ``status`` (and ``error`` when the worker is down, answered 503)."""
+    ``/v1/models`` lists at most ``limit`` adapters (default and most :data:`MODELS_PAGE`) after ``after``, with
+    ``has_more``, ``last_id`` and the adapter count (``count()``) for the next page; it is built off the event
+    loop, so a large listing never stalls ``/health`` or the completions. ``worker`` has ``alive`` and ``dead``
+    (the engine or the encoder batcher); ``health()`` gives the body's fields besides ``status`` (and ``error``
+    when the worker is down, answered 503)."""
 
     @app.get("/v1/models")
-    async def models() -> Any:
-        return {"object": "list", "data": cards()}
+    async def models(limit: int | None = None, after: str | None = None) -> Any:
+        if limit is not None and limit < 1:
+            raise ApiError(400, f"limit must be >= 1, got {limit}", "invalid_request", "limit")
+        page = min(limit or MODELS_PAGE, MODELS_PAGE)
+        data = await anyio.to_thread.run_sync(lambda: cards(limit=page + 1, after=after))
+        adapters = [c for c in data if c.get("x_loraplex_kind") in ("adapter", "merge")]
+        more = len(adapters) > page
+        if more:
+            extra = adapters[page]
+            data = [c for c in data if c is not extra]
+        body: dict[str, Any] = {"object": "list", "data": data, "has_more": more}
+        if more:
+            body["last_id"] = adapters[page - 1]["id"]
+        if count is not None:
+            body["x_loraplex"] = {"adapters": count()}
+        return body
 
     @app.get("/v1/models/{model_id:path}")
     async def model_card(model_id: str) -> Any:
-        for card in cards():
-            if card["id"] == model_id:
-                return card
+        found = await anyio.to_thread.run_sync(lambda: cards(only=model_id))
+        if found:
+            return found[0]
         raise api_error(UnknownAdapterError(model_id, known()))
 
     @app.get("/health")
@@ -284,6 +302,10 @@ def install_info_endpoints(app: FastAPI, *, cards: Callable[[], list[dict[str, A
     @app.get("/metrics")
     async def prometheus() -> Any:
         return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
+
+
+#: Most adapters one ``GET /v1/models`` lists (the next page: ``?after=<last_id>``).
+MODELS_PAGE = 1000
 
 
 # --------------------------------------------------------------------------- admin endpoints
@@ -444,7 +466,7 @@ async def until_disconnect(request: Request, awaitable: Any, on_hangup: Callable
     return results.result()
 
 
-__all__ = ["MAX_BODY_BYTES", "PREFIX_CHARS_PER_TOKEN", "ApiError", "RequestMetering", "api_error", "body_limit",
+__all__ = ["MAX_BODY_BYTES", "MODELS_PAGE", "PREFIX_CHARS_PER_TOKEN", "ApiError", "RequestMetering", "api_error", "body_limit",
            "check_admin_token", "install_admin_endpoints", "install_error_handlers", "install_info_endpoints",
            "json_body", "lone_surrogate", "new_app", "parse_json_object", "tokens_over_limit", "until_disconnect",
            "validate_body"]

@@ -134,6 +134,7 @@ class Histogram(_Metric):
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+LOAD_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
 
 
 class ServeMetrics:
@@ -166,6 +167,11 @@ class ServeMetrics:
                                           ("adapter",))
         self.adapter_unloads = Counter("loraplex_adapter_unloads_total", "Admin adapter unloads by result.",
                                        ("adapter", "result"))
+        self.adapter_loading = Counter("loraplex_admissions_loading_total",
+                                       "Requests that waited in the loading state for a store adapter's first read.")
+        self.tier_load_seconds = Histogram("loraplex_adapter_tier_load_seconds",
+                                           "Adapter load latency per tier: disk (file -> CPU tier, validated) and "
+                                           "slot (CPU tier -> device slot).", LOAD_BUCKETS, ("tier",))
         self.queue_depth = Gauge("loraplex_queue_depth", "Requests waiting for a batch slot.")
         self.running = Gauge("loraplex_running_requests", "Requests in the running batch.")
         self._extra: list[_Metric] = []
@@ -180,6 +186,7 @@ class ServeMetrics:
     def attach_engine(self, engine: Any) -> None:
         """Gauges read from the engine and its adapter bank at scrape time."""
         plex = engine.plex
+        plex.on_load(lambda tier, seconds: self.tier_load_seconds.observe(seconds, tier=tier))
         self.queue_depth.fn = lambda: engine.queue_depth
         self.running.fn = lambda: engine.running_count
 
@@ -193,14 +200,20 @@ class ServeMetrics:
             Gauge("loraplex_cache_evictions_total", "Device-slot LRU evictions.", fn=stat("evictions")),
             Gauge("loraplex_cache_cpu_evictions_total", "CPU-tier evictions under the byte budget.",
                   fn=stat("cpu_evictions")),
+            Gauge("loraplex_cache_disk_loads_total", "Store adapters read from disk into the CPU tier (first reads).",
+                  fn=stat("disk_loads")),
             Gauge("loraplex_cache_disk_reloads_total", "Adapters re-read from disk after a CPU-tier eviction.",
                   fn=stat("disk_reloads")),
+            Gauge("loraplex_cache_load_errors_total", "Store adapters that failed to read or validate.",
+                  fn=stat("load_errors")),
             Gauge("loraplex_cache_slot_load_seconds_total", "Seconds spent copying adapters into device slots.",
                   fn=stat("load_seconds")),
             Gauge("loraplex_cache_resident_adapters", "Adapters currently in device slots.",
                   fn=lambda: float(len(plex.resident()))),
-            Gauge("loraplex_cache_registered_adapters", "Adapters registered (CPU tier).",
+            Gauge("loraplex_cache_registered_adapters", "Adapters servable by name (registered and in the store).",
                   fn=lambda: float(len(plex.adapters))),
+            Gauge("loraplex_cache_cpu_adapters", "Adapters whose tensors are in the CPU tier.",
+                  fn=lambda: float(plex.cpu_adapters())),
             Gauge("loraplex_cache_bytes", "Bytes held per tier.", ("tier",),
                   fn=lambda: {(k,): float(v) for k, v in plex.nbytes().items()}),
         ]
@@ -212,8 +225,8 @@ class ServeMetrics:
         metrics: list[_Metric] = [
             self.requests, self.request_latency, self.prompt_tokens, self.generation_tokens, self.finished,
             self.rejected, self.deferred, self.batch_size, self.adapter_requests, self.adapter_loads,
-            self.adapter_load_seconds, self.adapter_unloads, self.queue_depth, self.running, *self._extra,
-            *self._registered,
+            self.adapter_load_seconds, self.adapter_unloads, self.adapter_loading, self.tier_load_seconds,
+            self.queue_depth, self.running, *self._extra, *self._registered,
         ]
         lines: list[str] = []
         for m in metrics:

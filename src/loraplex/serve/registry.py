@@ -25,6 +25,7 @@ compositions an adapter unload would break.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import random
@@ -46,6 +47,8 @@ AUTO = "auto"
 BASE_ALIASES = ("base", "")
 #: Bank names of per-request merges start with this; such a name is never a valid adapter name for a client.
 MERGE_PREFIX = "merge~"
+#: The ``auto`` model card names at most this many adapters as its parents.
+LIST_PARENTS = 100
 
 
 def is_merge_name(name: object) -> bool:
@@ -108,6 +111,10 @@ class AdapterCatalog(Protocol):
     def __contains__(self, name: object) -> bool: ...
 
     def get_adapter(self, name: str) -> Any: ...
+
+    def adapter_info(self, name: str) -> Any:
+        """``path`` and ``meta`` of an adapter, without its weights (:class:`loraplex.adapters.store.AdapterInfo`)."""
+        ...
 
 
 def parse_spec(text: str) -> dict[str, float] | None:
@@ -396,33 +403,65 @@ class ModelRegistry:
         return Resolved(model, blend, [n for n, w in blend.items() if w != 0], weights=blend)
 
     # ------------------------------------------------------------------ listing
-    def list_models(self) -> list[dict[str, Any]]:
-        """OpenAI model objects for every name, each with its parent(s) and kind."""
-        def card(mid: str, kind: str, parent: Any, **extra: Any) -> dict[str, Any]:
-            return {"id": mid, "object": "model", "created": self.created, "owned_by": "loraplex",
-                    "parent": parent, "root": extra.pop("root", mid), "x_loraplex_kind": kind, **extra}
+    def list_models(self, *, limit: int | None = None, after: str | None = None,
+                    only: str | None = None) -> list[dict[str, Any]]:
+        """OpenAI model objects for every name, each with its parent(s) and kind; no adapter weights are read.
 
-        out = [card(self.base_id, "base", None)]
-        for name in self.plex.adapters:
-            if is_merge_name(name):  # a merge the server computed: served under its merge(...) spec
-                continue
-            try:
-                ad = self.plex.get_adapter(name)
-            except UnknownAdapterError:  # removed meanwhile
-                continue
-            parents = _parents(getattr(ad, "meta", {}) or {})
-            root = ad.path or name
-            if parents:
-                out.append(card(name, "merge", parents, root=root))
-            else:
-                out.append(card(name, "adapter", self.base_id, root=root))
+        ``limit`` / ``after``: one page of the adapters (sorted by name, those after ``after``); the base model,
+        compositions, A/B splits and ``auto`` come with the first page only. ``only``: just that name's card
+        (none when unknown)."""
+        if only is not None:
+            if only in self.plex and only not in self.compositions and only not in self.ab_splits \
+                    and only not in (AUTO, self.base_id):
+                return [c for c in self._adapter_cards([only]) if c["id"] == only]
+            return [c for c in self.list_models(limit=0) if c["id"] == only]
+        card = self._card
+        first = after is None
+        out = [card(self.base_id, "base", None)] if first else []
+        out += self._adapter_cards(self.adapter_page(limit=limit, after=after))
+        if not first:
+            return out
         for name, spec in self.compositions.items():
             out.append(card(name, "composition", spec_adapters(spec), spec=spec))
         for name, arms in self.ab_splits.items():
             out.append(card(name, "ab_split", list(arms), arms=dict(arms)))
         if self.router is not None:
-            out.append(card(AUTO, "router", list(self.plex.adapters)))
+            names = self.plex.adapters
+            parents = names if len(names) <= LIST_PARENTS else names[:LIST_PARENTS]
+            out.append(card(AUTO, "router", list(parents)))
         return out
+
+    def _card(self, mid: str, kind: str, parent: Any, **extra: Any) -> dict[str, Any]:
+        return {"id": mid, "object": "model", "created": self.created, "owned_by": "loraplex",
+                "parent": parent, "root": extra.pop("root", mid), "x_loraplex_kind": kind, **extra}
+
+    def _adapter_cards(self, names: list[str]) -> list[dict[str, Any]]:
+        out = []
+        for name in names:
+            try:
+                info = self.plex.adapter_info(name)
+            except LoraplexError:  # removed meanwhile, or its meta unreadable
+                continue
+            parents = _parents(getattr(info, "meta", {}) or {})
+            root = info.path or name
+            if parents:
+                out.append(self._card(name, "merge", parents, root=root))
+            else:
+                out.append(self._card(name, "adapter", self.base_id, root=root))
+        return out
+
+    def adapter_page(self, *, limit: int | None = None, after: str | None = None) -> list[str]:
+        """Adapter names in listing order (sorted when paged), those after ``after``, at most ``limit``."""
+        names = [n for n in self.plex.adapters if not is_merge_name(n)]  # computed merges: listed by spec
+        if limit is None and after is None:
+            return names
+        names = sorted(names)
+        start = bisect.bisect_right(names, after) if after is not None else 0
+        return names[start:] if limit is None else names[start:start + limit]
+
+    def adapter_count(self) -> int:
+        """How many adapters the server can serve by name."""
+        return sum(1 for n in self.plex.adapters if not is_merge_name(n))
 
     # ------------------------------------------------------------------ chat templates
     def chat_template(self, resolved: Resolved) -> str | None:
@@ -431,8 +470,8 @@ class ModelRegistry:
             return None
         best = max(resolved.weights.items(), key=lambda kv: abs(kv[1]))[0]
         try:
-            ad = self.plex.get_adapter(best)
-        except UnknownAdapterError:
+            ad = self.plex.adapter_info(best)
+        except LoraplexError:
             return None
         key = best
         cached = self._templates.get(key)
