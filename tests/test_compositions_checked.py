@@ -37,6 +37,9 @@ class Catalog:
     def get_adapter(self, name):
         return SimpleNamespace(name=name, path=None, meta={})
 
+    def adapter_info(self, name):
+        return self.get_adapter(name)
+
 
 # --------------------------------------------------------------------------- the registry's check
 @pytest.mark.parametrize("spec, unknown", [
