@@ -326,12 +326,13 @@ def _module_of(mod: str, parts: dict[str, torch.Tensor], spec: LoraSpec, source:
         raise AdapterError(f"{source}: module {mod!r} has rank {r} but the config says {expected} "
                            f"(r / rank_pattern)")
     mag = parts.get("m")
+    config = source if source.startswith("<") else os.path.join(source, CONFIG_NAME)
     if mag is not None and not spec.use_dora:
-        raise AdapterError(f"{source}: module {mod!r} has a DoRA lora_magnitude_vector but the config says "
-                           f"use_dora=false")
+        raise AdapterError(f"{config}: field 'use_dora' is false but the weights hold a DoRA lora_magnitude_vector "
+                           f"for module {mod!r}")
     if mag is None and spec.use_dora:
-        raise AdapterError(f"{source}: the config says use_dora=true but module {mod!r} has no "
-                           f"lora_magnitude_vector")
+        raise AdapterError(f"{config}: field 'use_dora' is true but the weights hold no lora_magnitude_vector for "
+                           f"module {mod!r}")
     if mag is not None and tuple(mag.shape) != (int(B.shape[0]),):
         raise AdapterError(f"{source}: module {mod!r}: lora_magnitude_vector {tuple(mag.shape)} is not "
                            f"[d_out] = [{int(B.shape[0])}]")
