@@ -294,19 +294,24 @@ def lora_embedding_single(ids: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s
     return out.add_(upd) if not torch.is_grad_enabled() else out + upd
 
 
-def dora_scale(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float | torch.Tensor,
-               magnitude: torch.Tensor) -> torch.Tensor:
-    """DoRA's per-output-feature factor ``g = m / ||W + s B A||`` [d_out] (row L2 norms; the norm carries no
-    gradient, ``m`` does, as in the DoRA paper's section 4.3 and PEFT).
+def dora_weight_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float | torch.Tensor
+                     ) -> torch.Tensor:
+    """Row L2 norms ``||W + s B A||`` [d_out] of the adapted weight, without gradient (DoRA's denominator, and its
+    magnitude's initial value).
 
-    ``W`` [d_out, d_in] (the base weight, Conv1D / Embedding already transposed), ``A`` [r, d_in], ``B`` [d_out, r],
-    ``magnitude`` [d_out]. The norm is computed in float32 (or the inputs' dtype when wider).
-    """
+    ``W`` [d_out, d_in] (the base weight, Conv1D / Embedding already transposed), ``A`` [r, d_in], ``B`` [d_out, r].
+    Computed in float32 (or the inputs' dtype when wider)."""
     dt = torch.promote_types(torch.promote_types(W.dtype, A.dtype), torch.float32)
     with torch.no_grad():
         eff = W.to(dt) + float(scaling) * (B.detach().to(dt) @ A.detach().to(dt))  # [d_out, d_in]
-        norm = torch.linalg.vector_norm(eff, dim=1)  # [d_out]
-    return magnitude / norm.to(magnitude.dtype)
+        return torch.linalg.vector_norm(eff, dim=1)  # [d_out]
+
+
+def dora_scale(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float | torch.Tensor,
+               magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's per-output-feature factor ``g = m / ||W + s B A||`` [d_out] (:func:`dora_weight_norm`; the norm
+    carries no gradient, ``m`` [d_out] does, as in the DoRA paper's section 4.3 and PEFT)."""
+    return magnitude / dora_weight_norm(W, A, B, scaling).to(device=magnitude.device, dtype=magnitude.dtype)
 
 
 def dora_rescale(y: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
