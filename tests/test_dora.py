@@ -270,3 +270,11 @@ def test_embedding_lora_merges_in_delta_space(case, tmp_path: Path) -> None:
             ref = peft_model(base, folder)(input_ids=ids).logits
         torch.testing.assert_close(served, ref, atol=ATOL, rtol=0)
         torch.testing.assert_close(blend, ref, atol=1e-4, rtol=0)
+
+
+def test_in_layer_stack_with_dora_is_refused(case) -> None:
+    from loraplex.compose.stack import InLayerStack
+
+    plex = _plex(case[1], case[2])
+    with pytest.raises(LoraplexError, match="stack cannot compose DoRA adapter 'dora'"):
+        InLayerStack(plex, ["lora", "dora"])(_ids(1, 4, seed=1))
