@@ -152,19 +152,31 @@ class MultiLoraLinear(WrappedModule):
                 else self.dora_gain[s] for s in range(self.dora_gain.shape[0])]
         return torch.stack(rows)  # [S, d_out]
 
-    def row_gain(self, plan: BatchPlan) -> torch.Tensor | None:
-        """Per-row DoRA gain for ``plan``: [d_out] when every row uses one slot, else [N, d_out] (ones for rows
-        without DoRA); None when no row of the plan uses a DoRA slot of this layer."""
+    def row_gain(self, plan: BatchPlan) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """DoRA factors of ``plan``'s rows for :func:`ops.dora_rescale`: (gain, shift) with gain [d_out] when every
+        row uses one slot, else [N, 1, d_out] (ones for rows without DoRA), shift ``(1 - gain) * bias`` (None without
+        a bias); None when no row of the plan uses a DoRA slot of this layer. Frozen gains are computed once per
+        plan (they are fixed while it holds its slots), trained ones at every call."""
+        ov = self.state.overrides
+        trained = ov is not None and bool(ov.magnitudes.get(self.module_name))
+        cached = ("dora_gain", self.module_name)
+        if not trained and cached in plan.memo:
+            return plan.memo[cached]
         dora = frozenset(s for s, _, _ in plan.segments.bounds if self.slot_dora[s])
-        if not dora:
-            return None
-        gains = self.gains()
-        if plan.uniform_slot is not None:
-            return gains[plan.uniform_slot]
-        key = ("dora_rows", dora)
-        if key not in plan.memo:
-            plan.memo[key] = dora_row_slots(plan, dora, self.module_name)
-        return gains.index_select(0, plan.memo[key])  # [N, d_out]
+        out: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        if dora:
+            gains = self.gains()  # [S, d_out]
+            if plan.uniform_slot is not None:
+                gain = gains[plan.uniform_slot]  # [d_out]
+            else:
+                key = ("dora_rows", dora)
+                if key not in plan.memo:
+                    plan.memo[key] = dora_row_slots(plan, dora, self.module_name)
+                gain = gains.index_select(0, plan.memo[key])[:, None, :]  # [N, 1, d_out]
+            out = gain, ops.dora_shift(gain, getattr(self.base, "bias", None))
+        if not trained:
+            plan.memo[cached] = out
+        return out
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -187,22 +199,22 @@ class MultiLoraLinear(WrappedModule):
             x3 = nn.functional.dropout(x3, ov.dropout, training=True)
             dropped = True
         x3 = x3.to(A.dtype)
-        gain = self.row_gain(plan)
-        inplace = y3 if not torch.is_grad_enabled() and not (dropped and gain is not None) else None
+        dora = self.row_gain(plan)
+        inplace = y3 if not torch.is_grad_enabled() and not (dropped and dora is not None) else None
         upd = self._update(x3, plan, A, B, inplace)  # y3 itself (updated in place), an update, or None
-        if gain is None:
+        if dora is None:
             if upd is None or upd is y3:
                 return y
             return y + upd.reshape(y.shape).to(y.dtype)
-        bias = getattr(self.base, "bias", None)
+        gain, shift = dora
         if not dropped:  # g * (W x + s B A x) + bias
             total = y3 if upd is None or upd is y3 else y3 + upd.to(y.dtype)
-            return ops.dora_rescale(total, gain, bias).reshape(y.shape)
+            return ops.dora_rescale(total, gain.to(y.dtype), None if shift is None else shift.to(y.dtype)
+                                    ).reshape(y.shape)
         # PEFT's DoRA under LoRA dropout: W x + bias + (g - 1) * W x_d + g * s B A x_d (x_d the dropped input)
         lora = upd.to(y.dtype) if upd is not None else torch.zeros_like(y3)
         base_d = nn.functional.linear(x3.to(y.dtype), base_weight(self.base).to(y.dtype))  # [N, L, d_out]
-        g = gain[:, None, :] if gain.dim() == 2 else gain
-        return (y3 + lora + (g.to(y.dtype) - 1) * (base_d + lora)).reshape(y.shape)
+        return (y3 + lora + (gain.to(y.dtype) - 1) * (base_d + lora)).reshape(y.shape)
 
     def _update(self, x3: torch.Tensor, plan: BatchPlan, A: torch.Tensor, B: torch.Tensor,
                 inplace: torch.Tensor | None) -> torch.Tensor | None:
@@ -243,9 +255,9 @@ class MultiLoraLinear(WrappedModule):
             if embed_scale is not None:
                 upd = upd * torch.as_tensor(embed_scale, dtype=upd.dtype, device=upd.device)
             y3 = y3 + upd.to(y.dtype)
-        gain = self.row_gain(plan)
-        if gain is not None:
-            y3 = ops.dora_rescale(y3, gain, None)
+        dora = self.row_gain(plan)
+        if dora is not None:
+            y3 = ops.dora_rescale(y3, dora[0].to(y3.dtype))
         return y3.reshape(y.shape)
 
     def extra_repr(self) -> str:

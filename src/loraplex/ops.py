@@ -314,18 +314,20 @@ def dora_scale(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float
     return magnitude / dora_weight_norm(W, A, B, scaling).to(device=magnitude.device, dtype=magnitude.dtype)
 
 
-def dora_rescale(y: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``gain * (y - bias) + bias`` per row: ``y`` [N, L, d_out] (base output plus LoRA updates), ``gain`` [N, d_out]
-    or [d_out] (1 for rows without DoRA), ``bias`` [d_out] or None. In place when autograd is off."""
-    g = gain[:, None, :] if gain.dim() == 2 else gain  # [N, 1, d_out] | [d_out]
-    g = g.to(y.dtype)
+def dora_rescale(y: torch.Tensor, gain: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """``gain * y + shift`` with ``shift = (1 - gain) * bias`` (:func:`dora_shift`), i.e. ``gain * (y - bias) + bias``
+    per row: ``y`` [N, L, d_out] (base output plus LoRA updates), ``gain`` [N, 1, d_out] or [d_out] (1 for rows
+    without DoRA), ``shift`` of the same shape or None (no bias). In place when autograd is off."""
     if not torch.is_grad_enabled():
-        y.mul_(g)
-        if bias is not None:
-            y.add_((1 - g) * bias.to(y.dtype))
-        return y
-    out = y * g
-    return out if bias is None else out + (1 - g) * bias.to(y.dtype)
+        y.mul_(gain)
+        return y if shift is None else y.add_(shift)
+    out = y * gain
+    return out if shift is None else out + shift
+
+
+def dora_shift(gain: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``(1 - gain) * bias`` (None without a bias): what :func:`dora_rescale` adds so the bias is not rescaled."""
+    return None if bias is None else (1 - gain) * bias.to(gain.dtype)
 
 
 def dora_reference(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
