@@ -3,8 +3,9 @@
 Llama-shaped model (synthetic: random init, hidden 1024, 4 layers; or ``--model smollm2``: the real
 SmolLM2-135M-Instruct, 30 layers, hidden 576, GQA 9/3, vocab 49,152), all 7 linear targets, r=16, batch 16 x 64
 tokens (prefill) and a decode step (16 rows x 1 new token over a 64-token KV cache). Compares: base, loraplex single
-adapter, loraplex 16 distinct adapters mixed, PEFT single adapter, PEFT ``adapter_names`` mixed batch, and a naive
-per-row loop.
+adapter, loraplex 16 distinct adapters mixed, the same mixed batch with DoRA adapters (the same factors plus a
+magnitude vector; target: DoRA rows <= 1.05x plain LoRA rows), PEFT single adapter, PEFT ``adapter_names`` mixed
+batch, and a naive per-row loop.
 
     python benchmarks/mixed_batch.py                    # full run (~2-4 min on 2 CPU cores)
     python benchmarks/mixed_batch.py --quick            # smaller model, for a smoke test
@@ -57,6 +58,7 @@ def main() -> None:
     peft_model, paths = peft_adapters_on(base, tmp, names, r=args.rank)
     peft_model = peft_model.to(dev).eval()
     plex = loraplex.load(copy.deepcopy(base), paths, device=dev, max_slots=args.adapters)
+    plex_dora = loraplex.load(copy.deepcopy(base), dora_copies(paths), device=dev, max_slots=args.adapters)
     base = base.to(dev)
 
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=dev)
@@ -113,6 +115,7 @@ def main() -> None:
         "base": lambda x, **kw: base(input_ids=x, **kw),
         "loraplex single": lambda x, **kw: plex(x, adapters=names[0], **kw),
         f"loraplex mixed ({args.adapters} adapters)": lambda x, **kw: plex(x, adapters=mixed, **kw),
+        f"loraplex DoRA mixed ({args.adapters} DoRA adapters)": lambda x, **kw: plex_dora(x, adapters=mixed, **kw),
         "  mixed, sgmv forced": forced("sgmv"),
         "  mixed, bgmv forced": forced("bgmv"),
         "  mixed, segbmm forced": forced("segbmm"),
@@ -153,14 +156,28 @@ def main() -> None:
         over = (r[pk] - r["base"]) / max(r[mk] - r["base"], 1e-9)
         print(f"{phase}: mixed/base={r[mk] / r['base']:.3f}  single/base={r['loraplex single'] / r['base']:.3f}  "
               f"peft-mixed/ours-mixed={r[pk] / r[mk]:.2f}x  LoRA overhead peft/ours={over:.1f}x")
+    dk = f"loraplex DoRA mixed ({args.adapters} DoRA adapters)"
+    print("DoRA rows / plain LoRA rows (same factors, same row layout): "
+          + "  ".join(f"{phase}={results[phase][dk] / results[phase][mk]:.3f}" for phase in ("prefill", "decode")))
     print("targets (DESIGN.md): LoRA overhead peft/ours >= 4 (prefill and decode); mixed/base <= 1.08 on SmolLM2's "
-          "shapes; single/base <= 1.03")
+          "shapes; single/base <= 1.03; DoRA rows <= 1.05x plain LoRA rows")
     d_in, d_ff = cfg.hidden_size, cfg.intermediate_size
     d_kv = cfg.num_key_value_heads * (getattr(cfg, "head_dim", None) or d_in // cfg.num_attention_heads)
     shapes = [(d_in, d_in)] * 2 + [(d_in, d_kv)] * 2 + [(d_in, d_ff)] * 2 + [(d_ff, d_in)]
     extra = sum(args.adapters * args.rank * (i + o) for i, o in shapes) / sum(i * o for i, o in shapes)
     print(f"decode bytes bound: {args.adapters} distinct adapters read {extra:.2f}x extra weight bytes per layer "
           f"(memory-bound decode cannot beat ~{1 + extra:.2f}x base)")
+
+
+def dora_copies(adapters: dict[str, loraplex.LoraAdapter], seed: int = 0) -> dict[str, loraplex.LoraAdapter]:
+    """Each adapter as a DoRA adapter: the same factors plus a random positive magnitude vector per module."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, ad in adapters.items():
+        mods = {m: loraplex.LoraModule(lm.A, lm.B, lm.scaling, 0.5 + torch.rand(lm.B.shape[0], generator=gen))
+                for m, lm in ad.modules.items()}
+        out[name] = loraplex.LoraAdapter(name, ad.spec.copy(use_dora=True), mods)
+    return out
 
 
 def _layers(cache):

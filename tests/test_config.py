@@ -180,8 +180,8 @@ BAD_CASES: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
      "adapters.adapters.chat.stack_on", "unknown adapter 'cod'"),
     ("top_k > experts", lambda d: d["adapters"]["router"].update(top_k=3), "adapters.router.top_k",
      "expected top_k <= 2 (the number of experts), got 3"),
-    ("use_dora", lambda d: d["adapters"]["adapters"]["chat"].update(use_dora=True),
-     "adapters.adapters.chat.use_dora", "DoRA is not supported"),
+    ("use_dora text", lambda d: d["adapters"]["adapters"]["chat"].update(use_dora="maybe"),
+     "adapters.adapters.chat.use_dora", "expected true or false, got 'maybe'"),
     ("missing base_model", lambda d: d.pop("base_model"), "base_model", "required field is missing"),
     ("unknown top-level key", lambda d: d.update(trainr={}), "(top level)",
      "unknown field 'trainr' (did you mean 'trainer'?)"),
@@ -322,6 +322,12 @@ def test_lora_spec_writes_the_peft_config(project: Path) -> None:
     assert (again.r, again.lora_alpha, again.rank_for("model.layers.0.q_proj"), again.alpha_for("x.v_proj")) == \
         (16, 32.0, 4, 8.0)
     assert spec.scaling_for("model.layers.3.v_proj") == pytest.approx(8 / 16 ** 0.5)  # rsLoRA: alpha / sqrt(r)
+    # DoRA is a PEFT setting like the others: written as use_dora, read back
+    d["adapters"]["adapters"]["chat"].update(use_dora=True)
+    (project / "dora.yaml").write_text(yaml.safe_dump(d))
+    dora = load_config(project / "dora.yaml").lora_spec("chat")
+    assert dora.use_dora and dora.to_peft_config()["use_dora"] is True
+    assert LoraSpec.from_peft_config(dora.to_peft_config()).use_dora
     # the trainer's resolved targets and Conv1D layout replace the config's
     other = load_config(project / "p.yaml").lora_spec("coding", target_modules=["c_attn"], fan_in_fan_out=True)
     assert other.target_modules == ["c_attn"] and other.to_peft_config()["fan_in_fan_out"] is True

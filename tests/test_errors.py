@@ -183,9 +183,9 @@ def test_malformed_blend(good: Path, llama) -> None:
 
 
 # --------------------------------------------------------------------------- unsupported / inconsistent configs
-def test_dora_refused(adapter_copy: Path) -> None:
+def test_dora_config_without_magnitude_vectors_refused(adapter_copy: Path) -> None:
     _edit_config(adapter_copy, use_dora=True)
-    with pytest.raises(AdapterError, match="use_dora=true is not supported") as exc:
+    with pytest.raises(AdapterError, match="'use_dora' is true but the weights hold no lora_magnitude_vector") as exc:
         load_adapter(adapter_copy)
     assert str(adapter_copy / CONFIG_NAME) in str(exc.value)
 

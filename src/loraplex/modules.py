@@ -1,9 +1,11 @@
-"""Target modules of a base model: their dims, replacing one by path, and the model seen through its wrappers."""
+"""Target modules of a base model: their dims and base weight, replacing one by path, and the model seen through its
+wrappers."""
 
 from __future__ import annotations
 
 from typing import Any, Iterator
 
+import torch
 from torch import nn
 
 
@@ -22,6 +24,31 @@ def module_dims(module: nn.Module) -> tuple[int, int] | None:
     if isinstance(module, Conv1D):
         return int(module.weight.shape[0]), int(module.nf)
     return None
+
+
+def adapted_dims(module: nn.Module) -> tuple[int, int] | None:
+    """(d_in, d_out) of a module loraplex puts LoRA on: a Linear or GPT-2 Conv1D (:func:`module_dims`), or an
+    ``nn.Embedding`` seen as the linear map of a one-hot token (d_in = num_embeddings, d_out = embedding_dim, as
+    PEFT's ``lora_embedding_A`` [r, num_embeddings] and ``lora_embedding_B`` [embedding_dim, r] say); else None."""
+    if isinstance(module, nn.Embedding):
+        return int(module.num_embeddings), int(module.embedding_dim)
+    return module_dims(module)
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of a Linear / Conv1D / Embedding as a [d_out, d_in] matrix (a view where possible).
+
+    A Conv1D stores [d_in, d_out] and an Embedding [num_embeddings, dim]: both are transposed. A module with a
+    ``dequantize()`` method (a quantized Linear) gives its dequantized [d_out, d_in] weight.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    deq = getattr(module, "dequantize", None)
+    if callable(deq):
+        return deq()
+    if isinstance(module, (Conv1D, nn.Embedding)):
+        return module.weight.t()  # [d_out, d_in]
+    return module.weight  # [d_out, d_in]
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -9,6 +9,14 @@ Reference semantics (what every kernel here must equal)::
     out = zeros(N, L, d_out)
     for row, slot, w in pairs:
         out[row] += w * scale[slot] * (x[row] @ A[slot].T @ B[slot].T)
+
+An embedding layer is the same map of a one-hot token: ``x[row] @ A[slot].T`` is the gather
+``A[slot][:, ids[row]].T`` (:func:`lora_embedding`, ids [N, L], ``A`` [S, r, num_embeddings]).
+
+DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", as PEFT implements it) rescales a row's whole
+output per output feature: ``y = g * (W x + s B A x) + bias`` with ``g = m / ||W + s B A||`` (row norms of the
+[d_out, d_in] weight, treated as a constant). ``g`` depends on the weights only (:func:`dora_scale`); it is applied
+after the shared base matmul and LoRA update (:func:`dora_rescale`), so a mixed batch with DoRA rows stays one pass.
 """
 
 from __future__ import annotations
@@ -254,3 +262,77 @@ def choose_kernel(seg: Segments, tokens_per_row: int) -> str:
     if grouped and n_seg <= 8:
         return "sgmv"
     return "bgmv"
+
+
+def lora_embedding(ids: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, seg: Segments,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """Embedding LoRA for a mixed batch: each pair gathers its slot's ``A`` columns at the row's token ids.
+
+    ``ids`` [N, L] long, ``A`` [S, r, num_embeddings], ``B`` [S, dim, r]; adds
+    ``w * scale[slot] * A[slot][:, ids[row]].T @ B[slot].T`` into ``out`` [N, L, dim] (in place when autograd is off).
+    """
+    n, length = ids.shape
+    d_out = B.shape[1]
+    if seg.rows.numel() == 0:
+        return out if out is not None else B.new_zeros(n, length, d_out)
+    rows = None if seg.identity else seg.rows
+    idx = ids if rows is None else ids.index_select(0, rows)  # [P, L]
+    w = seg.weights.to(A.dtype) * scale.index_select(0, seg.slots).to(A.dtype)  # [P]
+    v = A.transpose(1, 2)[seg.slots[:, None], idx]  # [P, L, r]: A[slot][:, ids].T
+    v = v * w[:, None, None]
+    upd = torch.bmm(v, B.index_select(0, seg.slots).transpose(1, 2))  # [P, L, dim]
+    return _add_rows(out, upd, rows, n)
+
+
+def lora_embedding_single(ids: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float | torch.Tensor,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
+    """Every row uses one embedding adapter: ``out + scaling * A[:, ids].T @ B.T`` (``A`` [r, num], ``B`` [dim, r])."""
+    v = torch.nn.functional.embedding(ids, A.t()) * scaling  # [..., r]
+    upd = torch.matmul(v, B.t())  # [..., dim]
+    if out is None:
+        return upd
+    return out.add_(upd) if not torch.is_grad_enabled() else out + upd
+
+
+def dora_weight_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float | torch.Tensor
+                     ) -> torch.Tensor:
+    """Row L2 norms ``||W + s B A||`` [d_out] of the adapted weight, without gradient (DoRA's denominator, and its
+    magnitude's initial value).
+
+    ``W`` [d_out, d_in] (the base weight, Conv1D / Embedding already transposed), ``A`` [r, d_in], ``B`` [d_out, r].
+    Computed in float32 (or the inputs' dtype when wider)."""
+    dt = torch.promote_types(torch.promote_types(W.dtype, A.dtype), torch.float32)
+    with torch.no_grad():
+        eff = W.to(dt) + float(scaling) * (B.detach().to(dt) @ A.detach().to(dt))  # [d_out, d_in]
+        return torch.linalg.vector_norm(eff, dim=1)  # [d_out]
+
+
+def dora_scale(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float | torch.Tensor,
+               magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's per-output-feature factor ``g = m / ||W + s B A||`` [d_out] (:func:`dora_weight_norm`; the norm
+    carries no gradient, ``m`` [d_out] does, as in the DoRA paper's section 4.3 and PEFT)."""
+    return magnitude / dora_weight_norm(W, A, B, scaling).to(device=magnitude.device, dtype=magnitude.dtype)
+
+
+def dora_rescale(y: torch.Tensor, gain: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """``gain * y + shift`` with ``shift = (1 - gain) * bias`` (:func:`dora_shift`), i.e. ``gain * (y - bias) + bias``
+    per row: ``y`` [N, L, d_out] (base output plus LoRA updates), ``gain`` [N, 1, d_out] or [d_out] (1 for rows
+    without DoRA), ``shift`` of the same shape or None (no bias). In place when autograd is off."""
+    if not torch.is_grad_enabled():
+        y.mul_(gain)
+        return y if shift is None else y.add_(shift)
+    out = y * gain
+    return out if shift is None else out + shift
+
+
+def dora_shift(gain: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``(1 - gain) * bias`` (None without a bias): what :func:`dora_rescale` adds so the bias is not rescaled."""
+    return None if bias is None else (1 - gain) * bias.to(gain.dtype)
+
+
+def dora_reference(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
+                   scaling: float, magnitude: torch.Tensor) -> torch.Tensor:
+    """One DoRA layer by its definition (slow, for tests): ``(m / ||W + s B A||) * (W + s B A) x + bias``."""
+    eff = W + scaling * (B @ A)  # [d_out, d_in]
+    y = x @ (eff * (magnitude / torch.linalg.vector_norm(eff, dim=1))[:, None]).t()
+    return y if bias is None else y + bias

@@ -182,12 +182,14 @@ class TrainOverrides:
     ``stacks``: {module path: (A [S, r_max, d_in], B [S, d_out, r_max])}, differentiable slot stacks a layer uses
     instead of its frozen ones (layers not named keep theirs). ``dropout``: LoRA dropout probability on every
     row's layer input. ``row_dropout``: [N] per-row probabilities, used instead of ``dropout`` when the batch has
-    N rows.
+    N rows. ``magnitudes``: {module path: {slot: m [d_out]}}, the differentiable DoRA magnitudes of trained slots
+    (the layer recomputes their gain ``m / ||W + s B A||`` from the stacks each step).
     """
 
     stacks: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     dropout: float = 0.0
     row_dropout: torch.Tensor | None = None
+    magnitudes: Mapping[str, Mapping[int, torch.Tensor]] = field(default_factory=dict)
 
 
 class PlanState:

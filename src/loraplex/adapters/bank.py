@@ -406,9 +406,12 @@ class AdapterBank:
         validate_against(ad, base, check_saved=self._saved_handler() is None, model_name=type(self.model).__name__)
         ad = ad.to("cpu", self.dtype)
         ad.name = name
+        ad.base_copies = {}  # checked equal to the model's above: the shared base serves them
         if self.device.type == "cuda":
             for m in ad.modules.values():
                 m.A, m.B = m.A.pin_memory(), m.B.pin_memory()
+                if m.magnitude is not None:
+                    m.magnitude = m.magnitude.pin_memory()
         return ad
 
     def _base_model(self) -> nn.Module:
@@ -470,7 +473,7 @@ class AdapterBank:
                 layer.set_slot(slot, None, None, 0.0)
             else:
                 layer.set_slot(slot, m.A.to(self.device, non_blocking=True), m.B.to(self.device, non_blocking=True),
-                               m.scaling)
+                               m.scaling, None if m.magnitude is None else m.magnitude.to(self.device))
         self._slot_of[name] = slot
         self._slot_owner[slot] = name
         self._lru[slot] = None

@@ -17,7 +17,7 @@ import torch
 
 from loraplex.adapters.spec import LoraSpec
 from loraplex.errors import AdapterError, PathNotAllowedError
-from loraplex.modules import module_dims
+from loraplex.modules import adapted_dims
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -25,6 +25,9 @@ PICKLE_NAME = "adapter_model.bin"
 META_NAME = "loraplex_meta.json"  # optional: task, labels, parents (PEFT ignores it)
 _PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+_EMBEDDING_KEY = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<which>A|B)(?:\.(?P<adapter>[^.]+))?$")
+_MAGNITUDE_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$")
+_BASE_LAYER_KEY = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<param>[^.]+)$")
 #: Names of loraplex's own write leftovers: ``.NAME.tmp-XXXX`` (a write in progress or killed) and ``.NAME.old-PID``
 #: (the previous version during a replace).
 LEFTOVER_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[A-Za-z0-9_]+$")
@@ -36,19 +39,52 @@ log = logging.getLogger("loraplex.adapters")
 
 @dataclass
 class LoraModule:
-    """One target module's factors: ``delta = scaling * B @ A``."""
+    """One target module's factors: ``delta = scaling * B @ A``.
+
+    ``embedding``: the module is an ``nn.Embedding`` (file keys ``lora_embedding_A`` [r, num_embeddings] /
+    ``lora_embedding_B`` [dim, r]; ``d_in`` is the vocabulary). ``magnitude``: DoRA's magnitude vector ``m``
+    [d_out] (file key ``lora_magnitude_vector``): the layer computes ``g * (W + delta) x`` with
+    ``g = m / ||W + delta||`` per output feature instead of adding ``delta``.
+    """
 
     A: torch.Tensor  # [r, d_in]
     B: torch.Tensor  # [d_out, r]
     scaling: float
+    magnitude: torch.Tensor | None = None  # [d_out], DoRA only
+    embedding: bool = False
 
     @property
     def rank(self) -> int:
         return int(self.A.shape[0])
 
+    @property
+    def is_dora(self) -> bool:
+        return self.magnitude is not None
+
+    def tensors(self) -> list[torch.Tensor]:
+        """A, B and (DoRA) the magnitude."""
+        return [self.A, self.B] + ([self.magnitude] if self.magnitude is not None else [])
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "LoraModule":
+        """A copy with every tensor moved/cast."""
+        mag = self.magnitude.to(device=device, dtype=dtype) if self.magnitude is not None else None
+        return LoraModule(self.A.to(device=device, dtype=dtype), self.B.to(device=device, dtype=dtype), self.scaling,
+                          mag, self.embedding)
+
     def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Dense ``scaling * B @ A`` of shape [d_out, d_in]."""
+        """Dense ``scaling * B @ A`` of shape [d_out, d_in] (an embedding's is [dim, num_embeddings], the transpose
+        of what it adds to the embedding matrix)."""
         return self.scaling * (self.B.to(dtype) @ self.A.to(dtype))
+
+    def file_keys(self, module: str) -> dict[str, torch.Tensor]:
+        """This module's tensors under PEFT's file key names (without the ``base_model.model.`` prefix)."""
+        if self.embedding:
+            out = {f"{module}.lora_embedding_A": self.A, f"{module}.lora_embedding_B": self.B}
+        else:
+            out = {f"{module}.lora_A.weight": self.A, f"{module}.lora_B.weight": self.B}
+        if self.magnitude is not None:
+            out[f"{module}.lora_magnitude_vector"] = self.magnitude
+        return out
 
 
 @dataclass
@@ -61,24 +97,37 @@ class LoraAdapter:
     saved_modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     path: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # loraplex_meta.json: task, labels, parents, ...
+    #: copies of adapted modules' own base weights (``<module>.base_layer.weight``, which PEFT writes for embeddings
+    #: with ``save_embedding_layers``): module -> {param: tensor}; they must equal the base model's
+    #: (:func:`validate_against`), as every adapter is served over one shared base model
+    base_copies: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def num_parameters(self) -> int:
-        n = sum(m.A.numel() + m.B.numel() for m in self.modules.values())
+        n = sum(t.numel() for m in self.modules.values() for t in m.tensors())
         return n + sum(t.numel() for sd in self.saved_modules.values() for t in sd.values())
 
     @property
     def nbytes(self) -> int:
-        n = sum(m.A.nbytes + m.B.nbytes for m in self.modules.values())
+        n = sum(t.nbytes for m in self.modules.values() for t in m.tensors())
+        n += sum(t.nbytes for sd in self.base_copies.values() for t in sd.values())
         return n + sum(t.nbytes for sd in self.saved_modules.values() for t in sd.values())
+
+    @property
+    def is_dora(self) -> bool:
+        """Some module has a DoRA magnitude vector."""
+        return any(m.is_dora for m in self.modules.values())
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "LoraAdapter":
         """A copy with every tensor moved/cast."""
-        mods = {k: LoraModule(m.A.to(device=device, dtype=dtype), m.B.to(device=device, dtype=dtype), m.scaling)
-                for k, m in self.modules.items()}
-        saved = {k: {p: t.to(device=device, dtype=dtype if t.is_floating_point() else None) for p, t in sd.items()}
-                 for k, sd in self.saved_modules.items()}
-        return LoraAdapter(self.name, self.spec, mods, saved, self.path, dict(self.meta))
+        mods = {k: m.to(device, dtype) for k, m in self.modules.items()}
+
+        def move(groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+            return {k: {p: t.to(device=device, dtype=dtype if t.is_floating_point() else None) for p, t in sd.items()}
+                    for k, sd in groups.items()}
+
+        return LoraAdapter(self.name, self.spec, mods, move(self.saved_modules), self.path, dict(self.meta),
+                           move(self.base_copies))
 
     def with_prefix(self, add: str = "", strip: str = "") -> "LoraAdapter":
         """A copy whose module paths have ``strip`` removed from / ``add`` put in front of them."""
@@ -87,14 +136,17 @@ class LoraAdapter:
                 k = k[len(strip):]
             return add + k
         return LoraAdapter(self.name, self.spec, {fix(k): m for k, m in self.modules.items()},
-                           {fix(k): sd for k, sd in self.saved_modules.items()}, self.path, dict(self.meta))
+                           {fix(k): sd for k, sd in self.saved_modules.items()}, self.path, dict(self.meta),
+                           {fix(k): sd for k, sd in self.base_copies.items()})
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors under PEFT's file key names."""
         out: dict[str, torch.Tensor] = {}
         for mod, m in self.modules.items():
-            out[f"{_PREFIX}{mod}.lora_A.weight"] = m.A
-            out[f"{_PREFIX}{mod}.lora_B.weight"] = m.B
+            out.update({_PREFIX + k: t for k, t in m.file_keys(mod).items()})
+        for mod, sd in self.base_copies.items():
+            for p, t in sd.items():
+                out[f"{_PREFIX}{mod}.base_layer.{p}"] = t
         for mod, sd in self.saved_modules.items():
             for p, t in sd.items():
                 out[f"{_PREFIX}{mod}.{p}"] = t
@@ -204,48 +256,101 @@ def read_weights(folder: Path, *, trust_pickle: bool = False,
 
 def adapter_from_state_dict(name: str, spec: LoraSpec, tensors: dict[str, torch.Tensor],
                             source: str = "<memory>") -> LoraAdapter:
-    """Group PEFT file keys into per-module factors and ``modules_to_save`` copies."""
-    a: dict[str, torch.Tensor] = {}
-    b: dict[str, torch.Tensor] = {}
+    """Group PEFT file keys into per-module factors (Linear/Conv1D ``lora_A``/``lora_B``, Embedding
+    ``lora_embedding_A``/``lora_embedding_B``, DoRA ``lora_magnitude_vector``), ``modules_to_save`` copies and
+    copies of base weights (``base_layer.*``).
+
+    Every key is classified before anything is reported, so the error for a file does not depend on its tensor order:
+    unpaired or odd-shaped factors first, then tensors that are none of these (naming the first in sorted order)."""
+    factors: dict[str, dict[str, torch.Tensor]] = {}  # module -> {"A", "B", "embA", "embB", "m"}
+    base_copies: dict[str, dict[str, torch.Tensor]] = {}
     saved: dict[str, dict[str, torch.Tensor]] = {}
+    stray: list[str] = []
     for key, t in tensors.items():
         k = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
         m = _LORA_KEY.match(k)
         if m:
-            (a if m["which"] == "A" else b)[m["module"]] = t
+            factors.setdefault(m["module"], {})[m["which"]] = t
             continue
-        if "lora_embedding_" in k or "lora_magnitude" in k:
-            raise AdapterError(f"{source}: tensor {key!r} is an embedding/DoRA LoRA, which loraplex does not handle")
-        owner = _saved_owner(k, spec.modules_to_save or [])
-        if owner is None:
-            raise AdapterError(f"{source}: unexpected tensor {key!r} (neither lora_A/lora_B nor in modules_to_save)")
-        mod, param = owner
-        saved.setdefault(mod, {})[param] = t
-    if set(a) != set(b):
-        odd = sorted(set(a) ^ set(b))
-        raise AdapterError(f"{source}: lora_A and lora_B do not pair up for modules {odd[:5]}")
+        m = _EMBEDDING_KEY.match(k)
+        if m:
+            factors.setdefault(m["module"], {})["emb" + m["which"]] = t
+            continue
+        m = _MAGNITUDE_KEY.match(k)
+        if m:
+            factors.setdefault(m["module"], {})["m"] = t
+            continue
+        owner = saved_owner(k, spec.modules_to_save or [])
+        if owner is not None:
+            mod, param = owner
+            saved.setdefault(mod, {})[param] = t
+            continue
+        m = _BASE_LAYER_KEY.match(k)
+        if m:
+            base_copies.setdefault(m["module"], {})[m["param"]] = t
+            continue
+        stray.append(key)
     modules: dict[str, LoraModule] = {}
-    for mod in sorted(a):
-        A, B = a[mod], b[mod]
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
-            raise AdapterError(f"{source}: module {mod!r}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
-                               f"are not [r, d_in] and [d_out, r]")
-        r = int(A.shape[0])
-        expected = spec.rank_for(mod)
-        if r != expected:
-            raise AdapterError(f"{source}: module {mod!r} has rank {r} but the config says {expected} "
-                               f"(r / rank_pattern)")
-        modules[mod] = LoraModule(A, B, spec.scaling_for(mod, r))
-    return LoraAdapter(name=name, spec=spec, modules=modules, saved_modules=saved, path=None)
+    for mod in sorted(factors):
+        modules[mod] = _module_of(mod, factors[mod], spec, source)
+    for mod in sorted(base_copies):
+        if mod not in modules:
+            stray.append(f"{_PREFIX}{mod}.base_layer.{sorted(base_copies[mod])[0]}")
+    if stray:
+        key = sorted(stray)[0]
+        raise AdapterError(f"{source}: unexpected tensor {key!r} (neither LoRA factors lora_A/lora_B, "
+                           f"lora_embedding_A/lora_embedding_B, a DoRA lora_magnitude_vector, nor in modules_to_save "
+                           f"{spec.modules_to_save or []!r})" + (f"; {len(stray)} such tensors" if len(stray) > 1 else ""))
+    return LoraAdapter(name=name, spec=spec, modules=modules, saved_modules=saved, path=None, base_copies=base_copies)
 
 
-def _saved_owner(key: str, modules_to_save: list[str]) -> tuple[str, str] | None:
-    """(module path, param name) of a ``modules_to_save`` tensor key."""
+def _module_of(mod: str, parts: dict[str, torch.Tensor], spec: LoraSpec, source: str) -> LoraModule:
+    """One module's :class:`LoraModule` from its file tensors (``A``/``B`` or ``embA``/``embB``, ``m``)."""
+    linear, emb = ("A" in parts or "B" in parts), ("embA" in parts or "embB" in parts)
+    if linear and emb:
+        raise AdapterError(f"{source}: module {mod!r} has both lora_A/lora_B and lora_embedding_A/lora_embedding_B")
+    if not linear and not emb:
+        raise AdapterError(f"{source}: module {mod!r} has a lora_magnitude_vector (DoRA) but no LoRA factors")
+    a_key, b_key = ("A", "B") if linear else ("embA", "embB")
+    names = ("lora_A", "lora_B") if linear else ("lora_embedding_A", "lora_embedding_B")
+    if a_key not in parts or b_key not in parts:
+        have, miss = (names[0], names[1]) if a_key in parts else (names[1], names[0])
+        raise AdapterError(f"{source}: lora_A and lora_B do not pair up for module {mod!r} ({have} without {miss})")
+    A, B = parts[a_key], parts[b_key]
+    if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+        raise AdapterError(f"{source}: module {mod!r}: {names[0]} {tuple(A.shape)} and {names[1]} {tuple(B.shape)} "
+                           f"are not [r, d_in] and [d_out, r]")
+    r = int(A.shape[0])
+    expected = spec.rank_for(mod)
+    if r != expected:
+        raise AdapterError(f"{source}: module {mod!r} has rank {r} but the config says {expected} "
+                           f"(r / rank_pattern)")
+    mag = parts.get("m")
+    config = source if source.startswith("<") else os.path.join(source, CONFIG_NAME)
+    if mag is not None and not spec.use_dora:
+        raise AdapterError(f"{config}: field 'use_dora' is false but the weights hold a DoRA lora_magnitude_vector "
+                           f"for module {mod!r}")
+    if mag is None and spec.use_dora:
+        raise AdapterError(f"{config}: field 'use_dora' is true but the weights hold no lora_magnitude_vector for "
+                           f"module {mod!r}")
+    if mag is not None and tuple(mag.shape) != (int(B.shape[0]),):
+        raise AdapterError(f"{source}: module {mod!r}: lora_magnitude_vector {tuple(mag.shape)} is not "
+                           f"[d_out] = [{int(B.shape[0])}]")
+    return LoraModule(A, B, spec.scaling_for(mod, r), mag, emb)
+
+
+def saved_owner(key: str, modules_to_save: list[str]) -> tuple[str, str] | None:
+    """(module path, param name) of a ``modules_to_save`` tensor key (without the ``base_model.model.`` prefix).
+
+    PEFT's rule (``_set_trainable``): a module is saved when its name *ends with* an entry, so ``["norm"]`` covers
+    ``model.norm`` and every ``*_layernorm``; the shortest such module path owns the key, whose rest is the
+    parameter (``modules_to_save.<adapter>.`` wrappers skipped)."""
+    best: tuple[str, str] | None = None
     for m in modules_to_save:
-        hit = re.match(rf"^(?P<mod>(?:.*\.)?{re.escape(m)})\.(?:modules_to_save\.[^.]+\.)?(?P<param>.+)$", key)
-        if hit:
-            return hit["mod"], hit["param"]
-    return None
+        hit = re.match(rf"^(?P<mod>.*?{re.escape(m)})\.(?:modules_to_save\.[^.]+\.)?(?P<param>.+)$", key)
+        if hit and (best is None or len(hit["mod"]) < len(best[0])):
+            best = hit["mod"], hit["param"]
+    return best
 
 
 def load_adapter(path: str | os.PathLike, name: str | None = None, *, trust_pickle: bool = False,
@@ -440,14 +545,30 @@ def validate_against(adapter: LoraAdapter, model: torch.nn.Module, *, check_save
             raise AdapterError(f"{where} targets module {name!r}, which the base model ({base_name}) does not have; "
                                f"is this adapter for another base model"
                                + (f" (it says {said!r})?" if said else "?"))
-        dims = module_dims(mods[name])
+        dims = adapted_dims(mods[name])
         if dims is None:
             raise AdapterError(f"{where}: module {name!r} is a {type(mods[name]).__name__}; loraplex adapts "
-                               f"Linear and Conv1D layers only")
+                               f"Linear, Conv1D and Embedding layers only")
+        is_emb = isinstance(mods[name], torch.nn.Embedding)
+        if is_emb != m.embedding:
+            raise AdapterError(f"{where}: module {name!r} is a {type(mods[name]).__name__} but the adapter has "
+                               + ("lora_embedding_A/lora_embedding_B" if m.embedding else "lora_A/lora_B")
+                               + " factors for it (PEFT writes lora_embedding_* for embeddings only)")
         d_in, d_out = dims
         if m.A.shape[1] != d_in or m.B.shape[0] != d_out:
             raise AdapterError(f"{where}: module {name!r} expects d_in={d_in}, d_out={d_out} but the adapter has "
                                f"lora_A {tuple(m.A.shape)}, lora_B {tuple(m.B.shape)}: adapter for another base model?")
+    for name, sd in adapter.base_copies.items():
+        own = dict(mods[name].named_parameters()) if name in mods else {}
+        for p, t in sd.items():
+            if p not in own or tuple(own[p].shape) != tuple(t.shape) or not torch.equal(
+                    t.to(device=own[p].device, dtype=own[p].dtype), own[p].detach()):
+                raise AdapterError(
+                    f"{where} carries its own copy of {name}.{p} ({name}.base_layer.{p}, which PEFT saves with "
+                    f"save_embedding_layers, e.g. after adding tokens) and it differs from the base model's "
+                    + (f"{tuple(own[p].shape)}" if p in own else "(none)")
+                    + f": loraplex serves every adapter over one shared base model, so load a base model with "
+                    f"these weights (resize its embeddings) instead")
     for name, sd in adapter.saved_modules.items() if check_saved else ():
         if name not in mods:
             raise AdapterError(f"{where}: modules_to_save entry {name!r} does not exist in the base model ({base_name})")

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, Valida
 from loraplex.errors import AdapterError
 
 #: Config fields we understand; other PEFT fields are kept verbatim in ``raw`` for round trips.
-_UNSUPPORTED_TRUE = ("use_dora", "use_qalora", "lora_bias")
+_UNSUPPORTED_TRUE = ("use_qalora", "lora_bias")
 #: PEFT features that add tensors loraplex does not apply: refused when set to anything but null / empty.
 _UNSUPPORTED_SET = ("target_parameters", "trainable_token_indices", "layer_replication")
 
@@ -132,6 +132,7 @@ class LoraSpec:
     bias: str = "none"
     task_type: str | None = None
     base_model_name_or_path: str | None = None
+    use_dora: bool = False  # DoRA: every module also has a magnitude vector (``lora_magnitude_vector``)
     raw: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ parsing
@@ -184,6 +185,7 @@ class LoraSpec:
             bias="none",
             task_type=c.task_type,
             base_model_name_or_path=c.base_model_name_or_path,
+            use_dora=bool(c.use_dora),
             raw=copy.deepcopy(cfg),
         )
 
@@ -209,6 +211,7 @@ class LoraSpec:
                 "bias": "none",
                 "task_type": self.task_type,
                 "base_model_name_or_path": self.base_model_name_or_path,
+                "use_dora": self.use_dora,
             }
         )
         if isinstance(self.raw.get("target_modules"), list) and isinstance(targets, list):

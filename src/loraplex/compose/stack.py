@@ -74,6 +74,10 @@ class InLayerStack:
     @contextmanager
     def active(self, n_rows: int) -> Iterator[None]:
         """Every forward in the block (this thread) runs the stack."""
+        dora = [n for n in self.names if self.plex.get_adapter(n).is_dora]
+        if dora:
+            raise LoraplexError(f"a stack cannot compose DoRA adapter {dora[0]!r}: DoRA rescales the whole weight "
+                                f"W + s*B*A per output feature, it is not a low-rank update to chain or add")
         rules = self.layer_rules()
         with self.plex.hold(self.names) as slots, base_plan(self.plex, n_rows):
             order = [slots[n] for n in self.names]

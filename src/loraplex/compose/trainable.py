@@ -131,7 +131,7 @@ class TrainableAdapters(nn.Module):
             old = self.plex.get_adapter(name).modules[mod_name]
             new.setdefault(name, {})[mod_name] = LoraModule(
                 self.factors[key + "_A"].detach().cpu().to(old.A.dtype),
-                self.factors[key + "_B"].detach().cpu().to(old.B.dtype), old.scaling)
+                self.factors[key + "_B"].detach().cpu().to(old.B.dtype), old.scaling, old.magnitude, old.embedding)
         for name in self.names:
             ad = self.plex.get_adapter(name)
             mods = dict(ad.modules)

@@ -181,13 +181,6 @@ class AdapterConfig(_Strict):
     def _one_module(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
-    @field_validator("use_dora")
-    @classmethod
-    def _no_dora(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("DoRA is not supported by loraplex (got true); set use_dora: false")
-        return v
-
     @field_validator("dataset", "eval_dataset")
     @classmethod
     def _dataset_suffix(cls, v: str | None) -> str | None:
@@ -623,5 +616,6 @@ class TrainConfig(_Strict):
             lora_dropout=a.dropout,
             task_type=PEFT_TASK_TYPES[task],
             base_model_name_or_path=self.base_model,
-            raw={"use_dora": False},
+            use_dora=a.use_dora,
+            raw={"use_dora": a.use_dora},
         )

@@ -196,6 +196,11 @@ def check_compatible(srcs: Mapping[str, LoraAdapter]) -> dict[str, tuple[int, in
     if len(set(bases.values())) > 1:
         raise MergeError("adapters for different base models: "
                          + ", ".join(f"{n} -> {b!r}" for n, b in bases.items()))
+    dora = [n for n, a in srcs.items() if a.is_dora]
+    if dora:
+        raise MergeError(f"cannot merge DoRA adapter(s) {', '.join(map(repr, dora))}: a DoRA adapter rescales the whole "
+                         f"weight, m * (W + s B A) / ||W + s B A|| per output feature, so it is not a low-rank delta "
+                         f"and a merge (a weighted sum of deltas) of it is not defined; serve DoRA adapters alone")
     shapes: dict[str, tuple[int, int]] = {}
     owner: dict[str, str] = {}
     for n, a in srcs.items():
@@ -266,7 +271,8 @@ def merge_adapters(adapters: Mapping[str, LoraAdapter], sources: Sequence[str],
                                                    sign=majority_sign_method, svd_rank=svd_rank, svd_energy=svd_energy,
                                                    seed=seed, svd_method=svd_method, compute_dtype=compute_dtype,
                                                    device=device)
-        modules[mod] = LoraModule(A.to(out_dtype).contiguous(), B.to(out_dtype).contiguous(), 1.0)
+        modules[mod] = LoraModule(A.to(out_dtype).contiguous(), B.to(out_dtype).contiguous(), 1.0,
+                                  embedding=present[0][2].embedding)
         report.modules.append(ModuleReport(mod, shapes[mod], int(A.shape[0]), float(err), float(kept),
                                            time.perf_counter() - t0, len(present), how, float(norm)))
     saved = merge_saved_modules(srcs, sources, ws)
@@ -499,7 +505,8 @@ def _merge_peft_compat(srcs: Mapping[str, LoraAdapter], sources: list[str], ws: 
         scaling = spec.scaling_for(mod, new_rank)
         norm = float(torch.linalg.matrix_norm(target))
         err = float(torch.linalg.matrix_norm(target - scaling * (B @ A))) / norm if norm > 0 else 0.0
-        modules[mod] = LoraModule(A.to(out_dtype).contiguous(), B.to(out_dtype).contiguous(), scaling)
+        modules[mod] = LoraModule(A.to(out_dtype).contiguous(), B.to(out_dtype).contiguous(), scaling,
+                                  embedding=present[0][2].embedding)
         kept = float((target != 0).sum()) / target.numel()
         report.modules.append(ModuleReport(mod, (d_out, d_in), new_rank, err, kept, time.perf_counter() - t0,
                                            len(present), how, norm))

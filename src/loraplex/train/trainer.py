@@ -44,6 +44,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from loraplex import ops
 from loraplex.adapters.io import LoraAdapter, LoraModule, atomic_write_text, load_adapter, save_adapter
 from loraplex.adapters.spec import LoraSpec
 from loraplex.api import Plex
@@ -51,7 +52,7 @@ from loraplex.config import ConfigError, TrainConfig, load_config
 from loraplex.errors import LoraplexError
 from loraplex.hostmem import tune_cpu_allocator
 from loraplex.layers import MultiLoraLinear, SavedModuleSwitch
-from loraplex.modules import module_dims
+from loraplex.modules import base_weight, module_dims
 from loraplex.plan import TrainOverrides
 from loraplex.run import ADAPTERS_DIR, TrainedRun, adapter_fingerprint, load_base_plex
 from loraplex.tokens import pad_batch, pad_id
@@ -111,6 +112,7 @@ class AdapterRun:
     row_spec: list[tuple[str, float]]
     dropout: float
     params: dict[str, tuple[nn.Parameter, nn.Parameter]]  # module -> (A [r, d_in], B [d_out, r]) fp32 leaves
+    magnitudes: dict[str, nn.Parameter] = field(default_factory=dict)  # DoRA: module -> m [d_out] fp32 leaf
     head: list[nn.Parameter] = field(default_factory=list)
     saved: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # modules_to_save: module -> params
     batches: list[list[int]] = field(default_factory=list)  # micro-batches (example indices), all epochs
@@ -130,7 +132,8 @@ class AdapterRun:
         return math.ceil(self.n_micro / self.accum)
 
     def trainable(self) -> list[nn.Parameter]:
-        return [t for ab in self.params.values() for t in ab] + list(self.head) + self.saved_params()
+        return ([t for ab in self.params.values() for t in ab] + list(self.magnitudes.values()) + list(self.head)
+                + self.saved_params())
 
     def saved_params(self) -> list[nn.Parameter]:
         """The trainable copies of the modules_to_save (installed by :meth:`Trainer._register`)."""
@@ -141,7 +144,7 @@ class AdapterRun:
         if loraplus_lr_ratio is None:
             return [{"params": self.trainable(), "lr": lr}]
         a = [ab[0] for ab in self.params.values()] + list(self.head) + self.saved_params()
-        b = [ab[1] for ab in self.params.values()]
+        b = [ab[1] for ab in self.params.values()] + list(self.magnitudes.values())  # PEFT: 1-D params go with B
         return [{"params": a, "lr": lr}, {"params": b, "lr": lr * loraplus_lr_ratio}]
 
     def window_size(self, t: int) -> int:
@@ -372,8 +375,16 @@ class Trainer:
             if start is not None:  # the adapter starts from its pretrained weights
                 A, B = start.modules[m].A.float().clone(), start.modules[m].B.float().clone()
             params[m] = (nn.Parameter(A.to(self.device)), nn.Parameter(B.to(self.device)))
+        magnitudes: dict[str, nn.Parameter] = {}
+        for m in mods if spec.use_dora else ():  # DoRA's m starts at ||W + s B A|| per output feature (PEFT's)
+            A, B = params[m]
+            if start is not None and start.modules[m].magnitude is not None:
+                mag = start.modules[m].magnitude.float().clone()
+            else:
+                mag = ops.dora_weight_norm(base_weight(linear[m]), A, B, spec.scaling_for(m))  # [d_out]
+            magnitudes[m] = nn.Parameter(mag.to(self.device))
         rows = [(name, 1.0)] + [(b, 1.0) for b in reversed(cfg.stack_chain(name))]
-        run = AdapterRun(name, task, data, spec, fps[name], seed, rows, float(a.dropout), params)
+        run = AdapterRun(name, task, data, spec, fps[name], seed, rows, float(a.dropout), params, magnitudes)
         if task == "causal_lm" and spec.modules_to_save:
             run.saved = self._saved_start(name, model, list(spec.modules_to_save), start)
         if task in ("classification", "token_classification"):
@@ -412,6 +423,9 @@ class Trainer:
             raise ConfigError([(loc, f"{folder} adapts other modules than the config's target_modules "
                                      f"(e.g. {diff[0]}); drop target_modules to use the folder's")], where)
         spec = self.config.lora_spec(name)
+        if start.is_dora and not spec.use_dora:
+            raise ConfigError([(loc, f"{folder} is a DoRA adapter (use_dora: true) but the config says use_dora: "
+                                     f"false; set use_dora: true to train it")], where)
         for m in mods:
             if start.modules[m].A.shape[0] != spec.rank_for(m):
                 raise ConfigError([(loc, f"{folder} has rank {start.modules[m].A.shape[0]} at {m}, the config "
@@ -443,7 +457,8 @@ class Trainer:
     def _snapshot(self, run: AdapterRun, *, meta_extra: dict[str, Any] | None = None) -> LoraAdapter:
         """The run's current weights as a :class:`LoraAdapter` (CPU, fp32)."""
         mods = {m: LoraModule(A.detach().float().cpu().clone(), B.detach().float().cpu().clone(),
-                              run.spec.scaling_for(m, int(A.shape[0])))
+                              run.spec.scaling_for(m, int(A.shape[0])),
+                              run.magnitudes[m].detach().float().cpu().clone() if m in run.magnitudes else None)
                 for m, (A, B) in run.params.items()}
         saved: dict[str, dict[str, torch.Tensor]] = {
             mod: {k: t.detach().float().cpu().clone() for k, t in sd.items()} for mod, sd in run.saved.items()}
@@ -580,6 +595,15 @@ class Trainer:
         return counted, time.perf_counter() - t0, time.process_time() - c0
 
     # -------------------------------------------------------------- steps
+    def _train_magnitudes(self, runs: Sequence[AdapterRun], slots: dict[str, int]
+                          ) -> dict[str, dict[int, torch.Tensor]]:
+        """The DoRA runs' magnitude leaves by module and slot (the layers recompute their gains from them)."""
+        out: dict[str, dict[int, torch.Tensor]] = {}
+        for run in runs:
+            for mod, mag in run.magnitudes.items():
+                out.setdefault(mod, {})[slots[run.name]] = mag
+        return out
+
     def _train_stacks(self, runs: Sequence[AdapterRun], slots: dict[str, int]
                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Differentiable slot stacks for every wrapped layer, built from the runs' leaf tensors."""
@@ -628,7 +652,8 @@ class Trainer:
         else:  # per-row rates (adapters with different lora_dropout in one batch)
             drop, rate = torch.tensor([run.dropout for run, s, e in spans for _ in range(e - s)],
                                       device=self.device), 0.0
-        overrides = TrainOverrides(self._train_stacks(active, slots), rate, drop)
+        overrides = TrainOverrides(self._train_stacks(active, slots), rate, drop,
+                                   self._train_magnitudes(active, slots))
         with plex.train_overrides(overrides), plex.using(rows, len(rows)), _autocast(self.device, self.precision):
             losses = self._losses(spans, exs, ids, mask)
         total = None
@@ -709,6 +734,7 @@ class Trainer:
             "scaler": self._scaler.state_dict() if self._scaler is not None else None,
             "runs": {r.name: {
                 "params": {m: (A.detach().cpu().clone(), B.detach().cpu().clone()) for m, (A, B) in r.params.items()},
+                "magnitudes": {m: t.detach().cpu().clone() for m, t in r.magnitudes.items()},
                 "head": [p.detach().cpu().clone() for p in r.head],
                 "saved": [p.detach().cpu().clone() for p in r.saved_params()],
                 "optimizer": r.optimizer.state_dict() if r.optimizer is not None else None,
@@ -726,6 +752,8 @@ class Trainer:
                 for m, (A, B) in st["params"].items():
                     r.params[m][0].copy_(A)
                     r.params[m][1].copy_(B)
+                for m, t in st.get("magnitudes", {}).items():
+                    r.magnitudes[m].copy_(t)
                 for p, v in zip(r.head, st["head"]):
                     p.copy_(v)
                 for p, v in zip(r.saved_params(), st.get("saved", [])):
