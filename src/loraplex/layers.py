@@ -18,7 +18,7 @@ from torch import nn
 
 from loraplex import ops
 from loraplex.errors import LoraplexError
-from loraplex.modules import WrappedModule, dict_key, module_dims
+from loraplex.modules import WrappedModule, dict_key, module_dims, module_dtype_device
 from loraplex.plan import PlanState
 
 
@@ -34,7 +34,8 @@ class MultiLoraLinear(WrappedModule):
         self.module_name = module_name
         self.state = state
         self.d_in, self.d_out = dims
-        w = base.weight
+        dtype, device = module_dtype_device(base)  # a quantized base: its activation dtype
+        w = torch.empty(0, dtype=dtype, device=device)
         self.lora_A = nn.Parameter(w.new_zeros(n_slots, r_max, self.d_in), requires_grad=False)  # [S, r, d_in]
         self.lora_B = nn.Parameter(w.new_zeros(n_slots, self.d_out, r_max), requires_grad=False)  # [S, d_out, r]
         self.register_buffer("lora_scale", w.new_zeros(n_slots, dtype=torch.float32), persistent=False)  # [S]

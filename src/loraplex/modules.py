@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
+import torch
 from torch import nn
+
+from loraplex.quant import QuantizedLinear
 
 
 class WrappedModule(nn.Module):
@@ -14,14 +17,28 @@ class WrappedModule(nn.Module):
 
 
 def module_dims(module: nn.Module) -> tuple[int, int] | None:
-    """(d_in, d_out) of a Linear or GPT-2 Conv1D, else None."""
+    """(d_in, d_out) of a Linear, GPT-2 Conv1D or quantized Linear, else None."""
     from transformers.pytorch_utils import Conv1D
 
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Linear, QuantizedLinear)):
         return module.in_features, module.out_features
     if isinstance(module, Conv1D):
         return int(module.weight.shape[0]), int(module.nf)
     return None
+
+
+def module_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The activation dtype and the device of a Linear / Conv1D / quantized Linear (its adapters live there)."""
+    if isinstance(module, QuantizedLinear):
+        return module.dtype, module.device
+    return module.weight.dtype, module.weight.device
+
+
+def stores_transposed(module: nn.Module) -> bool:
+    """Whether the layer is (or was, before quantization) a GPT-2 Conv1D: PEFT's ``fan_in_fan_out``."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D) or (isinstance(module, QuantizedLinear) and module.fan_in_fan_out)
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
