@@ -254,3 +254,44 @@ def test_cuda_quantized_layer_dequantizes_in_the_activation_dtype(scheme: str) -
     x = torch.randn(5, 256, device="cuda")
     torch.testing.assert_close(q(x), F.linear(x, q.dequantize(), lin.bias), atol=1e-4, rtol=1e-4)
     assert (q.dequantize() - lin.weight).abs().max() < (0.02 if scheme == "int8" else 0.1)
+
+
+# ------------------------------------------------------------------------------------------------ CLI and serving
+def test_train_cli_rejects_a_bad_quantize(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from loraplex.cli import app
+    from train_project import pairs, save_tiny_llama, write_csv, write_yaml
+
+    save_tiny_llama(tmp_path / "base")
+    write_csv(tmp_path / "a.csv", pairs("a", 4, 0))
+    cfg = write_yaml(tmp_path / "c.yaml", {"base_model": "base", "adapter": {"type": "lora", "dataset": "a.csv"}})
+    res = CliRunner().invoke(app, ["train", str(cfg), "--quantize", "int3", "--no-progress"])
+    assert res.exit_code == 2 and "--quantize: quantize must be 'int8'" in res.stderr
+
+
+def test_served_quantized_base_equals_generate(tmp_path: Path) -> None:
+    from loraplex.serve.cli import build_server
+    from loraplex.serve.sampling import SamplingParams
+    from loraplex.serve.testing import peft_adapters, tiny_llama
+
+    base = tiny_llama(tmp_path / "base", hidden=64)
+    paths = peft_adapters(base, tmp_path / "adapters", ["x", "y"])
+    engine, _, _ = build_server(base=str(base), adapters={n: str(p) for n, p in paths.items()}, quantize="int4")
+    try:
+        plex = engine.plex
+        assert {m.kernel for m in quantized_modules(plex.model).values()} == {"int4pack", "int8pack"}
+        prompts = [plex.tokenizer(t).input_ids for t in ("hello world", "a b c d e f", "the quick brown fox")]
+        choices = ["x", None, "y"]
+        handles = engine.submit_many([(ids, c, SamplingParams(max_tokens=8, temperature=0.0))
+                                      for ids, c in zip(prompts, choices)])
+        finals = [h.result(timeout=60) for h in handles]
+
+        def reference(ids, choice):
+            out = plex.generate(torch.tensor([ids]), adapters=choice, max_new_tokens=8, do_sample=False,
+                                pad_token_id=0)
+            return out[0, len(ids):].tolist()
+        for ids, c, f in zip(prompts, choices, finals):
+            assert f.token_ids == engine.call_on_worker(lambda: reference(ids, c)), c
+    finally:
+        engine.close()

@@ -280,6 +280,8 @@ def serve_arguments(config: TrainConfig, output_dir: str | os.PathLike[str] | No
                                               f"run `loraplex train {where}` first")
     active: str | None = run.active(config)
     serve: dict[str, Any] = {"base": resolve_base_model(config), "adapters": adapters}
+    if config.quantize is not None:
+        serve["quantize"] = config.quantize
     if run.has_router():
         serve["router_dir"] = str(run.router_dir)
     if active in ("router", "auto"):
