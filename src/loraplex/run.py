@@ -239,7 +239,10 @@ def load_base_plex(config: TrainConfig, *, device: str | torch.device | None = N
             tok = AutoTokenizer.from_pretrained(base)
         except Exception as exc:
             raise LoraplexError(f"base_model {config.base_model!r}: cannot load the encoder ({exc})") from exc
-        return load_encoder_plex(enc.to(dev), tokenizer=tok, max_slots=max_slots)
+        enc = enc.to(dev)
+        if config.quantize is not None:  # task heads (classifier) stay float: adapters save copies of them
+            quantize_model(enc, config.quantize)
+        return load_encoder_plex(enc, tokenizer=tok, max_slots=max_slots)
     model, tok = load_base(base)
     if tok is None:
         raise LoraplexError(f"base_model {config.base_model!r}: no tokenizer found next to the model; "
