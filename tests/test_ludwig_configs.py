@@ -123,7 +123,7 @@ trainer: {type: finetune, batch_size: auto, optimizer: {type: adamw}}
 """
 
 CASES = {
-    "readme_llm": (README_LLM, ["quantization", "preprocessing"]),
+    "readme_llm": (README_LLM, ["preprocessing"]),  # quantization.bits is honoured
     "test_llm": (TEST_LLM, ["backend.processor", "backend.trainer", "generation.num_beams", "generation.pad_token_id",
                             "input_features[0].encoder", "output_features[0].preprocessing",
                             "trainer.learning_rate_scheduler.reduce_on_plateau"]),
@@ -145,6 +145,7 @@ def test_ludwig_configs_validate_with_one_warning_per_key(case: str, tmp_path: P
         a = cfg.get_adapter("default")
         assert a.prompt_column == "prompt" and a.response_column == "output"
         assert a.prompt_template is not None and "{instruction}" in a.prompt_template
+        assert cfg.quantize == "int4"
     elif case == "test_llm":
         assert cfg.get_adapter("default").type == "lora" and cfg.backend_type == "ray"
         assert cfg.trainer.eval_batch_size == 2 and cfg.trainer.scheduler == ("linear", 0.1)

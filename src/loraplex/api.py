@@ -19,6 +19,7 @@ from loraplex.adapters.store import AdapterInfo, AdapterStore
 from loraplex.errors import LoraplexError
 from loraplex.layers import MultiLoraLinear
 from loraplex.plan import BASE_NAMES, BatchPlan, PlanState, RowChoice, RowSpec, TrainOverrides, rows_from_spec
+from loraplex.quant import quantize_model, scheme_of
 
 __all__ = ["BASE_NAMES", "Plex", "RowChoice", "load", "load_base"]
 
@@ -268,8 +269,15 @@ def _batch_size(input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> int:
 def load(base: nn.Module | str | os.PathLike, adapters: Mapping[str, Any] | None = None, *,
          model_class: Any = None, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
          tokenizer: Any = True, max_slots: int = 32, cpu_budget_bytes: int | None = None,
-         trust_pickle: bool = False, **model_kwargs: Any) -> Plex:
-    """A :class:`Plex` over ``base`` (a model, a local folder or a hub id) with ``adapters`` {name: folder}."""
+         trust_pickle: bool = False, quantize: str | int | None = None, group_size: int = 32,
+         **model_kwargs: Any) -> Plex:
+    """A :class:`Plex` over ``base`` (a model, a local folder or a hub id) with ``adapters`` {name: folder}.
+
+    ``quantize``: ``"int8"`` / ``"int4"`` (or 8 / 4) replaces the base's Linear layers by weight-only quantized
+    ones (:func:`loraplex.quant.quantize_model`, int4 groups of ``group_size``) before adapters are attached;
+    adapters stay in the activation dtype and load the same on the float base. A model passed in is quantized
+    in place.
+    """
     tok = None
     if isinstance(base, nn.Module):
         model = base
@@ -279,6 +287,12 @@ def load(base: nn.Module | str | os.PathLike, adapters: Mapping[str, Any] | None
         model, tok = load_base(base, model_class=model_class, dtype=dtype, tokenizer=tokenizer, **model_kwargs)
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
+    try:
+        scheme = scheme_of(quantize)
+    except ValueError as exc:
+        raise LoraplexError(str(exc)) from None
+    if scheme is not None:
+        quantize_model(model, scheme, group_size=group_size)
     plex = Plex(model, tok, max_slots=max_slots, cpu_budget_bytes=cpu_budget_bytes, trust_pickle=trust_pickle)
     for name, src in (adapters or {}).items():
         plex.add_adapter(name, src)
@@ -286,9 +300,15 @@ def load(base: nn.Module | str | os.PathLike, adapters: Mapping[str, Any] | None
 
 
 def load_base(path: str | os.PathLike, *, model_class: Any = None, dtype: torch.dtype | None = None,
-              tokenizer: Any = True, **kwargs: Any) -> tuple[nn.Module, Any]:
+              tokenizer: Any = True, quantize: str | int | None = None, group_size: int = 32,
+              **kwargs: Any) -> tuple[nn.Module, Any]:
     """A transformers model (+ tokenizer) from a folder, a hub id or an embedded model's name
-    (:mod:`loraplex.models`, e.g. ``"smollm2"``); causal LMs get their LM head."""
+    (:mod:`loraplex.models`, e.g. ``"smollm2"``); causal LMs get their LM head. ``quantize`` ("int8" / "int4"):
+    its Linear layers weight-only quantized on the CPU (:func:`loraplex.quant.quantize_model`)."""
+    try:
+        scheme = scheme_of(quantize)
+    except ValueError as exc:
+        raise LoraplexError(str(exc)) from None
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from loraplex.models import resolve as resolve_model
@@ -303,6 +323,8 @@ def load_base(path: str | os.PathLike, *, model_class: Any = None, dtype: torch.
         causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or getattr(config, "is_decoder", False)
         model_class = AutoModelForCausalLM if causal else AutoModel
     model = model_class.from_pretrained(src, dtype=dtype, **kwargs) if dtype else model_class.from_pretrained(src, **kwargs)
+    if scheme is not None:
+        quantize_model(model, scheme, group_size=group_size)
     tok = None
     if tokenizer is True:
         try:

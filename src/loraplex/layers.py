@@ -19,7 +19,7 @@ from torch import nn
 
 from loraplex import ops
 from loraplex.errors import LoraplexError
-from loraplex.modules import WrappedModule, adapted_dims, base_weight, dict_key
+from loraplex.modules import WrappedModule, adapted_dims, base_weight, dict_key, module_dtype_device
 from loraplex.plan import BatchPlan, PlanState
 
 
@@ -51,12 +51,12 @@ class MultiLoraLinear(WrappedModule):
         self.state = state
         self.d_in, self.d_out = dims
         self.embedding = isinstance(base, nn.Embedding)
-        w = base_weight(base)
-        dtype = w.dtype if w.is_floating_point() else torch.float32
-        self.lora_A = nn.Parameter(w.new_zeros(n_slots, r_max, self.d_in, dtype=dtype),
-                                   requires_grad=False)  # [S, r, d_in]
-        self.lora_B = nn.Parameter(w.new_zeros(n_slots, self.d_out, r_max, dtype=dtype),
-                                   requires_grad=False)  # [S, d_out, r]
+        dtype, device = module_dtype_device(base)  # a quantized base: its activation dtype
+        if not dtype.is_floating_point:
+            dtype = torch.float32
+        w = torch.empty(0, dtype=dtype, device=device)
+        self.lora_A = nn.Parameter(w.new_zeros(n_slots, r_max, self.d_in), requires_grad=False)  # [S, r, d_in]
+        self.lora_B = nn.Parameter(w.new_zeros(n_slots, self.d_out, r_max), requires_grad=False)  # [S, d_out, r]
         self.register_buffer("lora_scale", w.new_zeros(n_slots, dtype=torch.float32), persistent=False)  # [S]
         self.register_buffer("dora_gain", w.new_ones(n_slots, self.d_out, dtype=dtype), persistent=False)  # [S, d_out]
         self.slot_rank: list[int] = [0] * n_slots

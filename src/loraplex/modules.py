@@ -8,6 +8,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from loraplex.quant import QuantizedLinear
+
 
 class WrappedModule(nn.Module):
     """A module that stands in for a base module (``self.base``); :class:`UnwrappedView` sees the base instead."""
@@ -16,10 +18,10 @@ class WrappedModule(nn.Module):
 
 
 def module_dims(module: nn.Module) -> tuple[int, int] | None:
-    """(d_in, d_out) of a Linear or GPT-2 Conv1D, else None."""
+    """(d_in, d_out) of a Linear, GPT-2 Conv1D or quantized Linear, else None."""
     from transformers.pytorch_utils import Conv1D
 
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Linear, QuantizedLinear)):
         return module.in_features, module.out_features
     if isinstance(module, Conv1D):
         return int(module.weight.shape[0]), int(module.nf)
@@ -49,6 +51,20 @@ def base_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, (Conv1D, nn.Embedding)):
         return module.weight.t()  # [d_out, d_in]
     return module.weight  # [d_out, d_in]
+
+
+def module_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The activation dtype and the device of a Linear / Conv1D / quantized Linear (its adapters live there)."""
+    if isinstance(module, QuantizedLinear):
+        return module.dtype, module.device
+    return module.weight.dtype, module.weight.device
+
+
+def stores_transposed(module: nn.Module) -> bool:
+    """Whether the layer is (or was, before quantization) a GPT-2 Conv1D: PEFT's ``fan_in_fan_out``."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D) or (isinstance(module, QuantizedLinear) and module.fan_in_fan_out)
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

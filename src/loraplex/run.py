@@ -33,6 +33,7 @@ from loraplex.config.load import resolve_base_model
 from loraplex.config.schema import MergeConfig, TrainConfig
 from loraplex.config.validate import DEFAULT_RUN_NAME
 from loraplex.errors import LoraplexError
+from loraplex.quant import quantize_model
 from loraplex.tasks import load_encoder_plex
 
 __all__ = ["ADAPTERS_DIR", "CHECKPOINTS_DIR", "FINGERPRINT_VERSION", "LOGS_DIR", "PLOTS_DIR", "PREDICTIONS_DIR",
@@ -183,8 +184,8 @@ def adapter_fingerprint(config: TrainConfig, name: str) -> str:
     """A stable hash (sha256 hex) of what determines adapter ``name``'s trained weights.
 
     It covers the adapter's settings (minus dataset paths), base_model, model_type, the trainer settings (minus
-    ``checkpoint_every``), the sha256 of the dataset file's bytes, and the fingerprint of the adapter it is stacked
-    on. Moving or renaming the dataset file keeps the fingerprint; editing it changes it.
+    ``checkpoint_every``), the base's quantization, the sha256 of the dataset file's bytes, and the fingerprint of
+    the adapter it is stacked on. Moving or renaming the dataset file keeps the fingerprint; editing it changes it.
     """
     a = config.get_adapter(name)
     ds_hash: str | None = None
@@ -195,7 +196,7 @@ def adapter_fingerprint(config: TrainConfig, name: str) -> str:
             raise ConfigError([(f"{config.adapter_path(name)}.dataset",
                                 f"cannot read {a.dataset}: {exc.strerror or exc}")],
                               str(config.source) if config.source else None) from None
-    return _hash({
+    parts = {
         "version": FINGERPRINT_VERSION,
         "base_model": config.base_model,
         "model_type": config.model_type,
@@ -203,7 +204,10 @@ def adapter_fingerprint(config: TrainConfig, name: str) -> str:
         "dataset_sha256": ds_hash,
         "trainer": config.trainer.model_dump(mode="json", exclude={"checkpoint_every"}),
         "stack_on": adapter_fingerprint(config, a.stack_on) if a.stack_on is not None else None,
-    })
+    }
+    if config.quantize is not None:  # trained over a quantized base (float-base runs keep their fingerprints)
+        parts["quantize"] = config.quantize
+    return _hash(parts)
 
 
 def merge_fingerprint(config: TrainConfig, merge: MergeConfig) -> str:
@@ -235,12 +239,18 @@ def load_base_plex(config: TrainConfig, *, device: str | torch.device | None = N
             tok = AutoTokenizer.from_pretrained(base)
         except Exception as exc:
             raise LoraplexError(f"base_model {config.base_model!r}: cannot load the encoder ({exc})") from exc
-        return load_encoder_plex(enc.to(dev), tokenizer=tok, max_slots=max_slots)
+        enc = enc.to(dev)
+        if config.quantize is not None:  # task heads (classifier) stay float: adapters save copies of them
+            quantize_model(enc, config.quantize)
+        return load_encoder_plex(enc, tokenizer=tok, max_slots=max_slots)
     model, tok = load_base(base)
     if tok is None:
         raise LoraplexError(f"base_model {config.base_model!r}: no tokenizer found next to the model; "
                             f"save one into the model folder")
-    return Plex(model.to(dev), tok, max_slots=max_slots)
+    model = model.to(dev)
+    if config.quantize is not None:  # on the compute device: the CPU kernels or the dequantizing path
+        quantize_model(model, config.quantize)
+    return Plex(model, tok, max_slots=max_slots)
 
 
 def load_trained_plex(config: TrainConfig, output_dir: str | os.PathLike[str] | None = None, *,
@@ -275,6 +285,8 @@ def serve_arguments(config: TrainConfig, output_dir: str | os.PathLike[str] | No
                                               f"run `loraplex train {where}` first")
     active: str | None = run.active(config)
     serve: dict[str, Any] = {"base": resolve_base_model(config), "adapters": adapters}
+    if config.quantize is not None:
+        serve["quantize"] = config.quantize
     if run.has_router():
         serve["router_dir"] = str(run.router_dir)
     if active in ("router", "auto"):

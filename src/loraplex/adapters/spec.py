@@ -12,6 +12,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
 from loraplex.errors import AdapterError
+from loraplex.modules import module_dims
 
 #: Config fields we understand; other PEFT fields are kept verbatim in ``raw`` for round trips.
 _UNSUPPORTED_TRUE = ("use_qalora", "lora_bias")
@@ -311,10 +312,8 @@ def module_matches(spec: LoraSpec, key: str) -> bool:
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
-    """Names of all ``nn.Linear`` / GPT-2 ``Conv1D`` modules of ``model``."""
-    from transformers.pytorch_utils import Conv1D
-
-    return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+    """Names of all ``nn.Linear`` / GPT-2 ``Conv1D`` (quantized or not) modules of ``model``."""
+    return [n for n, m in model.named_modules() if module_dims(m) is not None]
 
 
 def resolve_all_linear(spec: LoraSpec, model: torch.nn.Module) -> LoraSpec:

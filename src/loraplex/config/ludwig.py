@@ -2,7 +2,7 @@
 
 Ludwig users write ``prompt``, ``generation``, ``quantization``, ``backend``, ``preprocessing``, a
 ``learning_rate_scheduler`` and more; loraplex honours what maps onto its own behaviour (prompt templates,
-generation defaults for predict, warmup / decay, the Ray training path) and accepts the rest;
+generation defaults for predict, warmup / decay, the Ray training path, ``quantization.bits``) and accepts the rest;
 :func:`loraplex.config.notes.ludwig_notes` lists each accepted key that changes nothing, and
 :func:`loraplex.config.load_config` turns every note into one :class:`LudwigConfigWarning`. ``docs/ludwig.md`` is the
 table of every key.
@@ -121,7 +121,8 @@ class GenerationConfig(_Section):
 
 # ---------------------------------------------------------------------------------------------------- others
 class QuantizationConfig(_Section):
-    """Ludwig's ``quantization`` block (bitsandbytes settings); accepted, the base model is not quantized."""
+    """Ludwig's ``quantization`` block: ``bits`` 8 quantizes the base model's Linear layers to int8 per channel, 4
+    to int4 in groups of 32 (:mod:`loraplex.quant`); the bitsandbytes-specific keys are accepted and noted."""
 
     bits: Literal[4, 8] = 4
     llm_int8_threshold: float | None = None

@@ -76,9 +76,12 @@ def ludwig_notes(config: TrainConfig) -> list[tuple[str, str]]:
             notes.append((key, msg))
     q = config.quantization
     if q is not None:
-        notes.append(("quantization", f"{q.bits}-bit quantization is not supported on this backend; loraplex "
-                                      f"trains and serves the unquantized base (trainer.precision "
-                                      f"{config.trainer.precision})"))
+        for key in ("llm_int8_threshold", "llm_int8_has_fp16_weight", "bnb_4bit_compute_dtype",
+                    "bnb_4bit_use_double_quant", "bnb_4bit_quant_type"):
+            if _given(q, key):
+                notes.append((f"quantization.{key}", f"ignored; loraplex quantizes the base to "
+                                                     f"{config.quantize} with its own kernels (bitsandbytes is not "
+                                                     f"used)"))
     b = config.backend
     if b is not None:
         for key in ("processor", "trainer", "loader", "cache_dir", "cache_credentials", "credentials"):

@@ -484,6 +484,14 @@ class TrainConfig(_Strict):
         """``local`` or ``ray`` (Ludwig's ``backend.type``)."""
         return self.backend.type if self.backend is not None else "local"
 
+    @property
+    def quantize(self) -> str | None:
+        """The base model's weight-only quantization (Ludwig's ``quantization.bits``): ``"int8"``, ``"int4"`` or
+        None (float); see :mod:`loraplex.quant`."""
+        if self.quantization is None:
+            return None
+        return {8: "int8", 4: "int4"}[self.quantization.bits]
+
     @field_validator("base_model")
     @classmethod
     def _strip_base(cls, v: str) -> str:

@@ -45,7 +45,7 @@ def build_server(*, base: str, adapters: Mapping[str, str] | None = None, adapte
                  ab_splits: Mapping[str, Mapping[str, float]] | None = None, router: Any = None,
                  router_dir: str | None = None, base_id: str | None = None, device: str | None = None,
                  dtype: str | None = None, max_slots: int = 32, cpu_budget_mb: float | None = None,
-                 trust_pickle: bool = False,
+                 trust_pickle: bool = False, quantize: str | None = None,
                  max_batch_size: int = 16, batch_window_ms: float = 5.0, max_queue: int = 256,
                  max_prompt_tokens: int | None = None, max_tokens_cap: int | None = None, seed: int = 0,
                  rescan_seconds: float = 5.0, max_skips: int = 8, generation: Mapping[str, Any] | None = None,
@@ -58,7 +58,8 @@ def build_server(*, base: str, adapters: Mapping[str, str] | None = None, adapte
     ``router_dir`` a saved sequence router, served as model ``auto``. Admin loads are confined to
     ``adapter_roots`` (default: ``adapters_dir``); without ``admin_token`` the admin endpoints are disabled.
     ``generation`` (a config's ``generation`` block) sets request defaults and ``prompt_templates`` maps an
-    adapter to its (template, input column) (:mod:`loraplex.serve.defaults`)."""
+    adapter to its (template, input column) (:mod:`loraplex.serve.defaults`). ``quantize`` ("int8" / "int4"): the
+    base's weight-only quantization (:mod:`loraplex.quant`)."""
     import torch
 
     import loraplex
@@ -70,7 +71,7 @@ def build_server(*, base: str, adapters: Mapping[str, str] | None = None, adapte
 
     plex = loraplex.load(base, device=device, dtype=getattr(torch, dtype) if dtype else None, max_slots=max_slots,
                          cpu_budget_bytes=int(cpu_budget_mb * 2**20) if cpu_budget_mb else None,
-                         trust_pickle=trust_pickle)
+                         trust_pickle=trust_pickle, quantize=quantize)
     store = None
     if adapters_dir:
         store = AdapterStore(adapters_dir, trust_pickle=trust_pickle, confine_to=adapter_roots)
@@ -147,6 +148,8 @@ def serve(
     device: Optional[str] = typer.Option(None, "--device"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16, float16."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow adapter_model.bin (pickle) files."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="Weight-only quantized base: int8 (per channel) "
+                                                                    "or int4 (groups of 32); adapters unchanged."),
     log_level: str = typer.Option("info", "--log-level"),
     ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve: replicas load adapters on demand from "
                                                   "--adapters-dir (the shared adapter store). Needs loraplex[ray]."),
@@ -182,7 +185,9 @@ def serve(
         if config is not None:
             if base or adapter or adapters_dir:
                 raise typer.BadParameter("give either CONFIG or --base/--adapter/--adapters-dir, not both")
-            engine, _, app = build_engine_from_config(config, admin_token=admin_token, adapter_roots=adapter_root)
+            extra = {"quantize": quantize} if quantize else {}  # else the config's quantization.bits
+            engine, _, app = build_engine_from_config(config, admin_token=admin_token, adapter_roots=adapter_root,
+                                                      **extra)
         else:
             if not base:
                 raise typer.BadParameter("--base is required (or a CONFIG file)")
@@ -203,8 +208,9 @@ def serve(
                     admin_token=admin_token, adapter_roots=adapter_root,
                     compositions=_pairs(composition, "--composition"), ab_splits=parse_ab(ab), router_dir=router,
                     base_id=base_id, device=device, dtype=dtype, max_slots=max_slots, cpu_budget_mb=cpu_budget_mb,
-                    trust_pickle=trust_pickle, max_batch_size=max_batch_size, batch_window_ms=batch_window_ms,
-                    max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, max_tokens_cap=max_tokens_cap)
+                    trust_pickle=trust_pickle, quantize=quantize, max_batch_size=max_batch_size,
+                    batch_window_ms=batch_window_ms, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
+                    max_tokens_cap=max_tokens_cap)
     except LoraplexError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

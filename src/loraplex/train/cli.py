@@ -38,6 +38,23 @@ def _load(config: str, **kwargs: Any) -> Any:
     return cfg
 
 
+def _with_quantize(cfg: Any, quantize: str | None) -> Any:
+    """``cfg`` with ``--quantize`` (int8 / int4 / none) in place of its ``quantization`` block."""
+    if quantize is None:
+        return cfg
+    from loraplex.config.ludwig import QuantizationConfig
+    from loraplex.quant import BITS, scheme_of
+
+    try:
+        scheme = scheme_of(quantize)
+    except ValueError as exc:
+        _fail(f"--quantize: {exc}")
+    return cfg.model_copy(update={"quantization": QuantizationConfig(bits=BITS[scheme]) if scheme else None})
+
+
+QUANTIZE_HELP = "Weight-only quantized base: int8, int4 or none (default: the config's quantization.bits)."
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``train`` and ``predict`` commands to ``app``."""
 
@@ -57,6 +74,7 @@ def register(app: typer.Typer) -> None:
                                                       "results are collected into the same output folder."),
         ray_address: Optional[str] = typer.Option(None, "--ray-address", help="With --ray: join this Ray cluster "
                                                                                "(default: start one locally)."),
+        quantize: Optional[str] = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
     ) -> None:
         """Train the config's new or changed adapters (all in one mixed-batch job), then its merges and router."""
         from loraplex.hostmem import tune_cpu_allocator
@@ -64,8 +82,10 @@ def register(app: typer.Typer) -> None:
 
         tune_cpu_allocator()  # this process only trains: keep large freed blocks instead of page-faulting them in
         try:
-            cfg = _load(config, check_files=True, require_datasets=True)
+            cfg = _with_quantize(_load(config, check_files=True, require_datasets=True), quantize)
             if ray or cfg.backend_type == "ray":  # Ludwig's backend: {type: ray}
+                if quantize is not None:
+                    _fail("--quantize applies to local training; with --ray set quantization.bits in the config")
                 from loraplex.distributed.cli import train_on_ray
 
                 result = train_on_ray(config, only=only or None, output_dir=output_dir, force=force, device=device,
@@ -107,12 +127,13 @@ def register(app: typer.Typer) -> None:
                                                      help="Generation bound for causal LM rows."),
         device: Optional[str] = typer.Option(None, "--device"),
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+        quantize: Optional[str] = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
     ) -> None:
         """Write predictions for a dataset (and metrics when it has labels / responses)."""
         from loraplex.train.predict import predict
 
         try:
-            cfg = _load(config)
+            cfg = _with_quantize(_load(config), quantize)
             res = predict(cfg, dataset, adapter=adapter, compose=compose, out=out, output_dir=output_dir,
                           batch_size=batch_size, max_new_tokens=max_new_tokens, device=device,
                           progress=False if no_progress else None)

@@ -52,7 +52,7 @@ from loraplex.config import ConfigError, TrainConfig, load_config
 from loraplex.errors import LoraplexError
 from loraplex.hostmem import tune_cpu_allocator
 from loraplex.layers import MultiLoraLinear, SavedModuleSwitch
-from loraplex.modules import base_weight, module_dims
+from loraplex.modules import base_weight, module_dims, stores_transposed
 from loraplex.plan import TrainOverrides
 from loraplex.run import ADAPTERS_DIR, TrainedRun, adapter_fingerprint, load_base_plex
 from loraplex.tokens import pad_batch, pad_id
@@ -354,10 +354,8 @@ class Trainer:
         task = cfg.task_of(name)
         data = load_adapter_data(cfg, name, self.plex.tokenizer)
         mods, written = self._target_modules(name, model)
-        from transformers.pytorch_utils import Conv1D
-
         spec = cfg.lora_spec(name, target_modules=written,
-                             fan_in_fan_out=any(isinstance(_linear_modules(model)[m], Conv1D) for m in mods))
+                             fan_in_fan_out=any(stores_transposed(_linear_modules(model)[m]) for m in mods))
         seed = a.init_seed if a.init_seed is not None else _seed_of(cfg.trainer.seed, name, "init")
         gen = torch.Generator().manual_seed(seed)
         linear = _linear_modules(model)

@@ -1,0 +1,337 @@
+"""Weight-only quantized base layers: int8 per output channel and int4 group-wise, on PyTorch's own CPU kernels.
+
+A :class:`QuantizedLinear` stands in for an ``nn.Linear`` (or a GPT-2 ``Conv1D``) of the base model *before*
+loraplex wraps targets in :class:`~loraplex.layers.MultiLoraLinear`; the wrapper calls it as its base layer and
+adds every row's LoRA update on top in the activation dtype, so mixed batches run exactly as over a float base.
+
+Schemes (W is [out, in], x is [..., in]):
+
+* ``int8``: symmetric per output channel, ``W[o, :] ~ s[o] * q[o, :]``, ``q`` in [-127, 127],
+  ``s[o] = max|W[o, :]| / 127``. Kernel: ``aten._weight_int8pack_mm(x, q [out, in], s [out])``.
+* ``int4``: asymmetric per group of ``group_size`` input features, ``W[o, g*G + j] ~ (q - 8) * s[o, g] + z[o, g]``
+  with ``q`` in [0, 15], ``s = (max - min) / 15``, ``z = min + 8 s`` (the affine form of llama.cpp's Q4_1: ``min +
+  q s``). Kernel: ``aten._weight_int4pack_mm_for_cpu(x, packed, G, sz [in/G, out, 2])`` on the layout made by
+  ``aten._convert_weight_to_int4pack_for_cpu``; it needs ``out % 16 == 0``, ``G`` in {32, 64, 128, 256} and
+  ``in % G == 0``.
+
+Both CPU kernels are vectorised for bfloat16 activations only (the float32 variants measure 10-40x slower than
+a float32 ``F.linear`` on this machine), so the kernel path casts the layer's input to bfloat16 and its output
+back: the scales are stored in bfloat16 and the quantization grid is computed against those rounded scales, so
+:meth:`QuantizedLinear.dequantize` returns exactly the weights the kernel multiplies by. Shapes a kernel does
+not take, and every non-CPU device, run the *reference* path ``F.linear(x, dequantize())`` in the activation
+dtype (:attr:`QuantizedLinear.kernel` says which; :func:`quantize_model` logs the fallbacks).
+Neither kernel has a derivative: a custom autograd function gives ``dL/dx = dL/dy @ W`` with the dequantized
+weight, so LoRA adapters train over a quantized base (QLoRA-style); the quantized weights never get gradients.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["BITS", "INT4_GROUP_SIZES", "QuantizedLinear", "dequantize_int4", "dequantize_int8", "int4_kernel_fits",
+           "quantize_int4", "quantize_int8", "quantize_model", "quantized_modules", "scheme_of", "weight_bytes"]
+
+log = logging.getLogger(__name__)
+
+#: the schemes by name and their bits per weight (codes only)
+BITS: dict[str, int] = {"int8": 8, "int4": 4}
+#: group sizes the CPU int4 kernel takes
+INT4_GROUP_SIZES: tuple[int, ...] = (32, 64, 128, 256)
+
+
+def scheme_of(value: str | int | None) -> str | None:
+    """``"int8"`` / ``"int4"`` / None from a scheme name or a bit count (8, 4, "8", "int8", None)."""
+    if value is None or value is False:
+        return None
+    text = str(value).strip().lower()
+    for name, bits in BITS.items():
+        if text in (name, str(bits)):
+            return name
+    if text in ("", "none", "fp32", "float32", "no"):
+        return None
+    raise ValueError(f"quantize must be 'int8' (8 bits), 'int4' (4 bits) or None, got {value!r}")
+
+
+# ---------------------------------------------------------------------- pure tensor functions
+def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-channel int8 codes of ``w`` [out, in]: (q int8 [out, in], s [out] in ``scale_dtype``) with
+    ``w ~ q * s[:, None]``; ``q`` is rounded against the stored (rounded) scale."""
+    w = w.detach().float()
+    s = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12).to(scale_dtype)  # [out]
+    q = (w / s.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8).contiguous()  # [out, in]
+    return q, s
+
+
+def dequantize_int8(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``q * s[:, None]`` in ``dtype`` ([out, in])."""
+    return (q.to(torch.float32) * s.to(torch.float32)[:, None]).to(dtype)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype = torch.bfloat16
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric group-wise int4 codes of ``w`` [out, in] (``in % group_size == 0``): (q uint8 [out, in] in
+    [0, 15], s [out, in/G], z [out, in/G], both in ``scale_dtype``) with ``w ~ (q - 8) * s + z`` per group."""
+    out_f, in_f = w.shape
+    if group_size <= 0 or in_f % group_size:
+        raise ValueError(f"int4 group_size {group_size} must divide in_features {in_f}")
+    wg = w.detach().float().reshape(out_f, in_f // group_size, group_size)  # [out, n_groups, G]
+    lo, hi = torch.aminmax(wg, dim=-1)  # [out, n_groups]
+    s = ((hi - lo) / 15.0).clamp_min(1e-12).to(scale_dtype)
+    z = (lo + 8.0 * s.float()).to(scale_dtype)
+    q = (wg - z.float()[..., None]).div_(s.float()[..., None]).add_(8.0).round_().clamp_(0, 15)
+    return q.to(torch.uint8).reshape(out_f, in_f), s, z
+
+
+def dequantize_int4(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group_size: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(q - 8) * s + z`` per group of ``group_size`` input features, in ``dtype`` ([out, in])."""
+    out_f, in_f = q.shape
+    qg = q.to(torch.float32).reshape(out_f, in_f // group_size, group_size)  # [out, n_groups, G]
+    w = (qg - 8.0) * s.to(torch.float32)[..., None] + z.to(torch.float32)[..., None]
+    return w.reshape(out_f, in_f).to(dtype)
+
+
+def int4_kernel_fits(out_features: int, in_features: int, group_size: int) -> bool:
+    """Whether the CPU int4 kernel takes this shape."""
+    return group_size in INT4_GROUP_SIZES and in_features % group_size == 0 and out_features % 16 == 0
+
+
+def _int4_group_for(in_features: int, group_size: int) -> int:
+    """``group_size`` if it divides ``in_features``, else the largest smaller kernel group size that does, else the
+    largest divisor of ``in_features`` not above ``group_size`` (the reference path takes any)."""
+    if in_features % group_size == 0:
+        return group_size
+    for g in sorted(INT4_GROUP_SIZES, reverse=True):
+        if g < group_size and in_features % g == 0:
+            return g
+    return max(d for d in range(1, min(group_size, in_features) + 1) if in_features % d == 0)
+
+
+# ---------------------------------------------------------------------- autograd over the kernels
+class _QuantMatmul(torch.autograd.Function):
+    """``y = x @ W^T`` on the layer's kernel; ``dL/dx = dL/dy @ W`` with the dequantized weight."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:  # x [M, in] -> [M, out]
+        ctx.layer = layer
+        return layer.matmul(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # grad [M, out] -> [M, in]
+        w = ctx.layer.dequantize(grad.dtype)  # [out, in]
+        return grad @ w, None
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen Linear with weight-only quantized weights: ``y = x W^T + b``, W from int8 or int4 codes.
+
+    Attributes: ``in_features``, ``out_features``, ``scheme`` ("int8" | "int4"), ``group_size`` (int4),
+    ``kernel`` ("int8pack" | "int4pack" | "reference"), ``compute_dtype`` (what the kernel multiplies in),
+    ``dtype`` (the original weight's dtype: activations and LoRA adapters stay in it) and ``fan_in_fan_out``
+    (True when it replaced a GPT-2 Conv1D, whose PEFT adapters say so).
+
+    Build with :meth:`from_module`. The codes are buffers (in the state dict, moved by ``.to(device)``); they are
+    never trained.
+    """
+
+    def __init__(self, in_features: int, out_features: int, scheme: str, *, group_size: int | None,
+                 kernel: str, dtype: torch.dtype, compute_dtype: torch.dtype, fan_in_fan_out: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.scheme, self.group_size, self.kernel = scheme, group_size, kernel
+        self.dtype, self.compute_dtype, self.fan_in_fan_out = dtype, compute_dtype, fan_in_fan_out
+        self.bias: nn.Parameter | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_module(cls, module: nn.Module, scheme: str, *, group_size: int = 32) -> "QuantizedLinear":
+        """The quantized replacement of an ``nn.Linear`` or GPT-2 ``Conv1D`` (its weight and bias copied)."""
+        from transformers.pytorch_utils import Conv1D
+
+        if isinstance(module, nn.Linear):
+            w, conv = module.weight, False  # [out, in]
+        elif isinstance(module, Conv1D):
+            w, conv = module.weight.t(), True  # Conv1D stores [in, out]
+        else:
+            raise TypeError(f"cannot quantize a {type(module).__name__}: only nn.Linear and Conv1D")
+        scheme = scheme_of(scheme) or ""
+        if scheme not in BITS:
+            raise ValueError(f"unknown quantization scheme {scheme!r}")
+        out_f, in_f = w.shape
+        on_cpu = w.device.type == "cpu"
+        if scheme == "int8":
+            kernel, group = ("int8pack" if on_cpu else "reference"), None
+        else:
+            group = _int4_group_for(in_f, group_size)
+            kernel = "int4pack" if on_cpu and int4_kernel_fits(out_f, in_f, group) else "reference"
+        compute = torch.bfloat16 if kernel != "reference" else w.dtype
+        layer = cls(in_f, out_f, scheme, group_size=group, kernel=kernel, dtype=w.dtype, compute_dtype=compute,
+                    fan_in_fan_out=conv)
+        with torch.no_grad():
+            if scheme == "int8":
+                q, s = quantize_int8(w, compute)
+                layer.register_buffer("qweight", q.to(w.device))  # [out, in] int8
+                layer.register_buffer("scales", s.to(w.device))  # [out]
+            else:
+                q, s, z = quantize_int4(w, group, compute)  # q [out, in] uint8; s, z [out, in/G]
+                if kernel == "int4pack":
+                    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
+                    layer.register_buffer("qweight", packed)  # kernel layout, [out, in/2] uint8
+                    layer.register_buffer("scales_zeros", torch.stack([s, z], dim=-1).transpose(0, 1).contiguous())
+                    # [in/G, out, 2]
+                else:
+                    layer.register_buffer("qweight", q.to(w.device))  # [out, in] uint8 codes
+                    layer.register_buffer("scales", s.to(w.device))  # [out, in/G]
+                    layer.register_buffer("zeros", z.to(w.device))  # [out, in/G]
+            bias = getattr(module, "bias", None)
+            if bias is not None:
+                layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return layer
+
+    # ------------------------------------------------------------------ reading the weights
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    @torch.no_grad()
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight this layer multiplies by, [out, in] in ``dtype`` (default: the original weight's dtype)."""
+        dtype = dtype or self.dtype
+        if self.scheme == "int8":
+            return dequantize_int8(self.qweight, self.scales, dtype)
+        if self.kernel == "reference":
+            return dequantize_int4(self.qweight, self.scales, self.zeros, int(self.group_size), dtype)
+        q = self.int4_codes()
+        s, z = self.scales_zeros.unbind(-1)  # [in/G, out] each
+        return dequantize_int4(q, s.t(), z.t(), int(self.group_size), dtype)
+
+    @torch.no_grad()
+    def int4_codes(self) -> torch.Tensor:
+        """The int4 codes [out, in] (uint8 in [0, 15]).
+
+        On the kernel path the packed layout is private to ATen, so the codes are read back through the kernel
+        itself: ``x = I`` gives ``W^T`` in bfloat16, and each entry is rounded to its group's grid,
+        ``q = round((w - z) / s + 8)``, exact because the bfloat16 error of ``w`` (< 2^-8 |w|) stays below ``s/2``.
+        """
+        if self.scheme != "int4":
+            raise ValueError("int4_codes: this layer is int8")
+        if self.kernel == "reference":
+            return self.qweight
+        g = int(self.group_size)
+        s, z = (t.t().float() for t in self.scales_zeros.unbind(-1))  # [out, in/G]
+        out = torch.empty(self.out_features, self.in_features, dtype=torch.uint8, device=self.device)
+        step = 256
+        for k0 in range(0, self.in_features, step):  # identity rows k0..k1 -> columns k0..k1 of W
+            k1 = min(k0 + step, self.in_features)
+            eye = torch.zeros(k1 - k0, self.in_features, dtype=torch.bfloat16, device=self.device)
+            eye[:, k0:k1] = torch.eye(k1 - k0, dtype=torch.bfloat16)
+            wt = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, g, self.scales_zeros)  # [k, out]
+            cols = torch.arange(k0, k1, device=self.device) // g
+            q = torch.round((wt.float().t() - z[:, cols]) / s[:, cols] + 8.0).clamp_(0, 15)  # [out, k]
+            out[:, k0:k1] = q.to(torch.uint8)
+        return out
+
+    def weight_bytes(self) -> int:
+        """Bytes of the codes and scales one forward reads (the bias excluded)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
+
+    # ------------------------------------------------------------------ compute
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W^T`` without bias, x [M, in] -> [M, out] in x's dtype (the kernel runs in ``compute_dtype``)."""
+        if self.kernel == "reference":
+            return F.linear(x, self.dequantize(x.dtype))
+        xc = x.to(self.compute_dtype).contiguous()  # [M, in]
+        if self.kernel == "int8pack":  # each row alone: a row's output does not depend on the batch around it
+            y = torch.ops.aten._weight_int8pack_mm(xc, self.qweight, self.scales)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.qweight, int(self.group_size), self.scales_zeros)
+        return y.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # [M, in]
+        if torch.is_grad_enabled() and x2.requires_grad:
+            y = _QuantMatmul.apply(x2, self)
+        else:
+            y = self.matmul(x2)  # [M, out]
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}" if self.group_size else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme}{g}, "
+                f"kernel={self.kernel}, bias={self.bias is not None}")
+
+
+# ---------------------------------------------------------------------- whole models
+def quantize_model(model: nn.Module, bits: str | int, *, group_size: int = 32, lm_head: str | int | None = "int8",
+                   skip: Iterable[str] = ("classifier", "score")) -> nn.Module:
+    """Replace every ``nn.Linear`` / GPT-2 ``Conv1D`` of ``model`` (in place) by a :class:`QuantizedLinear`.
+
+    ``bits``: 8 / "int8" or 4 / "int4"; ``group_size``: int4 group (32 reproduces llama.cpp's Q4_1 blocks);
+    ``lm_head``: the output projection's scheme ("int8" by default, as llama.cpp keeps the output matrix at 6-8
+    bits; None keeps it in float); its weight may be tied to the input embedding, which stays as it is (the head
+    gets a quantized copy). ``skip``: module names (or their last component, or a regex) left in float, by default
+    task heads that adapters save per adapter. Embeddings and norms are never quantized. Call it before loraplex
+    wraps targets (``loraplex.load(..., quantize=...)`` does). Returns ``model``.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    scheme = scheme_of(bits)
+    if scheme is None:
+        return model
+    head_scheme = scheme_of(lm_head)
+    patterns = [re.compile(p) for p in skip]
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    todo = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (nn.Linear, Conv1D)):
+            continue
+        if any(p.fullmatch(name) or p.fullmatch(name.rsplit(".", 1)[-1]) for p in patterns):
+            continue
+        this = head_scheme if mod is head else scheme
+        if this is not None:
+            todo.append((name, mod, this))
+    fallbacks = []
+    for name, mod, this in todo:
+        q = QuantizedLinear.from_module(mod, this, group_size=group_size)
+        if q.kernel == "reference" and mod.weight.device.type == "cpu":
+            fallbacks.append(f"{name} [{q.out_features}x{q.in_features}]")
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, q)
+    if fallbacks:
+        log.warning("%s: %d layer(s) have shapes the CPU kernel does not take and run dequantize + matmul: %s",
+                    scheme, len(fallbacks), ", ".join(fallbacks[:8]) + (" ..." if len(fallbacks) > 8 else ""))
+    return model
+
+
+def quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear]:
+    """The model's quantized layers by module path (inside loraplex wrappers too)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+def weight_bytes(model: nn.Module, *, decode: bool = True) -> int:
+    """Bytes of weights one decode step reads: every Linear/Conv1D/quantized layer's weight (codes + scales) and
+    bias, plus, with ``decode`` False, the embeddings too (a decode step reads one embedding row per token)."""
+    from transformers.pytorch_utils import Conv1D
+
+    total = 0
+    seen: set[int] = set()
+    for mod in model.modules():
+        if isinstance(mod, QuantizedLinear):
+            total += mod.weight_bytes() + (mod.bias.nbytes if mod.bias is not None else 0)
+            continue
+        if isinstance(mod, (nn.Linear, Conv1D)) or (not decode and isinstance(mod, nn.Embedding)):
+            for p in mod.parameters(recurse=False):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    total += p.nbytes
+    return total
