@@ -52,8 +52,6 @@ class MultiLoraLinear(WrappedModule):
         self.d_in, self.d_out = dims
         self.embedding = isinstance(base, nn.Embedding)
         dtype, device = module_dtype_device(base)  # a quantized base: its activation dtype
-        if not dtype.is_floating_point:
-            dtype = torch.float32
         w = torch.empty(0, dtype=dtype, device=device)
         self.lora_A = nn.Parameter(w.new_zeros(n_slots, r_max, self.d_in), requires_grad=False)  # [S, r, d_in]
         self.lora_B = nn.Parameter(w.new_zeros(n_slots, self.d_out, r_max), requires_grad=False)  # [S, d_out, r]

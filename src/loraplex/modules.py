@@ -40,14 +40,13 @@ def adapted_dims(module: nn.Module) -> tuple[int, int] | None:
 def base_weight(module: nn.Module) -> torch.Tensor:
     """The weight of a Linear / Conv1D / Embedding as a [d_out, d_in] matrix (a view where possible).
 
-    A Conv1D stores [d_in, d_out] and an Embedding [num_embeddings, dim]: both are transposed. A module with a
-    ``dequantize()`` method (a quantized Linear) gives its dequantized [d_out, d_in] weight.
+    A Conv1D stores [d_in, d_out] and an Embedding [num_embeddings, dim]: both are transposed. A
+    :class:`~loraplex.quant.QuantizedLinear` gives its dequantized [d_out, d_in] weight.
     """
     from transformers.pytorch_utils import Conv1D
 
-    deq = getattr(module, "dequantize", None)
-    if callable(deq):
-        return deq()
+    if isinstance(module, QuantizedLinear):
+        return module.dequantize()
     if isinstance(module, (Conv1D, nn.Embedding)):
         return module.weight.t()  # [d_out, d_in]
     return module.weight  # [d_out, d_in]

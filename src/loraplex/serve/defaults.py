@@ -82,7 +82,7 @@ class ServeDefaults:
         for k in ("top_k", "top_p", "repetition_penalty"):
             if g.get(k) is not None:
                 out[k] = g[k]
-        if chat and "max_tokens" in out and g.get("max_new_tokens") is not None:
+        if chat and "max_tokens" in out:
             out["max_completion_tokens"] = out.pop("max_tokens")
         return out
 
