@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BITS", "INT4_GROUP_SIZES", "QuantizedLinear", "dequantize_int4", "dequantize_int8", "int4_kernel_fits",
-           "quantize_int4", "quantize_int8", "quantize_model", "quantized_modules", "scheme_of", "weight_bytes"]
+__all__ = ["BITS", "INT4_GROUP_SIZES", "QuantizedLinear", "dequantize_int4", "dequantize_int8", "fuse_outputs",
+           "int4_kernel_fits", "quantize_int4", "quantize_int8", "quantize_model", "quantized_modules", "scheme_of",
+           "weight_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +269,49 @@ class QuantizedLinear(nn.Module):
         g = f", group_size={self.group_size}" if self.group_size else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme}{g}, "
                 f"kernel={self.kernel}, bias={self.bias is not None}")
+
+
+#: the CPU int4 packed layout is separable by output rows in blocks of this many rows
+INT4_PACK_ROWS = 64
+
+
+def fuse_outputs(layers: list[QuantizedLinear]) -> QuantizedLinear | None:
+    """One layer computing ``layers``' outputs side by side (``[x W_1^T | x W_2^T | ...]``, biases too), for
+    projections that read the same input (q/k/v, gate/up): one kernel call instead of ``len(layers)``.
+
+    The fused layer owns the concatenated codes and each member's codes become a view of its rows, so the weights are
+    held once (each keeps its own small scale tensors). None when the layers cannot share a kernel call: different
+    schemes, kernels, group sizes, input widths or dtypes, the reference path, an int4 member whose row count is
+    not a multiple of 64 (the packed layout's row block), or a mix of members with and without bias.
+    """
+    if len(layers) < 2:
+        return None
+    first = layers[0]
+    same = all(m.scheme == first.scheme and m.kernel == first.kernel and m.group_size == first.group_size
+               and m.in_features == first.in_features and m.dtype == first.dtype
+               and m.fan_in_fan_out == first.fan_in_fan_out and m.device == first.device for m in layers)
+    if not same or first.kernel == "reference" or len({m.bias is None for m in layers}) != 1:
+        return None
+    if first.kernel == "int4pack" and any(m.out_features % INT4_PACK_ROWS for m in layers):
+        return None
+    fused = QuantizedLinear(first.in_features, sum(m.out_features for m in layers), first.scheme,
+                            group_size=first.group_size, kernel=first.kernel, dtype=first.dtype,
+                            compute_dtype=first.compute_dtype, fan_in_fan_out=first.fan_in_fan_out)
+    with torch.no_grad():
+        codes = torch.cat([m.qweight for m in layers])  # [sum out, in] int8, or [sum out, in/2] packed int4
+        fused.register_buffer("qweight", codes)
+        if first.kernel == "int8pack":
+            fused.register_buffer("scales", torch.cat([m.scales for m in layers]))  # [sum out]
+        else:
+            fused.register_buffer("scales_zeros", torch.cat([m.scales_zeros for m in layers], dim=1).contiguous())
+            # [in/G, sum out, 2]
+        if first.bias is not None:
+            fused.bias = nn.Parameter(torch.cat([m.bias.detach() for m in layers]), requires_grad=False)
+        row = 0
+        for m in layers:  # members read their rows of the fused codes: the weights stay in memory once
+            m.qweight = codes[row:row + m.out_features]
+            row += m.out_features
+    return fused
 
 
 # ---------------------------------------------------------------------- whole models

@@ -43,6 +43,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 import torch
 
+from loraplex import decode
 from loraplex.api import Plex
 from loraplex.errors import AdapterError, LoraplexError, UnknownAdapterError, known_text
 from loraplex.tokens import eos_ids, pad_batch, pad_id
@@ -238,7 +239,7 @@ class Engine(WorkerThread):
     def __init__(self, plex: Plex, *, max_batch_size: int = 16, batch_window_ms: float = 5.0, max_queue: int = 256,
                  max_prompt_tokens: int | None = None, max_tokens_cap: int | None = None,
                  metrics: ServeMetrics | None = None, eos_token_ids: Sequence[int] | None = None,
-                 start: bool = True, max_skips: int = 8) -> None:
+                 start: bool = True, max_skips: int = 8, fast_decode: bool = True) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1")
         self.plex = plex
@@ -266,6 +267,11 @@ class Engine(WorkerThread):
             self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         except (TypeError, ValueError):
             self._logits_to_keep = False
+
+        #: decode steps of a Llama-layout model skip transformers' forward (:mod:`loraplex.decode`), whenever the
+        #: running batch's plan allows it
+        self.decoder = decode.FastDecoder(self.model) if fast_decode and decode.supports(self.model) else None
+        self._program: decode.DecodeProgram | None = None
 
         super().__init__("loraplex-engine", EngineClosed)
         self._draining: dict[str, str] = {}  # adapter -> "unload" | "replace"
@@ -646,7 +652,10 @@ class Engine(WorkerThread):
         mask = torch.cat([self._mask, self._mask.new_ones(n, 1)], dim=1)
         pos = mask.sum(dim=1, keepdim=True) - 1
         ids = torch.tensor([[r.token_ids[-1]] for r in rows], dtype=torch.long, device=self.device)
-        logits = self._forward(ids, mask, pos, self._cache)
+        if self.decoder is not None and self._program is not None and self._program.n_rows == n:
+            logits = self.decoder.step(self._program, ids, mask, pos, self._cache)
+        else:
+            logits = self._forward(ids, mask, pos, self._cache)
         self._mask = mask
         self.metrics.batch_size.observe(n, phase="decode")
         tokens = self._sample(rows, logits)
@@ -719,10 +728,13 @@ class Engine(WorkerThread):
         self._close_plan()
         if self._running:
             stack = ExitStack()
-            stack.enter_context(self.plex.using([r.handle.choice for r in self._running], len(self._running)))
+            plan = stack.enter_context(self.plex.using([r.handle.choice for r in self._running], len(self._running)))
             self._plan = stack
+            if self.decoder is not None:
+                self._program = self.decoder.program(plan, len(self._running))
 
     def _close_plan(self) -> None:
+        self._program = None
         if self._plan is not None:
             plan, self._plan = self._plan, None
             plan.close()

@@ -1,0 +1,253 @@
+"""One decode step (one new token per row) of a Llama-family causal LM, without the per-step machinery of a
+transformers forward.
+
+A decode step on CPU is bound by weight reads plus a fixed cost per operator call; transformers' forward adds
+about 40 small calls per layer (mask building, rotary modules, cache bookkeeping, output objects) and loraplex's
+wrapped layers resolve the batch plan at every call. :class:`FastDecoder` computes the same step from the same
+modules with the plan resolved once (:meth:`FastDecoder.program`, per running batch):
+
+* projections that read the same input (q/k/v, gate/up) run as one quantized kernel call over a fused copy of
+  their codes (:func:`loraplex.quant.fuse_outputs`, weights held once), or layer by layer for float bases;
+* each target's LoRA update is added into its slice of the output (:class:`loraplex.layers.FrozenUpdate`);
+* rotary embedding is applied to queries and keys in one pass; attention is one SDPA call with the query heads
+  of each KV group packed as query positions (grouped-query attention without repeating keys);
+* keys and values are appended to the same ``DynamicCache`` layers the transformers forward fills, so prefill
+  (transformers) and decode (here) share one cache and :mod:`loraplex.serve.kv`'s batch surgery.
+
+For a hidden state ``h`` [N, d] per layer (as transformers' Llama, Qwen2 and Mistral compute it)::
+
+    a = attn(rope(q(norm1(h))), cache + rope(k(norm1(h))), cache + v(norm1(h)))   # causal over the row's mask
+    h = h + o(a);  h = h + down(silu(gate(norm2(h))) * up(norm2(h)))
+    logits = lm_head(norm(h))
+
+:func:`supports` says which models qualify (full attention, SiLU MLP, RMSNorm, no q/k norms); a plan that needs
+the full layer forward (DoRA rows, training overrides) gets no program, and the caller runs the transformers
+forward instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraplex.layers import FrozenUpdate, MultiLoraLinear
+from loraplex.plan import BatchPlan
+from loraplex.quant import QuantizedLinear, fuse_outputs
+
+#: ``config.model_type`` values whose decoder layers have the Llama layout this module computes
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether ``model`` is a Llama-layout causal LM :class:`FastDecoder` computes exactly: model type in
+    :data:`MODEL_TYPES`, full attention in every layer, SiLU gated MLP, RMSNorms, no q/k norms, one
+    tensor-parallel slice, SDPA or eager attention."""
+    config = getattr(model, "config", None)
+    inner = getattr(model, "model", None)
+    if config is None or inner is None or getattr(config, "model_type", None) not in MODEL_TYPES:
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and any(t != "full_attention" for t in layer_types):
+        return False
+    if layer_types is None and getattr(config, "sliding_window", None) is not None:
+        return False
+    if getattr(config, "hidden_act", None) != "silu" or getattr(config, "pretraining_tp", 1) != 1:
+        return False
+    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return False
+    layers = getattr(inner, "layers", None)
+    if layers is None or not hasattr(inner, "rotary_emb") or not hasattr(inner, "norm"):
+        return False
+    for layer in layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attn is None or mlp is None or hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+            return False
+        if not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim")):
+            return False
+        if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            return False
+    return True
+
+
+def _rms_norm(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """``module(h)`` for an RMSNorm (transformers' formula, in float32), any other module called as it is."""
+    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    if weight is None or eps is None or not type(module).__name__.endswith("RMSNorm"):
+        return module(h)
+    x = h.float()  # [N, d]
+    var = x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()  # [N, 1]
+    return weight * (x * var).to(h.dtype)
+
+
+@dataclass
+class _Group:
+    """Projections reading one input: their bases (fused into one layer when possible) and output widths."""
+
+    modules: list[nn.Module]  # as they sit in the model (MultiLoraLinear wrappers or bare layers)
+    widths: list[int]
+    fused: QuantizedLinear | None
+    generic: bool = False  # some module is neither (a module per adapter, ...): each runs its own forward
+
+
+@dataclass(frozen=True)
+class _GroupProgram:
+    """A group's work in one step: its base layers (one fused, or one per module) and each module's update."""
+
+    bases: list[nn.Module]
+    updates: list[tuple[FrozenUpdate, int, int]]  # (update, first column, last column) of the group's output
+    fused: bool
+
+
+def _group_program(group: _Group, plan: BatchPlan) -> _GroupProgram | None:
+    if group.generic:
+        return _GroupProgram(list(group.modules), [], False)
+    updates = []
+    col = 0
+    for mod, width in zip(group.modules, group.widths):
+        if isinstance(mod, MultiLoraLinear):
+            upd = mod.frozen_update(plan)
+            if upd is None:
+                return None
+            if not upd.empty:
+                updates.append((upd, col, col + width))
+        col += width
+    if group.fused is not None:
+        return _GroupProgram([group.fused], updates, True)
+    bases = [m.base if isinstance(m, MultiLoraLinear) else m for m in group.modules]
+    return _GroupProgram(bases, updates, False)
+
+
+def _project(prog: _GroupProgram, x: torch.Tensor) -> torch.Tensor:
+    """The group's outputs side by side [N, sum widths] for ``x`` [N, d_in], LoRA updates added in place."""
+    if prog.fused:
+        y = prog.bases[0](x)  # [N, sum widths]
+    elif len(prog.bases) == 1:
+        y = prog.bases[0](x)
+    else:
+        y = torch.cat([b(x) for b in prog.bases], dim=-1)
+    for upd, c0, c1 in prog.updates:
+        upd.add_(x, y[:, c0:c1])
+    return y
+
+
+@dataclass(frozen=True)
+class DecodeProgram:
+    """Everything one decode step of a fixed batch plan needs, resolved once (:meth:`FastDecoder.program`)."""
+
+    qkv: list[_GroupProgram]  # per layer
+    o: list[_GroupProgram]
+    gate_up: list[_GroupProgram]
+    down: list[_GroupProgram]
+    n_rows: int
+
+
+class FastDecoder:
+    """Decode steps of a Llama-layout model (:func:`supports`) over its (wrapped) modules.
+
+    Args:
+        model: the causal LM, with loraplex's wrapped layers in place; not modified, except that fused int4/int8
+            projections make their members' codes views of the fused codes (same values).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        if not supports(model):
+            raise ValueError(f"{type(model).__name__} is not a Llama-layout causal LM the fast decoder computes")
+        self.model = model
+        inner: Any = model.model
+        self.inner = inner  # embed_tokens, norm and lm_head are read at every step: the bank may wrap them
+        self.layers = list(inner.layers)
+        attn0 = self.layers[0].self_attn
+        self.head_dim = int(attn0.head_dim)
+        self.n_heads = int(model.config.num_attention_heads)
+        self.n_kv = int(getattr(model.config, "num_key_value_heads", None) or self.n_heads)
+        self.scaling = float(attn0.scaling)
+        self._fused: dict[tuple[int, ...], QuantizedLinear | None] = {}  # by the members' ids (bases are kept)
+        self.groups: list[tuple[_Group, _Group, _Group, _Group]] = [self._layer_groups(la) for la in self.layers]
+
+    def _layer_groups(self, layer: nn.Module) -> tuple[_Group, _Group, _Group, _Group]:
+        a, m = layer.self_attn, layer.mlp
+        return (self._group([a.q_proj, a.k_proj, a.v_proj]), self._group([a.o_proj]),
+                self._group([m.gate_proj, m.up_proj]), self._group([m.down_proj]))
+
+    def _group(self, modules: list[nn.Module]) -> _Group:
+        bases = [m.base if isinstance(m, MultiLoraLinear) else m for m in modules]
+        if not all(isinstance(b, (nn.Linear, QuantizedLinear)) for b in bases):
+            return _Group(modules, [], None, generic=True)
+        widths = [int(b.out_features) for b in bases]  # type: ignore[arg-type]
+        fused = None
+        if all(isinstance(b, QuantizedLinear) for b in bases):
+            key = tuple(id(b) for b in bases)
+            if key not in self._fused:
+                self._fused[key] = fuse_outputs(bases)  # type: ignore[arg-type]
+            fused = self._fused[key]
+        return _Group(modules, widths, fused)
+
+    def _current_groups(self) -> list[tuple[_Group, _Group, _Group, _Group]]:
+        """The groups over the model's modules as they are now (the bank wraps targets as adapters arrive)."""
+        for i, layer in enumerate(self.layers):
+            a, m = layer.self_attn, layer.mlp
+            now = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+            g = self.groups[i]
+            if any(x is not y for x, y in zip(now, [*g[0].modules, *g[1].modules, *g[2].modules, *g[3].modules])):
+                self.groups[i] = self._layer_groups(layer)
+        return self.groups
+
+    def program(self, plan: BatchPlan | None, n_rows: int) -> DecodeProgram | None:
+        """The step program for ``plan`` (None: no adapter anywhere) over ``n_rows`` rows, or None when a layer
+        needs its full forward for this plan."""
+        if plan is not None and plan.n_rows != n_rows:
+            return None
+        base = plan is None or plan.all_base
+        progs: list[list[_GroupProgram]] = [[], [], [], []]
+        for groups in self._current_groups():
+            for k, g in enumerate(groups):
+                p = _base_program(g) if base else _group_program(g, plan)  # type: ignore[arg-type]
+                if p is None:
+                    return None
+                progs[k].append(p)
+        return DecodeProgram(*progs, n_rows=n_rows)
+
+    @torch.no_grad()
+    def step(self, prog: DecodeProgram, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+             cache: Any) -> torch.Tensor:
+        """Logits [N, V] (float32) of the next token for ``ids`` [N, 1], appending keys and values to ``cache``.
+
+        ``mask`` [N, L] is the attention mask including the new token (1 = real, left padding 0), ``pos`` [N, 1]
+        the new token's position ids; ``cache`` a ``DynamicCache`` holding L - 1 positions per layer.
+        """
+        n = ids.shape[0]
+        hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
+        inner = self.inner
+        h = inner.embed_tokens(ids).reshape(n, -1)  # [N, d]
+        cos, sin = inner.rotary_emb(h, pos)  # [N, 1, hd] each
+        half = hd // 2
+        attend = mask.bool()[:, None, None, :]  # [N, 1, 1, L]
+        for i, layer in enumerate(self.layers):
+            x = _rms_norm(layer.input_layernorm, h)
+            qkv = _project(prog.qkv[i], x)  # [N, (nh + 2 nkv) hd]
+            qk = qkv[:, :(nh + nkv) * hd].view(n, nh + nkv, hd)  # [N, nh + nkv, hd]
+            rot = torch.cat([qk[..., half:].neg(), qk[..., :half]], dim=-1)  # rotate_half
+            qk = qk * cos + rot * sin  # [N, nh + nkv, hd]
+            q = qk[:, :nh].reshape(n, nkv, nh // nkv, hd)  # [N, nkv, group, hd]: a group's heads as positions
+            k = qk[:, nh:].unsqueeze(2)  # [N, nkv, 1, hd]
+            v = qkv[:, (nh + nkv) * hd:].view(n, nkv, 1, hd)  # [N, nkv, 1, hd]
+            keys, values = cache.update(k, v, i)  # [N, nkv, L, hd] each
+            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=attend, scale=self.scaling)
+            h = h + _project(prog.o[i], a.reshape(n, nh * hd))
+            x = _rms_norm(layer.post_attention_layernorm, h)
+            gu = _project(prog.gate_up[i], x)  # [N, 2 d_ff]
+            d_ff = gu.shape[-1] // 2
+            h = h + _project(prog.down[i], F.silu(gu[:, :d_ff]) * gu[:, d_ff:])
+        return self.model.get_output_embeddings()(_rms_norm(inner.norm, h)).float()  # [N, V]
+
+
+def _base_program(group: _Group) -> _GroupProgram:
+    if group.generic:
+        return _GroupProgram(list(group.modules), [], False)
+    if group.fused is not None:
+        return _GroupProgram([group.fused], [], True)
+    return _GroupProgram([m.base if isinstance(m, MultiLoraLinear) else m for m in group.modules], [], False)
