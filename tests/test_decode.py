@@ -57,7 +57,13 @@ def close(got: torch.Tensor, ref: torch.Tensor, scheme: str | None) -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("scheme", [None, "int8", "int4"])
-def test_decode_steps_equal_the_transformers_forward(arch: str, scheme: str | None, adapters) -> None:
+@pytest.mark.parametrize("stacked", [True, False])
+def test_decode_steps_equal_the_transformers_forward(arch: str, scheme: str | None, stacked: bool, adapters,
+                                                     monkeypatch) -> None:
+    """Stacked: each projection group's LoRA in one update over its whole output; else (more distinct adapters
+    than decode.STACKED_MAX_ADAPTERS) each layer's own mixed-batch kernel."""
+    if not stacked:
+        monkeypatch.setattr(decode, "STACKED_MAX_ADAPTERS", 0)
     plex = loraplex.load(base_model(arch), adapters={k: str(v) for k, v in adapters[arch].items()},
                          quantize=scheme)
     model = plex.model

@@ -618,3 +618,33 @@ def test_pad_batch_right_and_left() -> None:
     assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
     ids, mask = pad_batch([[5, 6, 7], [8]], 2, left=True, device="cpu")
     assert ids.tolist() == [[5, 6, 7], [2, 2, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_stacked_columns_equal_each_outputs_plain_loop() -> None:
+    """ops.stack_columns + column_weights + lora_columns (several outputs reading one input, adapters of different
+    ranks, an output an adapter leaves alone, blends, base rows) equal ops.lora_reference output by output."""
+    torch.manual_seed(0)
+    d_in, widths, n_slots = 24, [16, 8, 12], 4
+    ranks = {1: [4, 0, 2], 2: [3, 5, 0], 3: [0, 0, 6]}  # slot -> rank per output (0: no adapter there)
+    stacks = []
+    for j, w in enumerate(widths):
+        A = torch.zeros(n_slots, 6, d_in)
+        B = torch.zeros(n_slots, w, 6)
+        for s, rs in ranks.items():
+            A[s, :rs[j]] = torch.randn(rs[j], d_in)
+            B[s, :, :rs[j]] = torch.randn(w, rs[j])
+        stacks.append((A, B, torch.tensor([0.0, 0.5, 2.0, 0.25])))
+    pr, ps, pw = [0, 1, 2, 2, 4, 5], [1, 2, 1, 3, 0, 2], [1.0, 1.0, 0.3, 0.7, 1.0, -0.5]  # row 3: no pair
+    x = torch.randn(6, d_in)
+    slots = [1, 2, 3]
+    factors = [[(A[s, :ranks[s][j]], B[s, :, :ranks[s][j]], float(sc[s])) if ranks[s][j] else None
+                for j, (A, B, sc) in enumerate(stacks)] for s in slots]
+    a, b, cols = ops.stack_columns(factors, widths)
+    assert cols == [6, 8, 6] and a.shape == (d_in, 20) and b.shape == (20, sum(widths))
+    index = torch.tensor([slots.index(s) if s in slots else -1 for s in ps])
+    weights = ops.column_weights(torch.tensor(pr), index, torch.tensor(pw), cols, 6)
+    out = torch.zeros(6, sum(widths))
+    ops.lora_columns(x, a, b, weights, out)
+    want = torch.cat([ops.lora_reference(x[:, None], A, B, sc, pr, ps, pw)[:, 0] for A, B, sc in stacks], dim=1)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    assert out[3].abs().max() == 0 and out[4].abs().max() == 0  # no pair / slot 0: nothing added

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraplex import ops
 from loraplex.layers import FrozenUpdate, MultiLoraLinear
 from loraplex.plan import BatchPlan
 from loraplex.quant import QuantizedLinear, fuse_outputs
@@ -74,10 +75,13 @@ def supports(model: nn.Module) -> bool:
 
 
 def _rms_norm(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """``module(h)`` for an RMSNorm (transformers' formula, in float32), any other module called as it is."""
+    """``module(h)`` for an RMSNorm (transformers' formula, in float32: ``weight * h / sqrt(mean(h^2) + eps)``), any
+    other module called as it is."""
     weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
     if weight is None or eps is None or not type(module).__name__.endswith("RMSNorm"):
         return module(h)
+    if h.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(h, (h.shape[-1],), weight, eps)  # [N, d]
     x = h.float()  # [N, d]
     var = x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()  # [N, 1]
     return weight * (x * var).to(h.dtype)
@@ -93,42 +97,68 @@ class _Group:
     generic: bool = False  # some module is neither (a module per adapter, ...): each runs its own forward
 
 
+#: distinct adapters in a batch up to which each projection group's LoRA runs as one stacked update
+#: (:func:`loraplex.ops.lora_columns`: every row pays for every adapter's columns); past it, each layer's own
+#: mixed-batch kernel (:class:`loraplex.layers.FrozenUpdate`)
+STACKED_MAX_ADAPTERS = 8
+
+
 @dataclass(frozen=True)
 class _GroupProgram:
-    """A group's work in one step: its base layers (one fused, or one per module) and each module's update."""
+    """A group's work in one step: its base layers (one fused, or one per module) and the rows' LoRA updates,
+    either ``stacked`` (``(a, b, weights)`` for :func:`loraplex.ops.lora_columns` over the group's whole output)
+    or per module (``updates``: update, first and last column of the group's output)."""
 
     bases: list[nn.Module]
-    updates: list[tuple[FrozenUpdate, int, int]]  # (update, first column, last column) of the group's output
     fused: bool
+    stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+    updates: tuple[tuple[FrozenUpdate, int, int], ...] = ()
 
 
-def _group_program(group: _Group, plan: BatchPlan) -> _GroupProgram | None:
+def _group_program(group: _Group, plan: BatchPlan, memo: dict[Any, torch.Tensor]) -> _GroupProgram | None:
+    """``group``'s program for ``plan`` (not all-base); ``memo`` shares row weights between groups of one layout."""
     if group.generic:
-        return _GroupProgram(list(group.modules), [], False)
-    updates = []
-    col = 0
-    for mod, width in zip(group.modules, group.widths):
-        if isinstance(mod, MultiLoraLinear):
-            upd = mod.frozen_update(plan)
-            if upd is None:
-                return None
-            if not upd.empty:
-                updates.append((upd, col, col + width))
+        return _GroupProgram(list(group.modules), False)
+    mods = group.modules
+    updates = [m.frozen_update(plan) if isinstance(m, MultiLoraLinear) else FrozenUpdate() for m in mods]
+    if any(u is None for u in updates):
+        return None
+    bases = [group.fused] if group.fused is not None else [m.base if isinstance(m, MultiLoraLinear) else m
+                                                           for m in mods]
+    fused = group.fused is not None
+    slots = [s for s, _, _ in plan.segments.bounds]
+    if len(slots) <= STACKED_MAX_ADAPTERS:
+        factors = [[m.slot_factors(s) if isinstance(m, MultiLoraLinear) else None for m in mods] for s in slots]
+        if not any(f is not None for per in factors for f in per):
+            return _GroupProgram(bases, fused)
+        a, b, cols = ops.stack_columns(factors, group.widths)
+        weights = None
+        if plan.uniform_slot is None:
+            key = ("columns", tuple(cols))
+            if key not in memo:
+                index = {s: k for k, s in enumerate(slots)}
+                pair_index = torch.tensor([index.get(int(s), -1) for s in plan.pair_slots], dtype=torch.long)
+                memo[key] = ops.column_weights(plan.pair_rows, pair_index, plan.pair_weights.detach(), cols,
+                                               plan.n_rows).to(device=a.device, dtype=a.dtype)  # [N, C]
+            weights = memo[key]
+        return _GroupProgram(bases, fused, stacked=(a, b, weights))
+    spans, col = [], 0
+    for upd, width in zip(updates, group.widths):
+        if upd is not None and not upd.empty:
+            spans.append((upd, col, col + width))
         col += width
-    if group.fused is not None:
-        return _GroupProgram([group.fused], updates, True)
-    bases = [m.base if isinstance(m, MultiLoraLinear) else m for m in group.modules]
-    return _GroupProgram(bases, updates, False)
+    return _GroupProgram(bases, fused, updates=tuple(spans))
 
 
 def _project(prog: _GroupProgram, x: torch.Tensor) -> torch.Tensor:
     """The group's outputs side by side [N, sum widths] for ``x`` [N, d_in], LoRA updates added in place."""
-    if prog.fused:
-        y = prog.bases[0](x)  # [N, sum widths]
-    elif len(prog.bases) == 1:
-        y = prog.bases[0](x)
+    if len(prog.bases) == 1:
+        y = prog.bases[0](x)  # [N, sum widths] (fused) or [N, width]
     else:
         y = torch.cat([b(x) for b in prog.bases], dim=-1)
+    if prog.stacked is not None:
+        a, b, weights = prog.stacked
+        ops.lora_columns(x, a, b, weights, y)
     for upd, c0, c1 in prog.updates:
         upd.add_(x, y[:, c0:c1])
     return y
@@ -203,9 +233,10 @@ class FastDecoder:
             return None
         base = plan is None or plan.all_base
         progs: list[list[_GroupProgram]] = [[], [], [], []]
+        memo: dict[Any, torch.Tensor] = {}
         for groups in self._current_groups():
             for k, g in enumerate(groups):
-                p = _base_program(g) if base else _group_program(g, plan)  # type: ignore[arg-type]
+                p = _base_program(g) if base else _group_program(g, plan, memo)  # type: ignore[arg-type]
                 if p is None:
                     return None
                 progs[k].append(p)
@@ -225,13 +256,14 @@ class FastDecoder:
         h = inner.embed_tokens(ids).reshape(n, -1)  # [N, d]
         cos, sin = inner.rotary_emb(h, pos)  # [N, 1, hd] each
         half = hd // 2
-        attend = mask.bool()[:, None, None, :]  # [N, 1, 1, L]
+        # rotate_half(v) = [-v2, v1] = roll(v, half) * [-1.., 1..]: the sign goes into sin once per step
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # [N, 1, hd]
+        attend = None if bool(mask.all()) else mask.bool()[:, None, None, :]  # [N, 1, 1, L]; no padding: None
         for i, layer in enumerate(self.layers):
             x = _rms_norm(layer.input_layernorm, h)
             qkv = _project(prog.qkv[i], x)  # [N, (nh + 2 nkv) hd]
             qk = qkv[:, :(nh + nkv) * hd].view(n, nh + nkv, hd)  # [N, nh + nkv, hd]
-            rot = torch.cat([qk[..., half:].neg(), qk[..., :half]], dim=-1)  # rotate_half
-            qk = qk * cos + rot * sin  # [N, nh + nkv, hd]
+            qk = torch.addcmul(qk * cos, qk.roll(half, dims=-1), sin)  # rope: v cos + rotate_half(v) sin
             q = qk[:, :nh].reshape(n, nkv, nh // nkv, hd)  # [N, nkv, group, hd]: a group's heads as positions
             k = qk[:, nh:].unsqueeze(2)  # [N, nkv, 1, hd]
             v = qkv[:, (nh + nkv) * hd:].view(n, nkv, 1, hd)  # [N, nkv, 1, hd]
@@ -247,7 +279,7 @@ class FastDecoder:
 
 def _base_program(group: _Group) -> _GroupProgram:
     if group.generic:
-        return _GroupProgram(list(group.modules), [], False)
+        return _GroupProgram(list(group.modules), False)
     if group.fused is not None:
-        return _GroupProgram([group.fused], [], True)
-    return _GroupProgram([m.base if isinstance(m, MultiLoraLinear) else m for m in group.modules], [], False)
+        return _GroupProgram([group.fused], True)
+    return _GroupProgram([m.base if isinstance(m, MultiLoraLinear) else m for m in group.modules], False)

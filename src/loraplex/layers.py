@@ -259,6 +259,14 @@ class MultiLoraLinear(WrappedModule):
             y3 = ops.dora_rescale(y3, dora[0].to(y3.dtype))
         return y3.reshape(y.shape)
 
+    def slot_factors(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``slot``'s adapter on this layer: (A [r, d_in], B [d_out, r], scaling), views of the slot stacks; None
+        when the slot does not adapt this layer (rank 0)."""
+        r = self.slot_rank[slot]
+        if r == 0:
+            return None
+        return self.lora_A[slot, :r], self.lora_B[slot, :, :r], float(self.lora_scale[slot])
+
     def frozen_update(self, plan: BatchPlan) -> "FrozenUpdate | None":
         """This layer's LoRA update for ``plan``'s decode steps (one token per row), resolved once: the views and
         kernel choice :meth:`FrozenUpdate.add_` uses, or an empty update when no row adapts this layer. None when the

@@ -221,6 +221,59 @@ def lora_single(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: floa
     return upd if out is None else out + upd
 
 
+def stack_columns(factors: list[list[tuple[torch.Tensor, torch.Tensor, float] | None]], widths: list[int]
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Several adapters' factors for several outputs that read one input, as one down- and one up-projection.
+
+    ``factors[k][j]`` is adapter k's ``(A [r, d_in], B [d_out_j, r], scaling)`` for output j (of width
+    ``widths[j]``), or None where it does not adapt that output. Returns ``a`` [d_in, C] (each pair's
+    ``scaling * A^T``, adapter by adapter, output by output), ``b`` [C, sum(widths)] (each pair's ``B^T`` in its
+    output's columns, zeros elsewhere) and the number of columns of each adapter, so that for x [N, d_in]::
+
+        (x @ a)[:, cols_k] @ b[cols_k] == concat_j(scaling_kj * x A_kj^T B_kj^T)     # adapter k alone
+    """
+    first = next(f for per in factors for f in per if f is not None)
+    d_in, dtype, device = first[0].shape[1], first[0].dtype, first[0].device
+    offsets = [sum(widths[:j]) for j in range(len(widths))]
+    cols = [sum(int(f[0].shape[0]) for f in per if f is not None) for per in factors]
+    a = torch.zeros(d_in, sum(cols), dtype=dtype, device=device)  # [d_in, C]
+    b = torch.zeros(sum(cols), sum(widths), dtype=dtype, device=device)  # [C, W]
+    c = 0
+    for per in factors:
+        for j, f in enumerate(per):
+            if f is None:
+                continue
+            A, B, scaling = f
+            r = int(A.shape[0])
+            a[:, c:c + r] = A.t() * scaling
+            b[c:c + r, offsets[j]:offsets[j] + widths[j]] = B.t()
+            c += r
+    return a, b, cols
+
+
+def column_weights(pair_rows: torch.Tensor, pair_index: torch.Tensor, pair_weights: torch.Tensor, cols: list[int],
+                   n_rows: int) -> torch.Tensor:
+    """[N, C] weight of each row on each column of :func:`stack_columns`' layout: pair p puts
+    ``pair_weights[p]`` on the ``cols[pair_index[p]]`` columns of adapter ``pair_index[p]`` in row
+    ``pair_rows[p]`` (index -1: the pair adds nothing)."""
+    keep = pair_index >= 0
+    per_adapter = torch.zeros(n_rows, len(cols), dtype=torch.float32)  # [N, K]
+    per_adapter.index_put_((pair_rows[keep], pair_index[keep]), pair_weights[keep].float(), accumulate=True)
+    return per_adapter.repeat_interleave(torch.tensor(cols), dim=1)  # [N, C]
+
+
+def lora_columns(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor | None,
+                 out: torch.Tensor) -> torch.Tensor:
+    """``out += ((x @ a) * weights) @ b`` in place, for ``x`` [N, d_in], ``a`` [d_in, C], ``b`` [C, W],
+    ``weights`` [N, C] (None: all ones) and ``out`` [N, W] (it may be a column slice): every row's adapters
+    (:func:`stack_columns`, :func:`column_weights`) in three ops. Rows pay for every adapter's columns, so this
+    suits few distinct adapters and one token per row."""
+    t = torch.mm(x.to(a.dtype), a)  # [N, C]
+    if weights is not None:
+        t.mul_(weights)
+    return out.addmm_(t, b)
+
+
 def lora_reference(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
                    pair_rows: list[int], pair_slots: list[int], pair_weights: list[float]) -> torch.Tensor:
     """Plain per-pair loop (slow, for tests): the definition the kernels implement."""
