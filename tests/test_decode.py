@@ -154,3 +154,32 @@ def test_engine_generates_the_same_tokens_with_and_without_the_fast_step(scheme:
             results[fast] = [h.result(timeout=60).token_ids for h in mixed + with_dora]
     assert results[True] == results[False]
     assert all(len(t) == 6 for t in results[True])
+
+
+def test_kv_appender_equals_concatenation_across_batch_surgery() -> None:
+    """Keys written into spare capacity equal DynamicCache's concatenation, also after rows leave the batch and a
+    transformers update replaced the layer's tensors; buffers are reused between reallocations."""
+    model = base_model("llama")
+    ref, got = kv.new_cache(model), kv.new_cache(model)
+    app = decode.KVAppender(min_spare=2)
+    torch.manual_seed(0)
+    first = torch.randn(3, 2, 4, 32), torch.randn(3, 2, 4, 32)
+    for c in (ref, got):
+        c.update(*first, 0)
+    mask = torch.ones(3, 4, dtype=torch.long)
+    ptrs = set()
+    for step in range(7):
+        k, v = torch.randn(ref.layers[0].keys.shape[0], 2, 1, 32), torch.randn(ref.layers[0].keys.shape[0], 2, 1, 32)
+        want = ref.update(k, v, 0)
+        have = app.append(got, 0, k, v)
+        ptrs.add(have[0].data_ptr())
+        assert torch.equal(have[0], want[0]) and torch.equal(have[1], want[1])
+        assert got.layers[0].keys is have[0]
+        if step == 2:  # a row leaves: the layer's tensors are new ones, the appender starts a new buffer
+            mask = kv.select_rows(ref, mask, [0, 2])
+            kv.select_rows(got, mask.new_ones(3, 1), [0, 2])
+        if step == 4:  # a transformers forward appends by concatenation
+            k2, v2 = torch.randn(2, 2, 1, 32), torch.randn(2, 2, 1, 32)
+            ref.update(k2, v2, 0)
+            got.update(k2, v2, 0)
+    assert 2 <= len(ptrs) < 7  # reallocated after surgery, written in place in between

@@ -87,6 +87,44 @@ def _rms_norm(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return weight * (x * var).to(h.dtype)
 
 
+class KVAppender:
+    """Appends decode steps' keys and values to a dynamic cache's layers in spare capacity: each layer's
+    ``keys``/``values`` stay views ``buffer[:, :, :L]`` of larger buffers, so a step writes one column instead of
+    copying the whole cache (``DynamicLayer.update`` concatenates). A layer whose tensors are no longer the view
+    handed out (batch surgery, a transformers forward, another cache) gets a new buffer; growth is geometric, so
+    copies cost O(1) per step amortised. Owned by one thread."""
+
+    def __init__(self, min_spare: int = 32) -> None:
+        self.min_spare = min_spare
+        self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer index -> (keys, values) buffers
+
+    def append(self, cache, index: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index``'s keys and values [N, H, L + 1, D] after appending ``keys``/``values`` [N, H, 1, D]."""
+        layer = cache.layers[index]
+        if type(layer).__name__ != "DynamicLayer" or not getattr(layer, "is_initialized", False):
+            return cache.update(keys, values, index)
+        old_k, old_v = layer.keys, layer.values  # [N, H, L, D]
+        n, h, length, d = old_k.shape
+        buf = self._buffers.get(index)
+        if buf is None or not _is_prefix(old_k, buf[0]) or not _is_prefix(old_v, buf[1]) or \
+                buf[0].shape[2] <= length:
+            cap = length + max(self.min_spare, length // 2)
+            buf = (old_k.new_empty(n, h, cap, d), old_v.new_empty(n, h, cap, old_v.shape[-1]))
+            buf[0][:, :, :length].copy_(old_k)
+            buf[1][:, :, :length].copy_(old_v)
+            self._buffers[index] = buf
+        buf[0][:, :, length:length + 1].copy_(keys)
+        buf[1][:, :, length:length + 1].copy_(values)
+        layer.keys, layer.values = buf[0][:, :, :length + 1], buf[1][:, :, :length + 1]
+        return layer.keys, layer.values
+
+
+def _is_prefix(t: torch.Tensor, buffer: torch.Tensor) -> bool:
+    """``t`` is ``buffer[:, :, :L]`` for some L (same storage start, batch, heads and strides)."""
+    return (t.data_ptr() == buffer.data_ptr() and t.shape[:2] == buffer.shape[:2] and t.shape[3] == buffer.shape[3]
+            and t.stride() == buffer.stride())
+
+
 @dataclass
 class _Group:
     """Projections reading one input: their bases (fused into one layer when possible) and output widths."""
@@ -195,6 +233,7 @@ class FastDecoder:
         self.n_heads = int(model.config.num_attention_heads)
         self.n_kv = int(getattr(model.config, "num_key_value_heads", None) or self.n_heads)
         self.scaling = float(attn0.scaling)
+        self.kv = KVAppender()
         self._fused: dict[tuple[int, ...], QuantizedLinear | None] = {}  # by the members' ids (bases are kept)
         self.groups: list[tuple[_Group, _Group, _Group, _Group]] = [self._layer_groups(la) for la in self.layers]
 
@@ -267,7 +306,7 @@ class FastDecoder:
             q = qk[:, :nh].reshape(n, nkv, nh // nkv, hd)  # [N, nkv, group, hd]: a group's heads as positions
             k = qk[:, nh:].unsqueeze(2)  # [N, nkv, 1, hd]
             v = qkv[:, (nh + nkv) * hd:].view(n, nkv, 1, hd)  # [N, nkv, 1, hd]
-            keys, values = cache.update(k, v, i)  # [N, nkv, L, hd] each
+            keys, values = self.kv.append(cache, i, k, v)  # [N, nkv, L, hd] each
             a = F.scaled_dot_product_attention(q, keys, values, attn_mask=attend, scale=self.scaling)
             h = h + _project(prog.o[i], a.reshape(n, nh * hd))
             x = _rms_norm(layer.post_attention_layernorm, h)
