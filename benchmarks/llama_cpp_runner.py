@@ -5,7 +5,7 @@ Two bindings, whichever is importable, behind one small interface (:class:`Runne
 C API). Neither is a loraplex dependency; ``docs/quantization.md`` gives the install recipe.
 
 * ``Runner(gguf, threads)`` loads the model once (context of 512 tokens, ``threads`` for decode and prompt);
-* ``runner.adapter(path)`` loads a LoRA GGUF (llama.cpp's ``convert_lora_to_gguf.py`` output) on that model;
+* ``runner.adapter(path, name)`` loads a LoRA GGUF (llama.cpp's ``convert_lora_to_gguf.py`` output) on that model;
 * ``runner.generate(ids, n, adapter)`` runs the prompt token ids and ``n`` greedy tokens with the adapter applied at
   scale 1.0 (one context per adapter, so switching adapters costs nothing) and returns the ``n`` token ids.
   EOS is ignored (argmax, no stop), as loraplex's ``ignore_eos``: every request makes ``n`` tokens and the tokens
@@ -79,10 +79,11 @@ class Runner:
     def version(self) -> str:
         return self._impl.version
 
-    def adapter(self, path: str) -> str:
-        """Register the LoRA GGUF at ``path``; returns the key to pass to :meth:`generate`."""
-        self._ctx[path] = self._impl.context(path)
-        return path
+    def adapter(self, path: str, name: str | None = None) -> str:
+        """Register the LoRA GGUF at ``path`` under ``name`` (default: the path): the key :meth:`generate` takes."""
+        key = name or path
+        self._ctx[key] = self._impl.context(path)
+        return key
 
     def generate(self, ids: list[int], n: int, adapter: str | None = None) -> list[int]:
         """``n`` greedy token ids after the prompt ``ids`` (EOS ignored), with ``adapter`` at scale 1.0."""
