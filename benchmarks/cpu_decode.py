@@ -262,7 +262,8 @@ def main() -> None:
         gguf = next(Path(spec.submodule_search_locations[0]).rglob("*.gguf"))  # type: ignore[union-attr,index]
         runner = Runner(str(gguf), threads)
         if args.lora_converter:
-            loras = {n: runner.adapter(g, n) for n, g in convert_adapters(args.lora_converter, str(folder), paths).items()}
+            ggufs = convert_adapters(args.lora_converter, str(folder), paths)
+            loras = {n: runner.adapter(g, n) for n, g in ggufs.items()}
         check = llama_cpp_check(runner, loras, {v: engines[v] for v in ("fp32", "int4")}, ids)
     lc_kinds = ("base", "single", "mixed") if loras else ("base",)
     lc_runs = {"base": ([ids[0]], [None]), "single": (single_ids, single_choice), "mixed": (mixed_ids, mixed_choice)}
@@ -322,7 +323,8 @@ def main() -> None:
     for line in check:
         print("  " + line)
     if timed and loras:
-        print("\n| loraplex / llama.cpp | single on a0 (x llama.cpp a0) | 16 mixed (x llama.cpp 16 one after another) |")
+        print("\n| loraplex / llama.cpp | single on a0 (x llama.cpp a0) | "
+              "16 mixed (x llama.cpp 16 one after another) |")
         print("| --- | --- | --- |")
         for v in timed:
             print(f"| loraplex {LABEL[v]} | {ratio(v, 'single', lc['single']):.2f}x | "
