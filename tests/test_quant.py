@@ -308,4 +308,5 @@ def test_cpu_decode_benchmark_runs() -> None:
                          capture_output=True, text=True, env=env, timeout=1800)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [line for line in res.stdout.splitlines() if line.startswith(("| fp32", "| int8", "| int4"))]
-    assert len(rows) == 3 and "(1.00x)" in rows[0]
+    assert [r.split("|")[1].strip() for r in rows] == ["fp32", "int8", "int4", "int4, HF step"], rows
+    assert "(1.00x)" in rows[0]
