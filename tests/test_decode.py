@@ -183,3 +183,40 @@ def test_kv_appender_equals_concatenation_across_batch_surgery() -> None:
             ref.update(k2, v2, 0)
             got.update(k2, v2, 0)
     assert 2 <= len(ptrs) < 7  # reallocated after surgery, written in place in between
+
+
+def test_stacked_factors_follow_slot_rewrites(adapters) -> None:
+    """The decoder keeps each group's stacked factors between batches over the same adapters; an adapter replaced
+    under the same name (its slot rewritten) is computed with its new weights, equal to the transformers forward."""
+    paths = adapters["llama"]
+    plex = loraplex.load(base_model("llama"), adapters={"a": str(paths["a"]), "b": str(paths["b"])})
+    model = plex.model
+    fast = decode.FastDecoder(model)
+    ids, mask = pad_batch(PROMPTS[:2], 0, left=True)
+
+    def step_pair(choices: list) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad(), plex.using(choices, 2) as plan:
+            prog = fast.program(plan, 2)
+            assert prog is not None
+            caches = kv.new_cache(model), kv.new_cache(model)
+            for c in caches:
+                out = model(input_ids=ids, attention_mask=mask, position_ids=kv.position_ids(mask), past_key_values=c,
+                            use_cache=True)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            m = torch.cat([mask, mask.new_ones(2, 1)], dim=1)
+            pos = m.sum(dim=1, keepdim=True) - 1
+            ref = model(input_ids=tok, attention_mask=m, position_ids=pos, past_key_values=caches[0],
+                        use_cache=True).logits[:, -1]
+            return fast.step(prog, tok, m, pos, caches[1]), ref
+
+    got, ref = step_pair(["a", "b"])
+    close(got, ref, None)
+    kept = dict(fast._stacks)  # noqa: SLF001 - the cache under test
+    got, ref = step_pair(["b", "a"])  # other rows, same adapters: the stacked factors are reused
+    close(got, ref, None)
+    assert all(fast._stacks[k][1] is v[1] for k, v in kept.items())  # noqa: SLF001
+    before = got
+    plex.add_adapter("a", str(paths["c"]), replace=True)  # a's slot rewritten with other weights
+    got, ref = step_pair(["b", "a"])
+    close(got, ref, None)
+    assert not torch.allclose(got[1], before[1], atol=1e-3)  # the new weights really changed row 1

@@ -153,8 +153,12 @@ class _GroupProgram:
     updates: tuple[tuple[FrozenUpdate, int, int], ...] = ()
 
 
-def _group_program(group: _Group, plan: BatchPlan, memo: dict[Any, torch.Tensor]) -> _GroupProgram | None:
-    """``group``'s program for ``plan`` (not all-base); ``memo`` shares row weights between groups of one layout."""
+def _group_program(group: _Group, plan: BatchPlan, memo: dict[Any, torch.Tensor],
+                   stacks: dict[tuple[int, ...], tuple[Any, torch.Tensor, torch.Tensor, list[int]]]
+                   ) -> _GroupProgram | None:
+    """``group``'s program for ``plan`` (not all-base); ``memo`` shares row weights between groups of one layout,
+    ``stacks`` keeps each group's stacked factors for the last set of adapters it served (keyed by the slots and
+    their versions), so a batch that changes rows but not adapters reuses them."""
     if group.generic:
         return _GroupProgram(list(group.modules), False)
     mods = group.modules
@@ -166,10 +170,18 @@ def _group_program(group: _Group, plan: BatchPlan, memo: dict[Any, torch.Tensor]
     fused = group.fused is not None
     slots = [s for s, _, _ in plan.segments.bounds]
     if len(slots) <= STACKED_MAX_ADAPTERS:
-        factors = [[m.slot_factors(s) if isinstance(m, MultiLoraLinear) else None for m in mods] for s in slots]
-        if not any(f is not None for per in factors for f in per):
-            return _GroupProgram(bases, fused)
-        a, b, cols = ops.stack_columns(factors, group.widths)
+        gkey = tuple(id(m) for m in mods)
+        key = tuple((s, tuple(m.slot_version[s] if isinstance(m, MultiLoraLinear) else -1 for m in mods))
+                    for s in slots)
+        kept = stacks.get(gkey)
+        if kept is None or kept[0] != key:
+            factors = [[m.slot_factors(s) if isinstance(m, MultiLoraLinear) else None for m in mods] for s in slots]
+            if not any(f is not None for per in factors for f in per):
+                stacks.pop(gkey, None)
+                return _GroupProgram(bases, fused)
+            kept = (key, *ops.stack_columns(factors, group.widths))
+            stacks[gkey] = kept
+        _, a, b, cols = kept
         weights = None
         if plan.uniform_slot is None:
             key = ("columns", tuple(cols))
@@ -234,6 +246,8 @@ class FastDecoder:
         self.n_kv = int(getattr(model.config, "num_key_value_heads", None) or self.n_heads)
         self.scaling = float(attn0.scaling)
         self.kv = KVAppender()
+        #: per projection group: the stacked LoRA factors of the adapters it last served (one copy of the working set)
+        self._stacks: dict[tuple[int, ...], tuple[Any, torch.Tensor, torch.Tensor, list[int]]] = {}
         self._fused: dict[tuple[int, ...], QuantizedLinear | None] = {}  # by the members' ids (bases are kept)
         self.groups: list[tuple[_Group, _Group, _Group, _Group]] = [self._layer_groups(la) for la in self.layers]
 
@@ -275,7 +289,8 @@ class FastDecoder:
         memo: dict[Any, torch.Tensor] = {}
         for groups in self._current_groups():
             for k, g in enumerate(groups):
-                p = _base_program(g) if base else _group_program(g, plan, memo)  # type: ignore[arg-type]
+                p = (_base_program(g) if base
+                     else _group_program(g, plan, memo, self._stacks))  # type: ignore[arg-type]
                 if p is None:
                     return None
                 progs[k].append(p)

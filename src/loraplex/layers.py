@@ -60,6 +60,7 @@ class MultiLoraLinear(WrappedModule):
         self.register_buffer("dora_gain", w.new_ones(n_slots, self.d_out, dtype=dtype), persistent=False)  # [S, d_out]
         self.slot_rank: list[int] = [0] * n_slots
         self.slot_dora: list[bool] = [False] * n_slots  # the slot holds a DoRA adapter (its gain is not all ones)
+        self.slot_version: list[int] = [0] * n_slots  # bumped by every write of the slot (copies of it go stale)
         self.kernel: str = "auto"  # "auto" | "sgmv" | "bgmv" | "segbmm" (tests and benchmarks force one)
 
     # ---------------------------------------------------------------- slot writes (bank only)
@@ -89,12 +90,14 @@ class MultiLoraLinear(WrappedModule):
         self.dora_gain = gain
         self.slot_rank = self.slot_rank + [0] * (n_slots - len(self.slot_rank))
         self.slot_dora = self.slot_dora + [False] * (n_slots - len(self.slot_dora))
+        self.slot_version = self.slot_version + [0] * (n_slots - len(self.slot_version))
 
     @torch.no_grad()
     def set_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scaling: float,
                  magnitude: torch.Tensor | None = None) -> None:
         """Write one adapter's factors into ``slot`` (``A`` None clears it); ``magnitude`` [d_out] makes it a DoRA
         slot, whose gain ``m / ||W + s B A||`` is computed here, once."""
+        self.slot_version[slot] += 1
         if A is None:
             if self.slot_rank[slot] or self.slot_dora[slot]:
                 self.lora_A.data[slot].zero_()
@@ -122,9 +125,12 @@ class MultiLoraLinear(WrappedModule):
             self.dora_gain[slot].copy_(g)
             self.slot_dora[slot] = True
 
-    def slot_factors(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(A [r, d_in], B [d_out, r], scaling) currently in ``slot``."""
+    def slot_factors(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(A [r, d_in], B [d_out, r], scaling) currently in ``slot`` (views of the stacks); None when the slot does
+        not adapt this layer (rank 0). ``slot_version[slot]`` changes whenever they do."""
         r = self.slot_rank[slot]
+        if r == 0:
+            return None
         return self.lora_A[slot, :r], self.lora_B[slot, :, :r], float(self.lora_scale[slot])
 
     def stacks(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,14 +264,6 @@ class MultiLoraLinear(WrappedModule):
         if dora is not None:
             y3 = ops.dora_rescale(y3, dora[0].to(y3.dtype))
         return y3.reshape(y.shape)
-
-    def slot_factors(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        """``slot``'s adapter on this layer: (A [r, d_in], B [d_out, r], scaling), views of the slot stacks; None
-        when the slot does not adapt this layer (rank 0)."""
-        r = self.slot_rank[slot]
-        if r == 0:
-            return None
-        return self.lora_A[slot, :r], self.lora_B[slot, :, :r], float(self.lora_scale[slot])
 
     def frozen_update(self, plan: BatchPlan) -> "FrozenUpdate | None":
         """This layer's LoRA update for ``plan``'s decode steps (one token per row), resolved once: the views and

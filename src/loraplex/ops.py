@@ -234,21 +234,19 @@ def stack_columns(factors: list[list[tuple[torch.Tensor, torch.Tensor, float] | 
     """
     first = next(f for per in factors for f in per if f is not None)
     d_in, dtype, device = first[0].shape[1], first[0].dtype, first[0].device
-    offsets = [sum(widths[:j]) for j in range(len(widths))]
-    cols = [sum(int(f[0].shape[0]) for f in per if f is not None) for per in factors]
-    a = torch.zeros(d_in, sum(cols), dtype=dtype, device=device)  # [d_in, C]
-    b = torch.zeros(sum(cols), sum(widths), dtype=dtype, device=device)  # [C, W]
-    c = 0
+    a_parts, b_parts, cols = [], [], []
     for per in factors:
-        for j, f in enumerate(per):
+        blocks = []  # one per output: B^T [r, d_out_j], or [0, d_out_j] where the adapter leaves it alone
+        for f, w in zip(per, widths):
             if f is None:
+                blocks.append(torch.zeros(0, w, dtype=dtype, device=device))
                 continue
             A, B, scaling = f
-            r = int(A.shape[0])
-            a[:, c:c + r] = A.t() * scaling
-            b[c:c + r, offsets[j]:offsets[j] + widths[j]] = B.t()
-            c += r
-    return a, b, cols
+            a_parts.append(A.t() * scaling)  # [d_in, r]
+            blocks.append(B.t())  # [r, d_out_j]
+        b_parts.append(torch.block_diag(*blocks))  # [C_k, W]
+        cols.append(b_parts[-1].shape[0])
+    return torch.cat(a_parts, dim=1), torch.cat(b_parts, dim=0), cols
 
 
 def column_weights(pair_rows: torch.Tensor, pair_index: torch.Tensor, pair_weights: torch.Tensor, cols: list[int],
