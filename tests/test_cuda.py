@@ -139,6 +139,7 @@ def test_serving_engine_on_cuda_equals_generate(adapters: dict[str, Path]) -> No
 
     plex = loraplex.load(tiny_llama(), adapters, device=DEVICE)
     engine = Engine(plex, max_batch_size=4, batch_window_ms=20)
+    assert engine.decoder is not None  # decode steps through loraplex.decode on the device too
     try:
         prompts = [[5, 9, 3], [7, 7, 1, 2], [4, 8]]
         choices = ["a", "c", None]
