@@ -337,3 +337,48 @@ def test_scale_benchmark_quick_runs():
                           "--requests", "16"], capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "| 100 |" in res.stdout and "targets:" in res.stdout
+
+
+@pytest.mark.parametrize("seconds", [0.2, 0])
+def test_serve_cli_rescan_seconds(tmp_path, base, base_model, monkeypatch, seconds):
+    """``loraplex serve --rescan-seconds N``: a folder copied into the store joins the listing within a few
+    periods without any request naming it; with 0 there are no periodic rescans (not listed after the same wait),
+    yet a request for the name still finds it on disk and serves it."""
+    import time
+
+    from typer.testing import CliRunner
+
+    import loraplex.serve.server as server_mod
+    from loraplex.cli import app as cli_app
+
+    root = tmp_path / "store"
+    random_adapters(base_model, root, ["a"])
+    staged = random_adapters(base_model, tmp_path / "staging", ["late"], seed=31)["late"]
+    seen: dict = {}
+
+    def fake_run(app, **kw):
+        with TestClient(app) as client:
+            def listed() -> set:
+                return {m["id"] for m in client.get("/v1/models").json()["data"]}
+
+            seen["before"] = listed()
+            shutil.copytree(staged, root / ".late.tmp-1")
+            os.replace(root / ".late.tmp-1", root / "late")
+            deadline = time.monotonic() + 3.0
+            while "late" not in listed() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            seen["after_wait"] = listed()
+            seen["watching"] = app.state.engine.plex.store.watching
+            seen["served"] = _complete(client, "late").status_code
+            seen["after_request"] = listed()
+
+    monkeypatch.setattr(server_mod, "serve", fake_run)
+    res = CliRunner().invoke(cli_app, ["serve", "--base", str(base), "--adapters-dir", str(root),
+                                       "--rescan-seconds", str(seconds)])
+    assert res.exit_code == 0, res.output
+    assert "late" not in seen["before"] and seen["served"] == 200 and "late" in seen["after_request"]
+    assert seen["watching"] == (seconds > 0)
+    assert ("late" in seen["after_wait"]) == (seconds > 0)
+    bad = CliRunner().invoke(cli_app, ["serve", "--base", str(base), "--adapters-dir", str(root),
+                                       "--rescan-seconds", "-1"])
+    assert bad.exit_code == 2 and "--rescan-seconds" in bad.output
