@@ -292,12 +292,7 @@ class AdapterBank:
                                             f"{timeout}s; not unloaded")
                     self._idle.wait(left)
             self._detach_slot(name)
-            for sw in self.switches.values():
-                if sw.copy_for(name) is not None:
-                    sw.set_copy(name, None)
-            handler = getattr(self.model, "loraplex_remove_saved", None)
-            if callable(handler):
-                handler(name)
+            self._remove_saved(name)
             self._drop_cpu(name)
             del self._cpu[name]
             self._from_store.discard(name)
@@ -548,6 +543,7 @@ class AdapterBank:
                 elif name in change.removed:
                     self._cpu.pop(name, None)
                     self._from_store.discard(name)
+                    self._remove_saved(name)
                 self.version += 1
 
     def _enforce_cpu_budget(self) -> None:
@@ -566,4 +562,16 @@ class AdapterBank:
                 continue
             self._drop_cpu(name)
             self._cpu_lru.pop(name, None)
+            if name in self._from_store and ad.saved_modules:
+                self._remove_saved(name)  # a task head goes with its copy; the next read installs it again
             self.stats.cpu_evictions += 1
+
+    def _remove_saved(self, name: str) -> None:
+        """Uninstall ``name``'s ``modules_to_save`` copies (the model's own remover, e.g. a task head, or the
+        switches' copies)."""
+        for sw in self.switches.values():
+            if sw.copy_for(name) is not None:
+                sw.set_copy(name, None)
+        handler = getattr(self.model, "loraplex_remove_saved", None)
+        if callable(handler):
+            handler(name)

@@ -205,7 +205,8 @@ def serve(
                     base_id=base_id, compositions=_pairs(composition, "--composition"), device=device,
                     max_slots=max_slots, trust_pickle=trust_pickle, max_batch_size=max_batch_size,
                     batch_window_ms=batch_window_ms, max_queue=max_queue, max_length=max_prompt_tokens,
-                    admin_token=admin_token, adapter_roots=adapter_root)
+                    admin_token=admin_token, adapter_roots=adapter_root, cpu_budget_mb=cpu_budget_mb,
+                    rescan_seconds=rescan_seconds)
             else:
                 engine, _, app = build_server(
                     base=base, adapters=_pairs(adapter, "--adapter"), adapters_dir=adapters_dir,
