@@ -46,7 +46,7 @@ def page_buffer(nbytes: int) -> torch.Tensor:
     and more, such as one adapter's tensors."""
     if nbytes <= 0:
         return torch.empty(0, dtype=torch.uint8)
-    mm = mmap.mmap(-1, int(nbytes))
+    mm = mmap.mmap(-1, int(nbytes), flags=mmap.MAP_PRIVATE)  # anonymous (fd -1), not shared with a fork
     return torch.frombuffer(mm, dtype=torch.uint8)  # holds the mapping until its last view dies
 
 
