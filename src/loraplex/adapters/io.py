@@ -17,6 +17,7 @@ import torch
 
 from loraplex.adapters.spec import LoraSpec
 from loraplex.errors import AdapterError, PathNotAllowedError
+from loraplex.hostmem import page_buffer
 from loraplex.modules import adapted_dims
 
 CONFIG_NAME = "adapter_config.json"
@@ -240,8 +241,6 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     Layout (the safetensors spec): u64 little-endian header length N, N bytes of JSON
     ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__"?: {...}}``, then the data, offsets
     relative to its start."""
-    from loraplex.hostmem import page_buffer
-
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
         head = fh.read(8)
