@@ -10,7 +10,7 @@ each store size in ``--sizes`` (default 10, 1,000, 10,000). Each size runs in a 
   process next to the CPU-tier budget (``--cpu-budget-mb``), split into anonymous
   memory (``RssAnon`` + ``RssShmem``: the heap and the CPU tier's page buffers) and file-mapped pages (``RssFile``:
   mostly the base model's safetensors mapping, whose touched pages follow the tokens generated, e.g. embedding
-  rows); anonymous RSS less the CPU tier's bytes (what the process holds besides adapters: its growth across sizes
+  rows, so every process pages the whole base in after start-up); anonymous RSS less the CPU tier's bytes (what the process holds besides adapters: its growth across sizes
   is memory outside the budget); ``/v1/models`` latency;
 * first-request latency of a cold adapter (on disk) vs a hot one (in a slot): p50 / p99 of one-token requests;
 * throughput (generated tokens/s) of Zipf(``--zipf``) traffic over all adapters as a ratio to single-adapter
@@ -78,8 +78,11 @@ def child(args: argparse.Namespace) -> dict:
                                          max_queue=4096, rescan_seconds=0,
                                          adapter_roots=[args.store, args.all])
     startup = time.perf_counter() - t0
-    rss_start = rss_mb()
     plex = engine.plex
+    with torch.no_grad():  # page the whole base in (its weights are a file mapping, paged in as rows are used), so
+        for t in plex.model.state_dict().values():  # RSS growth counts adapters, not which embedding rows the
+            t.float().sum()  # generated tokens happened to touch
+    rss_start = rss_mb()
     names = sorted(plex.adapters)
     out: dict = {"n": len(names), "startup_s": startup, "rss_before_mb": rss0, "rss_start_mb": rss_start}
     try:
