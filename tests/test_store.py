@@ -337,3 +337,177 @@ def test_scale_benchmark_quick_runs():
                           "--requests", "16"], capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "| 100 |" in res.stdout and "targets:" in res.stdout
+
+
+@pytest.mark.parametrize("seconds", [0.2, 0])
+def test_serve_cli_rescan_seconds(tmp_path, base, base_model, monkeypatch, seconds):
+    """``loraplex serve --rescan-seconds N``: a folder copied into the store joins the listing within a few
+    periods without any request naming it; with 0 there are no periodic rescans (not listed after the same wait),
+    yet a request for the name still finds it on disk and serves it."""
+    import time
+
+    from typer.testing import CliRunner
+
+    import loraplex.serve.server as server_mod
+    from loraplex.cli import app as cli_app
+
+    root = tmp_path / "store"
+    random_adapters(base_model, root, ["a"])
+    staged = random_adapters(base_model, tmp_path / "staging", ["late"], seed=31)["late"]
+    seen: dict = {}
+
+    def fake_run(app, **kw):
+        with TestClient(app) as client:
+            def listed() -> set:
+                return {m["id"] for m in client.get("/v1/models").json()["data"]}
+
+            seen["before"] = listed()
+            shutil.copytree(staged, root / ".late.tmp-1")
+            os.replace(root / ".late.tmp-1", root / "late")
+            deadline = time.monotonic() + 3.0
+            while "late" not in listed() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            seen["after_wait"] = listed()
+            seen["watching"] = app.state.engine.plex.store.watching
+            seen["served"] = _complete(client, "late").status_code
+            seen["after_request"] = listed()
+
+    monkeypatch.setattr(server_mod, "serve", fake_run)
+    res = CliRunner().invoke(cli_app, ["serve", "--base", str(base), "--adapters-dir", str(root),
+                                       "--rescan-seconds", str(seconds)])
+    assert res.exit_code == 0, res.output
+    assert "late" not in seen["before"] and seen["served"] == 200 and "late" in seen["after_request"]
+    assert seen["watching"] == (seconds > 0)
+    assert ("late" in seen["after_wait"]) == (seconds > 0)
+    bad = CliRunner().invoke(cli_app, ["serve", "--base", str(base), "--adapters-dir", str(root),
+                                       "--rescan-seconds", "-1"])
+    assert bad.exit_code == 2 and "--rescan-seconds" in bad.output
+
+
+# --------------------------------------------------------------------------- the encoder server's store
+ENC_TEXTS = ["the invoice was wrong", "my parcel never came", "great service, thanks", "reset my password"]
+ENC_LABELS = ["neg", "neu", "pos"]
+
+
+@pytest.fixture(scope="module")
+def encoder_store(tmp_path_factory):
+    """A tiny random BERT (conftest's factory, MiniLM's vocabulary and tokenizer) and 6 classification adapters
+    with heads, each with its PEFT reference model."""
+    from peft import PeftModel
+    from transformers import BertForSequenceClassification
+
+    from conftest import tiny_bert
+    from loraplex.serve.testing import minilm_tokenizer, task_adapters
+
+    tmp = tmp_path_factory.mktemp("enc_store")
+    base = tmp / "bert"
+    tok = minilm_tokenizer()
+    tiny_bert(vocab_size=tok.vocab_size, max_position_embeddings=128).save_pretrained(str(base))
+    tok.save_pretrained(str(base))
+    names = [f"t{i}" for i in range(6)]
+    staged = task_adapters(tmp / "staged", {n: ("classification", ENC_LABELS) for n in names + ["late"]},
+                           base=base, head_std=1.0)
+    root = tmp / "store"
+    root.mkdir()
+    for n in names:
+        shutil.copytree(staged[n], root / n)
+    peft = {}
+    for n in names + ["late"]:
+        model = BertForSequenceClassification.from_pretrained(str(base), num_labels=len(ENC_LABELS))
+        peft[n] = PeftModel.from_pretrained(model, str(staged[n])).eval()
+    return {"base": base, "root": root, "names": names, "staged": staged, "peft": peft, "tok": tok,
+            "one": loraplex.load_adapter(staged["t0"]).nbytes}
+
+
+def _peft_scores(env, name: str, text: str) -> dict[str, float]:
+    with torch.no_grad():
+        logits = env["peft"][name](**env["tok"](text, return_tensors="pt")).logits[0]
+    return dict(zip(ENC_LABELS, torch.softmax(logits, -1).tolist()))
+
+
+def _check_classified(env, name: str, text: str, item: dict) -> None:
+    want = _peft_scores(env, name, text)
+    assert item["head"] == name and item["served_by"] == [name] and item["task"] == "classification"
+    assert item["label"] == max(want, key=want.get)
+    for lab, p in want.items():
+        assert item["scores"][lab] == pytest.approx(p, abs=1e-5), (name, text, lab)
+
+
+def test_classify_store_is_lazy_concurrent_first_requests_read_once(tmp_path, encoder_store):
+    """Start-up reads nothing (the listing's tasks come from loraplex_meta.json); 48 concurrent first requests to
+    6 cold adapters each equal PEFT, each adapter read once; a folder copied in while serving is served."""
+    from loraplex.serve import ServerThread
+    from loraplex.serve.classify import build_classify_server
+    import httpx
+
+    env = encoder_store
+    root = tmp_path / "store"
+    shutil.copytree(env["root"], root)
+    batcher, _, app = build_classify_server(base=str(env["base"]), adapters_dir=str(root), rescan_seconds=0,
+                                            batch_window_ms=5)
+    store = batcher.plex.store
+    try:
+        assert store.reads == 0 and len(batcher.heads) == 0
+        with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=120) as client:
+            cards = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+            assert cards["t3"]["x_loraplex_task"] == {"task": "classification", "labels": ENC_LABELS}
+            assert store.reads == 0
+
+            def ask(i: int) -> tuple[str, str, dict]:
+                name, text = env["names"][i % 6], ENC_TEXTS[i % 4]
+                r = client.post("/v1/classify", json={"model": name, "input": text})
+                assert r.status_code == 200, r.text
+                return name, text, r.json()["data"][0]
+
+            with ThreadPoolExecutor(12) as pool:
+                for name, text, item in pool.map(ask, range(48)):
+                    _check_classified(env, name, text, item)
+            assert store.read_counts == {n: 1 for n in env["names"]}
+            assert batcher.plex.stats.disk_loads == 6 and batcher.plex.stats.disk_reloads == 0
+            assert "loraplex_admissions_loading_total" in client.get("/metrics").text
+
+            tmp = root / ".late.tmp-1"
+            shutil.copytree(env["staged"]["late"], tmp)
+            os.replace(tmp, root / "late")
+            r = client.post("/v1/classify", json={"model": "late", "input": ENC_TEXTS[0]})
+            assert r.status_code == 200, r.text
+            _check_classified(env, "late", ENC_TEXTS[0], r.json()["data"][0])
+    finally:
+        batcher.close()
+
+
+def test_classify_store_cpu_budget_and_bad_adapters(tmp_path, encoder_store):
+    """Under a CPU budget of two adapters the tier (task heads included) stays bounded while every answer still
+    equals PEFT; a corrupt weights file and an invalid meta are 400s naming the adapter; the server stays up."""
+    from loraplex.serve.classify import build_classify_server
+
+    env = encoder_store
+    root = tmp_path / "store"
+    shutil.copytree(env["root"], root)
+    shutil.copytree(root / "t0", root / "broken")
+    (root / "broken" / WEIGHTS_NAME).write_bytes(b"\x00not safetensors")
+    shutil.copytree(root / "t1", root / "badmeta")
+    (root / "badmeta" / "loraplex_meta.json").write_text('{"task": "regression", "labels": ["x"]}')
+    one = env["one"]
+    batcher, _, app = build_classify_server(base=str(env["base"]), adapters_dir=str(root), rescan_seconds=0,
+                                            cpu_budget_mb=2.5 * one / 2**20, max_slots=2)
+    plex = batcher.plex
+    try:
+        with TestClient(app) as client:
+            for _ in range(2):
+                for name in env["names"]:
+                    r = client.post("/v1/classify", json={"model": name, "input": ENC_TEXTS[1]})
+                    assert r.status_code == 200, r.text
+                    _check_classified(env, name, ENC_TEXTS[1], r.json()["data"][0])
+                    assert plex.nbytes()["cpu"] <= 2.5 * one + one
+                    assert len(batcher.heads) <= 4  # heads leave with their CPU copies
+            assert plex.stats.disk_reloads >= 6 and plex.stats.cpu_evictions > 0
+            for name, says in (("broken", "corrupt or unreadable safetensors"), ("badmeta", "'task' must be one of")):
+                r = client.post("/v1/classify", json={"model": name, "input": ENC_TEXTS[0]})
+                assert r.status_code == 400, r.text
+                assert name in r.json()["error"]["message"] and says in r.json()["error"]["message"]
+            assert client.get("/health").json()["status"] == "ok"
+            r = client.post("/v1/classify", json={"model": "t2", "input": ENC_TEXTS[2]})
+            _check_classified(env, "t2", ENC_TEXTS[2], r.json()["data"][0])
+    finally:
+        batcher.close()

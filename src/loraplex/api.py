@@ -99,6 +99,10 @@ class Plex:
         """Whether ``name`` is a store adapter not in the CPU tier (its first use reads it from disk)."""
         return self.bank.needs_fetch(name)
 
+    def in_store(self, name: str) -> bool:
+        """Whether ``name`` is served from the attached store (not registered by name)."""
+        return self.bank.in_store(name)
+
     def on_load(self, fn: LoadListener) -> None:
         """Call ``fn(tier, seconds)`` after every adapter load: ``disk`` (file -> CPU) or ``slot`` (CPU -> device)."""
         self.bank.on_load(fn)

@@ -18,6 +18,7 @@ from torch import nn
 from loraplex.adapters.io import META_NAME, LoraAdapter, align_prefix, load_adapter, validate_against
 from loraplex.adapters.store import AdapterInfo, AdapterStore, StoreChange
 from loraplex.errors import AdapterError, LoraplexError, UnknownAdapterError
+from loraplex.hostmem import to_pages
 from loraplex.layers import MultiLoraLinear, SavedModuleSwitch
 from loraplex.modules import UnwrappedView, set_submodule
 from loraplex.plan import PlanState
@@ -51,9 +52,10 @@ class AdapterBank:
     *Disk tier*: an optional :class:`~loraplex.adapters.store.AdapterStore` (:meth:`attach_store`): its adapters
     are names until first used, then read (:meth:`fetch` off the caller's thread, once per adapter however many
     callers ask at the same time; or inline by :meth:`get`), validated and kept in the CPU tier.
-    *CPU tier*: registered adapters' tensors (pinned on CUDA); with ``cpu_budget_bytes``, the least recently
-    used adapters that have a file on disk are dropped and re-read when needed (a re-read one counts against the
-    budget again).
+    *CPU tier*: registered adapters' tensors (pinned on CUDA; else in page-backed buffers,
+    :func:`loraplex.hostmem.page_buffer`, so a dropped copy's memory leaves the process); with
+    ``cpu_budget_bytes``, the least recently used adapters that have a file on disk are dropped and re-read when
+    needed (a re-read one counts against the budget again).
     *Device tier*: ``max_slots`` slots in every wrapped layer's stacked tensors; a batch acquires slots for the
     adapters it uses (loading them, evicting the least recently used idle slot) and releases them afterwards.
     Slot 0 is the all-zero "no adapter" slot. Adapters registered by name take precedence over store entries.
@@ -290,12 +292,7 @@ class AdapterBank:
                                             f"{timeout}s; not unloaded")
                     self._idle.wait(left)
             self._detach_slot(name)
-            for sw in self.switches.values():
-                if sw.copy_for(name) is not None:
-                    sw.set_copy(name, None)
-            handler = getattr(self.model, "loraplex_remove_saved", None)
-            if callable(handler):
-                handler(name)
+            self._remove_saved(name)
             self._drop_cpu(name)
             del self._cpu[name]
             self._from_store.discard(name)
@@ -404,8 +401,14 @@ class AdapterBank:
         ad = align_prefix(ad, base)
         ad.name = name
         validate_against(ad, base, check_saved=self._saved_handler() is None, model_name=type(self.model).__name__)
+        cast = any(t.dtype != self.dtype for m in ad.modules.values() for t in m.tensors())
         ad = ad.to("cpu", self.dtype)
         ad.name = name
+        if cast and self.device.type != "cuda":  # the cast copies go back into one page-backed block (no heap growth)
+            for m in ad.modules.values():
+                packed = to_pages(m.tensors())
+                m.A, m.B = packed[0], packed[1]
+                m.magnitude = packed[2] if m.magnitude is not None else None
         ad.base_copies = {}  # checked equal to the model's above: the shared base serves them
         if self.device.type == "cuda":
             for m in ad.modules.values():
@@ -540,6 +543,7 @@ class AdapterBank:
                 elif name in change.removed:
                     self._cpu.pop(name, None)
                     self._from_store.discard(name)
+                    self._remove_saved(name)
                 self.version += 1
 
     def _enforce_cpu_budget(self) -> None:
@@ -558,4 +562,16 @@ class AdapterBank:
                 continue
             self._drop_cpu(name)
             self._cpu_lru.pop(name, None)
+            if name in self._from_store and ad.saved_modules:
+                self._remove_saved(name)  # a task head goes with its copy; the next read installs it again
             self.stats.cpu_evictions += 1
+
+    def _remove_saved(self, name: str) -> None:
+        """Uninstall ``name``'s ``modules_to_save`` copies (the model's own remover, e.g. a task head, or the
+        switches' copies)."""
+        for sw in self.switches.values():
+            if sw.copy_for(name) is not None:
+                sw.set_copy(name, None)
+        handler = getattr(self.model, "loraplex_remove_saved", None)
+        if callable(handler):
+            handler(name)

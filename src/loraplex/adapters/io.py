@@ -17,6 +17,7 @@ import torch
 
 from loraplex.adapters.spec import LoraSpec
 from loraplex.errors import AdapterError, PathNotAllowedError
+from loraplex.hostmem import page_buffer
 from loraplex.modules import adapted_dims
 
 CONFIG_NAME = "adapter_config.json"
@@ -221,24 +222,80 @@ def read_config(folder: Path, *, roots: Iterable[str | os.PathLike] | None = Non
     return LoraSpec.from_peft_config(cfg, source=str(cfg_path))
 
 
-SMALL_FILE_BYTES = 64 << 20  # weights files up to this size are read whole instead of memory-mapped
+#: safetensors dtype names -> torch dtypes (the format's spec; F8 types where this torch has them)
+SAFETENSORS_DTYPES = {name: getattr(torch, attr) for name, attr in (
+    ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"), ("I64", "int64"),
+    ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("BOOL", "bool"), ("U16", "uint16"),
+    ("U32", "uint32"), ("U64", "uint64"), ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"))
+    if hasattr(torch, attr)}
+#: the largest safetensors header read (the format's own limit)
+MAX_HEADER_BYTES = 100 << 20
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, read with one ``readinto`` into one page-backed buffer
+    (:func:`loraplex.hostmem.page_buffer`) and returned as views of it: no intermediate copy, and once the last
+    tensor is dropped the memory goes back to the OS (a CPU tier that drops and re-reads adapters does not grow
+    the heap). ``ValueError`` names what is wrong with a malformed file.
+
+    Layout (the safetensors spec): u64 little-endian header length N, N bytes of JSON
+    ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__"?: {...}}``, then the data, offsets
+    relative to its start."""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{size} bytes: too short for a safetensors header")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, MAX_HEADER_BYTES):
+            raise ValueError(f"header length {n} does not fit the file ({size} bytes)")
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, RecursionError, ValueError) as exc:
+            raise ValueError(f"header is not JSON ({exc})") from None
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        data_len = size - 8 - n
+        buf = page_buffer(data_len)  # uint8 [data_len]
+        got = fh.readinto(memoryview(buf.numpy())) if data_len else 0
+        if got != data_len:
+            raise ValueError(f"read {got} of {data_len} data bytes (the file changed while it was read?)")
+    out: dict[str, torch.Tensor] = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = [int(d) for d in entry["shape"]]
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"tensor {key!r}: bad header entry {entry!r}") from None
+        numel = 1
+        for d in shape:
+            if d < 0:
+                raise ValueError(f"tensor {key!r}: negative dimension in shape {shape}")
+            numel *= d
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if not 0 <= begin <= end <= data_len or end - begin != numel * itemsize:
+            raise ValueError(f"tensor {key!r}: data_offsets {[begin, end]} do not hold {entry['dtype']} {shape} "
+                             f"inside the {data_len} data bytes")
+        raw = buf[begin:end]  # uint8 [end - begin]
+        if begin % itemsize:  # a writer that did not align: this tensor gets its own copy
+            raw = raw.clone()
+        out[key] = raw.view(dtype).view(shape)  # [*shape]
+    return out
 
 
 def read_weights(folder: Path, *, trust_pickle: bool = False,
                  roots: Iterable[str | os.PathLike] | None = None) -> dict[str, torch.Tensor]:
-    """The adapter's tensors by file key (the file confined to ``roots`` when given); pickle files only with
-    ``trust_pickle``."""
+    """The adapter's tensors by file key (the file confined to ``roots`` when given; safetensors read by
+    :func:`read_safetensors`); pickle files only with ``trust_pickle``."""
     st = folder / WEIGHTS_NAME
     if st.is_file():
         real = confine(st, roots)
-        from safetensors import SafetensorError
-        from safetensors.torch import load, load_file
-
         try:
-            if real.stat().st_size <= SMALL_FILE_BYTES:  # small adapters: one read and an in-memory parse, ~3x faster
-                return load(real.read_bytes())
-            return load_file(str(real))
-        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            return read_safetensors(real)
+        except (OSError, RuntimeError, ValueError) as exc:
             raise AdapterError(f"{st}: corrupt or unreadable safetensors file ({exc})") from exc
     pkl = folder / PICKLE_NAME
     if pkl.is_file():

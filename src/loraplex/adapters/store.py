@@ -381,6 +381,12 @@ class AdapterStore:
         self._watch = threading.Thread(target=loop, name="loraplex-store-rescan", daemon=True)
         self._watch.start()
 
+    @property
+    def watching(self) -> bool:
+        """Whether periodic rescans run (:meth:`watch` with an interval > 0, not closed)."""
+        t = self._watch
+        return t is not None and t.is_alive()
+
     def close(self) -> None:
         """Stop the periodic rescans."""
         self._stop.set()

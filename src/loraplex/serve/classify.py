@@ -196,7 +196,7 @@ def create_classify_app(plex: Plex, *, router: Any = None, registry: ModelRegist
     async def classify(request: Request) -> Any:
         req = validate_body(ClassifyRequest, await json_body(request))
         texts = inputs_of(req.input, "input")
-        choice, _ = resolve(req.model, need_head=True)
+        choice, _ = await anyio.to_thread.run_sync(resolve, req.model, True)  # may read a store adapter's meta
         encoded = await encode_all(texts, req.truncate)
         results = await run(request, [(ids, choice, t, True) for (ids, _), t in zip(encoded, texts)])
         heads = batcher.heads
@@ -273,7 +273,10 @@ def create_classify_app(plex: Plex, *, router: Any = None, registry: ModelRegist
         out = []
         for card in registry.list_models(**page):
             if card["x_loraplex_kind"] in ("adapter", "merge"):
-                card["x_loraplex_task"] = task_card(heads.get(card["id"]))
+                try:
+                    card["x_loraplex_task"] = task_card(heads.get(card["id"]))
+                except AdapterError:  # a store adapter with an invalid meta: its requests say why
+                    card["x_loraplex_task"] = None
             out.append(card)
         return out
 
@@ -314,24 +317,29 @@ def build_classify_server(*, base: str, adapters: Mapping[str, str] | None = Non
                           compositions: Mapping[str, str] | None = None, device: str | None = None,
                           max_slots: int = 32, trust_pickle: bool = False, max_batch_size: int = 32,
                           batch_window_ms: float = 5.0, max_queue: int = 1024, max_length: int | None = None,
-                          plex: Plex | None = None, admin_token: str | None = None, adapter_roots: Sequence[str] = ()
+                          plex: Plex | None = None, admin_token: str | None = None, adapter_roots: Sequence[str] = (),
+                          cpu_budget_mb: float | None = None, rescan_seconds: float = 5.0
                           ) -> tuple[EncoderBatcher, ModelRegistry, FastAPI]:
     """(batcher, registry, app) for an encoder base and adapters with heads; ``router_dir``: a saved sequence
     router, served as model ``auto``. An adapter whose labels do not fit its head fails here (AdapterError).
     ``admin_token``: enables the admin load/unload endpoints, reading under ``adapter_roots`` (default:
-    ``adapters_dir``). The adapters of ``adapters_dir`` (an adapter store, see :mod:`loraplex.adapters.store`)
-    are registered at start-up, as their task heads decide the server's tasks and labels."""
+    ``adapters_dir``). ``adapters_dir`` is an adapter store (:mod:`loraplex.adapters.store`), served as the
+    completion server serves one: names indexed at start-up, each adapter (and its task head, whose task and
+    labels its ``loraplex_meta.json`` declares) read on its first request off the worker thread, kept in the CPU
+    tier under ``cpu_budget_mb`` (LRU, re-read when needed), rescanned every ``rescan_seconds`` (0: only on
+    requests for unknown names); an invalid adapter fails its requests with a 400 naming it."""
     from loraplex.adapters.store import AdapterStore
     from loraplex.tasks import load_encoder_plex
 
     if plex is None:
-        plex = load_encoder_plex(base, device=device, max_slots=max_slots, trust_pickle=trust_pickle)
+        plex = load_encoder_plex(base, device=device, max_slots=max_slots, trust_pickle=trust_pickle,
+                                 cpu_budget_bytes=int(cpu_budget_mb * 2**20) if cpu_budget_mb else None)
     if adapters_dir:
         store = AdapterStore(adapters_dir, trust_pickle=trust_pickle, confine_to=adapter_roots)
         if not len(store):
             raise AdapterError(f"{adapters_dir}: no adapter here (adapter_config.json in it or in a subfolder)")
-        for name in store.names():
-            plex.add_adapter(name, store.read(name))
+        plex.attach_store(store)
+        store.watch(rescan_seconds)
     for name, path in (adapters or {}).items():
         plex.add_adapter(name, path)
     if router_dir and router is None:

@@ -145,6 +145,10 @@ def serve(
     max_slots: int = typer.Option(32, "--max-slots", help="Adapters resident on the device at once."),
     cpu_budget_mb: Optional[float] = typer.Option(None, "--cpu-budget-mb",
                                                   help="CPU-tier byte budget (LRU adapters re-read from disk)."),
+    rescan_seconds: float = typer.Option(5.0, "--rescan-seconds", min=0.0,
+                                         help="Rescan --adapters-dir for new, removed and replaced adapters every "
+                                              "N seconds (0: no periodic rescans; a request for an unknown name "
+                                              "still finds a new folder)."),
     device: Optional[str] = typer.Option(None, "--device"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16, float16."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow adapter_model.bin (pickle) files."),
@@ -201,7 +205,8 @@ def serve(
                     base_id=base_id, compositions=_pairs(composition, "--composition"), device=device,
                     max_slots=max_slots, trust_pickle=trust_pickle, max_batch_size=max_batch_size,
                     batch_window_ms=batch_window_ms, max_queue=max_queue, max_length=max_prompt_tokens,
-                    admin_token=admin_token, adapter_roots=adapter_root)
+                    admin_token=admin_token, adapter_roots=adapter_root, cpu_budget_mb=cpu_budget_mb,
+                    rescan_seconds=rescan_seconds)
             else:
                 engine, _, app = build_server(
                     base=base, adapters=_pairs(adapter, "--adapter"), adapters_dir=adapters_dir,
@@ -210,7 +215,7 @@ def serve(
                     base_id=base_id, device=device, dtype=dtype, max_slots=max_slots, cpu_budget_mb=cpu_budget_mb,
                     trust_pickle=trust_pickle, quantize=quantize, max_batch_size=max_batch_size,
                     batch_window_ms=batch_window_ms, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
-                    max_tokens_cap=max_tokens_cap)
+                    max_tokens_cap=max_tokens_cap, rescan_seconds=rescan_seconds)
     except LoraplexError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

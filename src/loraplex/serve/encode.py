@@ -7,9 +7,12 @@ share a batch. For the batch it
 
 1. routes the ``auto`` rows with ONE router call (the router's choice per row);
 2. checks every row's choice (unknown adapter, or no task head for a classify row: that row fails alone);
-3. runs ONE forward of the :class:`~loraplex.tasks.MultiTaskEncoder`, rows ordered by adapter slot so each adapter's
+3. parks the rows whose store adapters (:mod:`loraplex.adapters.store`) are not in memory: their reads run on the
+   bank's loader threads (one read per adapter however many rows wait for it) and the rows come back to the queue
+   when the reads are done, or fail with the read's error; the other rows go on;
+4. runs ONE forward of the :class:`~loraplex.tasks.MultiTaskEncoder`, rows ordered by adapter slot so each adapter's
    rows form one contiguous run, each row with its own adapter (or blend) and head;
-4. hands each row its logits, head and mean-pooled embedding.
+5. hands each row its logits, head and mean-pooled embedding.
 
 Changes to the adapter bank go through :meth:`EncoderBatcher.call_on_worker`, between two forwards.
 """
@@ -20,7 +23,7 @@ import concurrent.futures
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -31,6 +34,7 @@ from loraplex.serve.engine import EngineClosed, QueueFull
 from loraplex.serve.metrics import Counter, ServeMetrics
 from loraplex.serve.registry import choice_names
 from loraplex.serve.worker import WorkerThread
+from loraplex.tasks import TaskInfo
 
 log = logging.getLogger("loraplex.serve")
 
@@ -91,6 +95,34 @@ class _Row:
     need_head: bool
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     submitted: float = field(default_factory=time.monotonic)
+    requeued: bool = False  # back from waiting for a store read (its future is running already)
+
+
+class TaskHeads(Mapping):
+    """Adapter -> :class:`~loraplex.tasks.TaskInfo` of the adapters with a task head: the heads installed in the
+    model, and for store adapters not read yet the task their ``loraplex_meta.json`` declares (no weights read;
+    an invalid meta raises its :class:`AdapterError` naming the adapter). Iterating gives the installed heads
+    only, so listing a large store reads nothing."""
+
+    def __init__(self, plex: Plex) -> None:
+        self.plex = plex
+        self.installed: dict[str, TaskInfo] = dict(getattr(plex.model, "tasks", {}) or {})
+
+    def __getitem__(self, name: str) -> TaskInfo:
+        info = self.installed.get(name)
+        if info is not None:
+            return info
+        if isinstance(name, str) and self.plex.in_store(name):  # not read yet, or read but not installed yet
+            meta = self.plex.adapter_info(name).meta
+            if meta.get("task") is not None:
+                return TaskInfo.from_meta(meta, name)
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.installed)
+
+    def __len__(self) -> int:
+        return len(self.installed)
 
 
 def served_names(choice: Any) -> list[str]:
@@ -145,9 +177,9 @@ class EncoderBatcher(WorkerThread):
         return self._running
 
     @property
-    def heads(self) -> dict[str, Any]:
-        """Adapter -> :class:`~loraplex.tasks.TaskInfo` of the adapters with a task head."""
-        return dict(getattr(self.model, "tasks", {}) or {})
+    def heads(self) -> TaskHeads:
+        """Adapter -> :class:`~loraplex.tasks.TaskInfo` of the adapters with a task head (:class:`TaskHeads`)."""
+        return TaskHeads(self.plex)
 
     # ------------------------------------------------------------------ submitting
     def submit_many(self, rows: Sequence[tuple[Sequence[int], Any, str, bool]]) -> list[concurrent.futures.Future]:
@@ -210,7 +242,7 @@ class EncoderBatcher(WorkerThread):
             batch = []
             while self._pending and len(batch) < self.max_batch_size:
                 r = self._pending.popleft()
-                if r.future.set_running_or_notify_cancel():  # a cancelled row (client gone) is skipped
+                if r.requeued or r.future.set_running_or_notify_cancel():  # a cancelled row (client gone) is skipped
                     batch.append(r)
             return batch
 
@@ -243,8 +275,44 @@ class EncoderBatcher(WorkerThread):
                 r.future.set_exception(exc)
                 continue
             rows.append(r)
-        for part in self._slot_chunks(rows):
+        for part in self._slot_chunks(self._loaded(rows)):
             self._forward(part)
+
+    def _loaded(self, rows: list[_Row]) -> list[_Row]:
+        """The rows whose store adapters are all in memory. For the others the reads start (or are joined) on the
+        bank's loader threads, off this thread; each such row goes back to the front of the queue when its reads
+        are done, or fails with the first read's error (an :class:`AdapterError` naming the adapter)."""
+        ready = []
+        for r in rows:
+            reads = [self.plex.fetch_adapter(n) for n in choice_names(r.choice) if self.plex.needs_fetch(n)]
+            reads = [f for f in reads if not f.done() or f.exception() is not None]
+            if not reads:
+                ready.append(r)
+                continue
+            self.metrics.adapter_loading.inc()
+            self._when_read(r, reads)
+        return ready
+
+    def _when_read(self, row: _Row, reads: list[concurrent.futures.Future]) -> None:
+        left = [len(reads)]
+
+        def done(_: concurrent.futures.Future) -> None:
+            with self._cv:
+                left[0] -= 1
+                if left[0]:
+                    return
+                err = next((f.exception() for f in reads if f.exception() is not None), None)
+                if err is None and (self._stopping or self.dead is not None):
+                    err = EngineClosed("the encoder stopped while the adapter was read")
+                if err is None:
+                    row.requeued = True
+                    self._pending.appendleft(row)
+                    self._cv.notify_all()
+            if err is not None:
+                row.future.set_exception(err)
+
+        for f in reads:
+            f.add_done_callback(done)
 
     def _slot_chunks(self, rows: list[_Row]) -> list[list[_Row]]:
         """Rows split so that no forward needs more adapters than the bank has device slots."""
