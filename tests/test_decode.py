@@ -220,3 +220,16 @@ def test_stacked_factors_follow_slot_rewrites(adapters) -> None:
     got, ref = step_pair(["b", "a"])
     close(got, ref, None)
     assert not torch.allclose(got[1], before[1], atol=1e-3)  # the new weights really changed row 1
+
+
+def test_engine_worker_runs_on_its_own_intra_op_threads(adapters) -> None:
+    """The worker sets its intra-op threads (default: the constructing thread's), so a serving process can load on
+    one thread and give the cores to the worker (loraplex.cputhreads)."""
+    plex = loraplex.load(base_model("llama"), adapters={"a": str(adapters["llama"]["a"])})
+    with Engine(plex, max_batch_size=2, threads=2) as engine:
+        assert engine.call_on_worker(torch.get_num_threads) == 2
+    here = torch.get_num_threads()
+    with Engine(plex, max_batch_size=2) as engine:
+        assert engine.call_on_worker(torch.get_num_threads) == here
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        loraplex.cputhreads.use(0)

@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Mapping
 
 from torch import nn
 
+from loraplex import cputhreads
 from loraplex.adapters.io import META_NAME, LoraAdapter, align_prefix, load_adapter, validate_against
 from loraplex.adapters.store import AdapterInfo, AdapterStore, StoreChange
 from loraplex.errors import AdapterError, LoraplexError, UnknownAdapterError
@@ -229,7 +230,8 @@ class AdapterBank:
                 return fut
             fut = self._inflight[name] = concurrent.futures.Future()
             if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="loraplex-load")
+                self._pool = concurrent.futures.ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="loraplex-load",
+                                                                   initializer=cputhreads.single)
             pool = self._pool
         pool.submit(self._fetch_into, name, fut)
         return fut

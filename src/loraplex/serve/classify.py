@@ -318,7 +318,8 @@ def build_classify_server(*, base: str, adapters: Mapping[str, str] | None = Non
                           max_slots: int = 32, trust_pickle: bool = False, max_batch_size: int = 32,
                           batch_window_ms: float = 5.0, max_queue: int = 1024, max_length: int | None = None,
                           plex: Plex | None = None, admin_token: str | None = None, adapter_roots: Sequence[str] = (),
-                          cpu_budget_mb: float | None = None, rescan_seconds: float = 5.0
+                          cpu_budget_mb: float | None = None, rescan_seconds: float = 5.0,
+                          threads: int | None = None
                           ) -> tuple[EncoderBatcher, ModelRegistry, FastAPI]:
     """(batcher, registry, app) for an encoder base and adapters with heads; ``router_dir``: a saved sequence
     router, served as model ``auto``. An adapter whose labels do not fit its head fails here (AdapterError).
@@ -348,7 +349,7 @@ def build_classify_server(*, base: str, adapters: Mapping[str, str] | None = Non
 
         router = RoutedModel(plex, load_router(router_dir, map_location=plex.device))
     batcher = EncoderBatcher(plex, router=router, max_batch_size=max_batch_size, batch_window_ms=batch_window_ms,
-                             max_queue=max_queue)
+                             max_queue=max_queue, threads=threads)
     bid = base_id or Path(str(base)).name or "base"
     registry = ModelRegistry(plex, base_id=bid, compositions=compositions, router=router)
     roots = list(adapter_roots) or ([adapters_dir] if adapters_dir else [])

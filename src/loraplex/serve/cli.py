@@ -49,7 +49,7 @@ def build_server(*, base: str, adapters: Mapping[str, str] | None = None, adapte
                  max_batch_size: int = 16, batch_window_ms: float = 5.0, max_queue: int = 256,
                  max_prompt_tokens: int | None = None, max_tokens_cap: int | None = None, seed: int = 0,
                  rescan_seconds: float = 5.0, max_skips: int = 8, generation: Mapping[str, Any] | None = None,
-                 prompt_templates: Mapping[str, tuple[str, str]] | None = None) -> Any:
+                 prompt_templates: Mapping[str, tuple[str, str]] | None = None, threads: int | None = None) -> Any:
     """(engine, registry, app) for a base model and adapters; shared by the CLI and the config hook.
 
     ``adapters_dir`` is an adapter store (:mod:`loraplex.adapters.store`): indexed at start-up, each adapter read
@@ -59,7 +59,8 @@ def build_server(*, base: str, adapters: Mapping[str, str] | None = None, adapte
     ``adapter_roots`` (default: ``adapters_dir``); without ``admin_token`` the admin endpoints are disabled.
     ``generation`` (a config's ``generation`` block) sets request defaults and ``prompt_templates`` maps an
     adapter to its (template, input column) (:mod:`loraplex.serve.defaults`). ``quantize`` ("int8" / "int4"): the
-    base's weight-only quantization (:mod:`loraplex.quant`)."""
+    base's weight-only quantization (:mod:`loraplex.quant`). ``threads``: the engine worker's intra-op threads
+    (default: the calling thread's; :mod:`loraplex.cputhreads`)."""
     import torch
 
     import loraplex
@@ -85,7 +86,8 @@ def build_server(*, base: str, adapters: Mapping[str, str] | None = None, adapte
 
         router = RoutedModel(plex, load_router(router_dir, map_location=plex.device))
     engine = Engine(plex, max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, max_queue=max_queue,
-                    max_prompt_tokens=max_prompt_tokens, max_tokens_cap=max_tokens_cap, max_skips=max_skips)
+                    max_prompt_tokens=max_prompt_tokens, max_tokens_cap=max_tokens_cap, max_skips=max_skips,
+                    threads=threads)
     bid = base_id or Path(str(base)).name or "base"
     registry = ModelRegistry(plex, base_id=bid, compositions=compositions, ab_splits=ab_splits, router=router,
                              seed=seed)
@@ -169,11 +171,16 @@ def serve(
 
     An encoder base (e.g. MiniLM) whose adapters carry task heads, or a ``model_type: encoder`` config, is served
     with /v1/classify and /v1/embeddings instead of the completion endpoints."""
+    import torch
+
+    from loraplex import cputhreads
     from loraplex.hostmem import tune_cpu_allocator
     from loraplex.serve.server import serve as run
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     tune_cpu_allocator()  # this process only serves: keep large freed blocks instead of page-faulting them in
+    threads = torch.get_num_threads()  # all of them for the worker that runs the model; this thread loads on one
+    cputhreads.single()
     if ray:  # scale-out: see loraplex.distributed
         from loraplex.distributed.cli import serve_on_ray
 
@@ -191,7 +198,7 @@ def serve(
                 raise typer.BadParameter("give either CONFIG or --base/--adapter/--adapters-dir, not both")
             extra = {"quantize": quantize} if quantize else {}  # else the config's quantization.bits
             engine, _, app = build_engine_from_config(config, admin_token=admin_token, adapter_roots=adapter_root,
-                                                      **extra)
+                                                      threads=threads, **extra)
         else:
             if not base:
                 raise typer.BadParameter("--base is required (or a CONFIG file)")
@@ -206,7 +213,7 @@ def serve(
                     max_slots=max_slots, trust_pickle=trust_pickle, max_batch_size=max_batch_size,
                     batch_window_ms=batch_window_ms, max_queue=max_queue, max_length=max_prompt_tokens,
                     admin_token=admin_token, adapter_roots=adapter_root, cpu_budget_mb=cpu_budget_mb,
-                    rescan_seconds=rescan_seconds)
+                    rescan_seconds=rescan_seconds, threads=threads)
             else:
                 engine, _, app = build_server(
                     base=base, adapters=_pairs(adapter, "--adapter"), adapters_dir=adapters_dir,
@@ -215,7 +222,7 @@ def serve(
                     base_id=base_id, device=device, dtype=dtype, max_slots=max_slots, cpu_budget_mb=cpu_budget_mb,
                     trust_pickle=trust_pickle, quantize=quantize, max_batch_size=max_batch_size,
                     batch_window_ms=batch_window_ms, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
-                    max_tokens_cap=max_tokens_cap, rescan_seconds=rescan_seconds)
+                    max_tokens_cap=max_tokens_cap, rescan_seconds=rescan_seconds, threads=threads)
     except LoraplexError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

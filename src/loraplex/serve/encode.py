@@ -27,6 +27,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
+from loraplex import cputhreads
 from loraplex.api import Plex
 from loraplex.tokens import pad_batch, pad_id
 from loraplex.errors import AdapterError, LoraplexError
@@ -153,9 +154,12 @@ class EncoderBatcher(WorkerThread):
     """The worker that batches encoder rows across requests (see the module docstring)."""
 
     def __init__(self, plex: Plex, *, router: Any = None, max_batch_size: int = 32, batch_window_ms: float = 5.0,
-                 max_queue: int = 1024, metrics: EncoderMetrics | None = None, start: bool = True) -> None:
+                 max_queue: int = 1024, metrics: EncoderMetrics | None = None, start: bool = True,
+                 threads: int | None = None) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1")
+        #: intra-op threads of the worker (default: the constructing thread's); :mod:`loraplex.cputhreads`
+        self.threads = threads or torch.get_num_threads()
         self.plex = plex
         self.model = plex.model
         self.tokenizer = plex.tokenizer
@@ -203,6 +207,7 @@ class EncoderBatcher(WorkerThread):
     # ------------------------------------------------------------------ worker
     def _worker(self) -> None:
         torch.set_grad_enabled(False)
+        cputhreads.use(self.threads)
         try:
             while True:
                 self._control.run_pending()

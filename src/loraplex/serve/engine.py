@@ -43,7 +43,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 import torch
 
-from loraplex import decode
+from loraplex import cputhreads, decode
 from loraplex.api import Plex
 from loraplex.errors import AdapterError, LoraplexError, UnknownAdapterError, known_text
 from loraplex.tokens import eos_ids, pad_batch, pad_id
@@ -239,9 +239,12 @@ class Engine(WorkerThread):
     def __init__(self, plex: Plex, *, max_batch_size: int = 16, batch_window_ms: float = 5.0, max_queue: int = 256,
                  max_prompt_tokens: int | None = None, max_tokens_cap: int | None = None,
                  metrics: ServeMetrics | None = None, eos_token_ids: Sequence[int] | None = None,
-                 start: bool = True, max_skips: int = 8, fast_decode: bool = True) -> None:
+                 start: bool = True, max_skips: int = 8, fast_decode: bool = True, threads: int | None = None
+                 ) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1")
+        #: intra-op threads of the worker (default: the constructing thread's); :mod:`loraplex.cputhreads`
+        self.threads = threads or torch.get_num_threads()
         self.plex = plex
         self.model = plex.model
         self.tokenizer = plex.tokenizer
@@ -403,6 +406,7 @@ class Engine(WorkerThread):
     # ------------------------------------------------------------------ worker
     def _worker(self) -> None:
         torch.set_grad_enabled(False)
+        cputhreads.use(self.threads)
         try:
             while True:
                 self._control.run_pending()

@@ -36,6 +36,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from loraplex import cputhreads
 from loraplex.compose.spec import Merge, parse
 from loraplex.errors import UnknownAdapterError
 from loraplex.merge import check_method, merge_adapters
@@ -119,7 +120,7 @@ class MergeCache:
         self.host = host
         self.max_entries = max_entries
         self.unload_timeout = unload_timeout
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="loraplex-merge")
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="loraplex-merge", initializer=cputhreads.single)
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # LRU order: least recently used first
         self._seq = itertools.count()
