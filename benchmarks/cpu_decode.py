@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import importlib.util
 import json
 import os
@@ -43,6 +44,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -192,8 +194,8 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> str:
     return f"{same}/{total} tokens equal, common prefix {statistics.mean(prefix):.1f} of {len(a[0])}"
 
 
-def llama_cpp_check(runner: "Runner", loras: dict[str, str], engines: dict[str, Engine], ids: list[list[int]],
-                    n: int = 16) -> list[str]:
+def llama_cpp_check(runner: "Runner", loras: dict[str, str], engines: dict[str, Callable[[], Engine]],
+                    ids: list[list[int]], n: int = 16) -> list[str]:
     """Evidence that llama.cpp applies the adapter: on every prompt, its greedy tokens on ``a0`` against its own
     base tokens (an adapter that changes nothing would make llama.cpp look fast and wrong), and against loraplex's
     (each variant in ``engines``) on the base and on ``a0``."""
@@ -205,11 +207,12 @@ def llama_cpp_check(runner: "Runner", loras: dict[str, str], engines: dict[str, 
         moved = sum(u != v for x, y in zip(lc_base, lc_a0) for u, v in zip(x, y))
         lines.append(f"llama.cpp a0 vs llama.cpp base: the adapter changes the greedy tokens of {changed}/{len(ids)} "
                      f"prompts ({moved}/{n * len(ids)} tokens){'' if changed else ': NOT APPLIED?'}")
-    for v, e in engines.items():
-        lp_base = greedy_tokens(e, ids, [None] * len(ids), n)
+    for v, make in engines.items():
+        with make() as e:
+            lp_base = greedy_tokens(e, ids, [None] * len(ids), n)
+            lp_a0 = greedy_tokens(e, ids, ["a0"] * len(ids), n) if loras else []
         lines.append(f"llama.cpp base vs loraplex {LABEL[v]} base: {agreement(lc_base, lp_base)}")
         if loras:
-            lp_a0 = greedy_tokens(e, ids, ["a0"] * len(ids), n)
             lines.append(f"llama.cpp a0 vs loraplex {LABEL[v]} a0: {agreement(lc_a0, lp_a0)} (control, llama.cpp "
                          f"base vs loraplex {LABEL[v]} a0: {agreement(lc_base, lp_a0)})")
     return lines
@@ -250,13 +253,16 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="cpu_decode_"))
     paths = make_adapters(base, tmp, 4)
     timed = () if args.llama_cpp_only else VARIANTS
-    engines, plexes, nbytes = {}, {}, {}
+    engines: dict[str, Callable[[], Engine]] = {}
+    plexes, nbytes = {}, {}
     for v in timed or ("fp32", "int4"):  # --llama-cpp-only: loraplex only for the token check
         plex = loraplex.load(copy.deepcopy(base), adapters=paths, tokenizer=tok, quantize=SCHEME[v])
         plexes[v] = plex
         nbytes[v] = weight_bytes(plex.model)
-        engines[v] = Engine(plex, max_batch_size=16, batch_window_ms=20, fast_decode=not v.endswith("-hf"),
-                            threads=threads)
+        # an engine per measurement, closed after it: each worker keeps an OpenMP team while it lives, and more
+        # teams than cores make every small op wait for a wake-up (loraplex.cputhreads)
+        engines[v] = functools.partial(Engine, plex, max_batch_size=16, batch_window_ms=20,
+                                       fast_decode=not v.endswith("-hf"), threads=threads)
     kernels = {v: sorted({m.kernel for m in quantized_modules(plexes[v].model).values()}) for v in timed}
     ids = [tok(p).input_ids for p in PROMPTS]
     single_ids, single_choice = [ids[0]], ["a0"]
@@ -279,22 +285,24 @@ def main() -> None:
                "runs": {k: lc_runs[k] for k in lc_kinds}}
     bw = read_bandwidth()
     for v in timed:  # warm-up
-        tokens_per_second(engines[v], single_ids, single_choice, 2)
+        with engines[v]() as e:
+            tokens_per_second(e, single_ids, single_choice, 2)
     res: dict[str, dict[str, list[float]]] = {v: {"single": [], "mixed": []} for v in timed}
     lc: dict[str, list[float]] = {k: [] for k in lc_kinds}
     order = list(timed)
     for r in range(rounds):  # llama.cpp in the same rounds as loraplex, so load changes hit both alike
         for kind, (p, c) in (("single", (single_ids, single_choice)), ("mixed", (mixed_ids, mixed_choice))):
             for v in order:
-                res[v][kind].append(tokens_per_second(engines[v], p, c, new))
+                with engines[v]() as e:
+                    res[v][kind].append(tokens_per_second(e, p, c, new))
         if runner is not None:
             for kind, tps in llama_cpp_round(lc_spec).items():
                 lc[kind].append(tps)
         order = order[1:] + order[:1]
-    prof = {v: engines[v].call_on_worker(lambda v=v: decode_split(plexes[v], ids[0], engines[v].decoder))
-            for v in timed}  # on the worker: its threads, as the engine runs
-    for e in engines.values():
-        e.close()
+    prof = {}
+    for v in timed:  # on an engine's worker: its threads, as the engine runs
+        with engines[v]() as e:
+            prof[v] = e.call_on_worker(lambda: decode_split(plexes[v], ids[0], e.decoder))  # noqa: B023
 
     def ratio(v: str, kind: str, to: list[float] | None = None) -> float:
         return statistics.median(a / b for a, b in zip(res[v][kind], to or res["fp32"][kind]))

@@ -8,11 +8,15 @@ modules with the plan resolved once (:meth:`FastDecoder.program`, per running ba
 
 * projections that read the same input (q/k/v, gate/up) run as one quantized kernel call over a fused copy of
   their codes (:func:`loraplex.quant.fuse_outputs`, weights held once), or layer by layer for float bases;
-* each target's LoRA update is added into its slice of the output (:class:`loraplex.layers.FrozenUpdate`);
+* with up to :data:`STACKED_MAX_ADAPTERS` distinct adapters in the batch, each group's LoRA is one stacked update
+  over the group's whole output (:func:`loraplex.ops.lora_columns`; the stacked factors are kept per group for the
+  adapters last served, keyed by slot versions); past it, each target's own mixed-batch kernel adds its update
+  into its slice of the output (:class:`loraplex.layers.FrozenUpdate`);
 * rotary embedding is applied to queries and keys in one pass; attention is one SDPA call with the query heads
   of each KV group packed as query positions (grouped-query attention without repeating keys);
-* keys and values are appended to the same ``DynamicCache`` layers the transformers forward fills, so prefill
-  (transformers) and decode (here) share one cache and :mod:`loraplex.serve.kv`'s batch surgery.
+* keys and values are written into spare capacity of the same ``DynamicCache`` layers the transformers forward
+  fills (:class:`KVAppender`), so prefill (transformers) and decode (here) share one cache and
+  :mod:`loraplex.serve.kv`'s batch surgery.
 
 For a hidden state ``h`` [N, d] per layer (as transformers' Llama, Qwen2 and Mistral compute it)::
 
