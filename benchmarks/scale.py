@@ -69,14 +69,16 @@ def child(args: argparse.Namespace) -> dict:
     from loraplex.serve import SamplingParams
     from loraplex.serve.cli import build_server
 
-    torch.set_num_threads(args.threads)
-    tune_cpu_allocator()  # as `loraplex serve` does
+    from loraplex import cputhreads
+
+    cputhreads.single()  # as `loraplex serve` does: this thread loads on one, the engine's worker gets the threads
+    tune_cpu_allocator()
     rss0 = rss_mb()
     t0 = time.perf_counter()
     engine, registry, app = build_server(base=args.base, adapters_dir=args.store, cpu_budget_mb=args.cpu_budget_mb,
                                          max_slots=args.max_slots, max_batch_size=args.batch, batch_window_ms=2,
                                          max_queue=4096, rescan_seconds=0,
-                                         adapter_roots=[args.store, args.all])
+                                         adapter_roots=[args.store, args.all], threads=args.threads)
     startup = time.perf_counter() - t0
     plex = engine.plex
     with torch.no_grad():  # page the whole base in (its weights are a file mapping, paged in as rows are used), so
