@@ -281,6 +281,7 @@ class FastDecoder:
             g = self.groups[i]
             if any(x is not y for x, y in zip(now, [*g[0].modules, *g[1].modules, *g[2].modules, *g[3].modules])):
                 self.groups[i] = self._layer_groups(layer)
+                self._stacks.clear()  # keyed by module ids: none may outlive the modules it was built from
         return self.groups
 
     def program(self, plan: BatchPlan | None, n_rows: int) -> DecodeProgram | None:
