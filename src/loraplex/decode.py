@@ -102,6 +102,10 @@ class KVAppender:
         self.min_spare = min_spare
         self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer index -> (keys, values) buffers
 
+    def clear(self) -> None:
+        """Drop the buffers (the batch they served has ended)."""
+        self._buffers.clear()
+
     def append(self, cache, index: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``index``'s keys and values [N, H, L + 1, D] after appending ``keys``/``values`` [N, H, 1, D]."""
         layer = cache.layers[index]
@@ -188,13 +192,13 @@ def _group_program(group: _Group, plan: BatchPlan, memo: dict[Any, torch.Tensor]
         _, a, b, cols = kept
         weights = None
         if plan.uniform_slot is None:
-            key = ("columns", tuple(cols))
-            if key not in memo:
+            wkey = ("columns", tuple(cols))
+            if wkey not in memo:
                 index = {s: k for k, s in enumerate(slots)}
                 pair_index = torch.tensor([index.get(int(s), -1) for s in plan.pair_slots], dtype=torch.long)
-                memo[key] = ops.column_weights(plan.pair_rows, pair_index, plan.pair_weights.detach(), cols,
-                                               plan.n_rows).to(device=a.device, dtype=a.dtype)  # [N, C]
-            weights = memo[key]
+                memo[wkey] = ops.column_weights(plan.pair_rows, pair_index, plan.pair_weights.detach(), cols,
+                                                plan.n_rows).to(device=a.device, dtype=a.dtype)  # [N, C]
+            weights = memo[wkey]
         return _GroupProgram(bases, fused, stacked=(a, b, weights))
     spans, col = [], 0
     for upd, width in zip(updates, group.widths):

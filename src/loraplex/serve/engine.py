@@ -678,6 +678,8 @@ class Engine(WorkerThread):
             self._mask = kv.trim_left(self._cache, kv.select_rows(self._cache, self._mask, keep))
         else:
             self._cache = self._mask = None
+            if self.decoder is not None:
+                self.decoder.kv.clear()  # its spare-capacity buffers held that cache's keys and values
         self._refresh_plan()
         for r, why in zip(gone, reasons):
             self._finish(r, why)
