@@ -27,7 +27,6 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from loraplex import cputhreads
 from loraplex.api import Plex
 from loraplex.tokens import pad_batch, pad_id
 from loraplex.errors import AdapterError, LoraplexError
@@ -158,8 +157,6 @@ class EncoderBatcher(WorkerThread):
                  threads: int | None = None) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1")
-        #: intra-op threads of the worker (default: the constructing thread's); :mod:`loraplex.cputhreads`
-        self.threads = threads or torch.get_num_threads()
         self.plex = plex
         self.model = plex.model
         self.tokenizer = plex.tokenizer
@@ -170,7 +167,7 @@ class EncoderBatcher(WorkerThread):
         self.pad_token_id = pad_id(self.tokenizer, self.model)
         self.metrics = metrics or EncoderMetrics()
         self.metrics.attach_engine(self)
-        super().__init__("loraplex-encoder", EngineClosed)
+        super().__init__("loraplex-encoder", EngineClosed, threads)
         self._running = 0
         if start:
             self.start()
@@ -207,7 +204,6 @@ class EncoderBatcher(WorkerThread):
     # ------------------------------------------------------------------ worker
     def _worker(self) -> None:
         torch.set_grad_enabled(False)
-        cputhreads.use(self.threads)
         try:
             while True:
                 self._control.run_pending()

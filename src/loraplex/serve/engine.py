@@ -43,7 +43,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 import torch
 
-from loraplex import cputhreads, decode
+from loraplex import decode
 from loraplex.api import Plex
 from loraplex.errors import AdapterError, LoraplexError, UnknownAdapterError, known_text
 from loraplex.tokens import eos_ids, pad_batch, pad_id
@@ -243,8 +243,6 @@ class Engine(WorkerThread):
                  ) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1")
-        #: intra-op threads of the worker (default: the constructing thread's); :mod:`loraplex.cputhreads`
-        self.threads = threads or torch.get_num_threads()
         self.plex = plex
         self.model = plex.model
         self.tokenizer = plex.tokenizer
@@ -276,7 +274,7 @@ class Engine(WorkerThread):
         self.decoder = decode.FastDecoder(self.model) if fast_decode and decode.supports(self.model) else None
         self._program: decode.DecodeProgram | None = None
 
-        super().__init__("loraplex-engine", EngineClosed)
+        super().__init__("loraplex-engine", EngineClosed, threads)
         self._draining: dict[str, str] = {}  # adapter -> "unload" | "replace"
         self._in_use: Counter[str] = Counter()  # admitted requests per adapter
         self._running: list[_Row] = []
@@ -406,7 +404,6 @@ class Engine(WorkerThread):
     # ------------------------------------------------------------------ worker
     def _worker(self) -> None:
         torch.set_grad_enabled(False)
-        cputhreads.use(self.threads)
         try:
             while True:
                 self._control.run_pending()

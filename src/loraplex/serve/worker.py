@@ -13,6 +13,10 @@ import time
 from collections import deque
 from typing import Any, Callable
 
+import torch
+
+from loraplex import cputhreads
+
 
 class ControlQueue:
     """A FIFO of ``fn`` calls guarded by the owner's condition variable (so a waiting worker wakes up for them)."""
@@ -128,7 +132,9 @@ class WorkerThread:
     when ``self._stopping``), records a crash in ``self.dead``, and ends every queued and running request with
     ``_fail_all(exc)``. ``_cv`` guards ``_pending`` (the queue) and wakes the worker."""
 
-    def __init__(self, name: str, closed: Callable[[str], BaseException]) -> None:
+    def __init__(self, name: str, closed: Callable[[str], BaseException], threads: int | None = None) -> None:
+        #: intra-op threads of the worker (default: the constructing thread's); :mod:`loraplex.cputhreads`
+        self.threads = threads or torch.get_num_threads()
         self._thread_name = name
         self._closed = closed  # the error of requests still queued or running at close
         self._cv = threading.Condition()
@@ -137,6 +143,10 @@ class WorkerThread:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.dead: BaseException | None = None
+
+    def _thread_main(self) -> None:
+        cputhreads.use(self.threads)  # the model's worker owns the intra-op threads
+        self._worker()
 
     def _worker(self) -> None:
         raise NotImplementedError
@@ -147,7 +157,7 @@ class WorkerThread:
     def start(self) -> None:
         """Start the worker thread (once)."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._worker, name=self._thread_name, daemon=True)
+            self._thread = threading.Thread(target=self._thread_main, name=self._thread_name, daemon=True)
             self._thread.start()
 
     def close(self, timeout: float = 10.0) -> None:
