@@ -170,8 +170,7 @@ def _group_program(group: _Group, plan: BatchPlan, memo: dict[Any, torch.Tensor]
     if group.generic:
         return _GroupProgram(list(group.modules), False)
     mods = group.modules
-    updates = [m.frozen_update(plan) if isinstance(m, MultiLoraLinear) else FrozenUpdate() for m in mods]
-    if any(u is None for u in updates):
+    if any(isinstance(m, MultiLoraLinear) and m.needs_forward(plan) for m in mods):
         return None
     bases = [group.fused] if group.fused is not None else [m.base if isinstance(m, MultiLoraLinear) else m
                                                            for m in mods]
@@ -201,8 +200,9 @@ def _group_program(group: _Group, plan: BatchPlan, memo: dict[Any, torch.Tensor]
             weights = memo[wkey]
         return _GroupProgram(bases, fused, stacked=(a, b, weights))
     spans, col = [], 0
-    for upd, width in zip(updates, group.widths):
-        if upd is not None and not upd.empty:
+    for m, width in zip(mods, group.widths):
+        upd = m.frozen_update(plan) if isinstance(m, MultiLoraLinear) else FrozenUpdate()
+        if not upd.empty:
             spans.append((upd, col, col + width))
         col += width
     return _GroupProgram(bases, fused, updates=tuple(spans))

@@ -265,22 +265,17 @@ class MultiLoraLinear(WrappedModule):
             y3 = ops.dora_rescale(y3, dora[0].to(y3.dtype))
         return y3.reshape(y.shape)
 
-    def frozen_update(self, plan: BatchPlan) -> "FrozenUpdate | None":
-        """This layer's LoRA update for ``plan``'s decode steps (one token per row), resolved once: the views and
-        kernel choice :meth:`FrozenUpdate.add_` uses, or an empty update when no row adapts this layer. None when the
-        plan needs the full :meth:`forward` here (a DoRA row, an embedding layer, or this thread's training
-        overrides). Valid while the plan holds its slots (slot contents are fixed then)."""
-        if self.embedding or self.state.overrides is not None or self.row_gain(plan) is not None:
-            return None
+    def needs_forward(self, plan: BatchPlan) -> bool:
+        """Whether ``plan`` needs this layer's full :meth:`forward` rather than a precomputed update (a DoRA row,
+        an embedding layer, or this thread's training overrides)."""
+        return self.embedding or self.state.overrides is not None or self.row_gain(plan) is not None
+
+    def frozen_update(self, plan: BatchPlan) -> "FrozenUpdate":
+        """This layer's LoRA update for ``plan``'s decode steps (one token per row, not :meth:`needs_forward`),
+        resolved once: the slot stacks, segments and kernel choice :meth:`FrozenUpdate.add_` uses, or an empty update
+        when no row has an adapter. Valid while the plan holds its slots (slot contents are fixed then)."""
         if plan.all_base:
             return FrozenUpdate()
-        if plan.uniform_slot is not None:
-            slot = plan.uniform_slot
-            r = self.slot_rank[slot]
-            if r == 0:
-                return FrozenUpdate()
-            return FrozenUpdate(a_t=self.lora_A[slot, :r].t(), b_t=self.lora_B[slot, :, :r].t(),
-                                scaling=float(self.lora_scale[slot]))
         seg = plan.segments
         kernel = self.kernel if self.kernel != "auto" else ops.choose_kernel(seg, 1)
         return FrozenUpdate(stacks=(self.lora_A, self.lora_B, self.lora_scale), segments=seg, kernel=kernel,
@@ -292,15 +287,10 @@ class MultiLoraLinear(WrappedModule):
 
 @dataclass(frozen=True)
 class FrozenUpdate:
-    """One layer's LoRA update for a fixed plan without autograd (:meth:`MultiLoraLinear.frozen_update`).
+    """One layer's LoRA update for a fixed plan without autograd (:meth:`MultiLoraLinear.frozen_update`): the slot
+    ``stacks`` (A [S, r_max, d_in], B [S, d_out, r_max], scale [S]) through :mod:`loraplex.ops`' ``kernel`` on
+    ``segments``; without stacks, no update."""
 
-    One adapter for every row: ``out += scaling * (x A^T) B^T`` with ``a_t`` = A^T [d_in, r], ``b_t`` = B^T
-    [r, d_out]; a mixed plan: the slot ``stacks`` (A [S, r_max, d_in], B [S, d_out, r_max], scale [S]) through
-    :mod:`loraplex.ops`' ``kernel`` on ``segments``; neither: no update."""
-
-    a_t: torch.Tensor | None = None
-    b_t: torch.Tensor | None = None
-    scaling: float = 0.0
     stacks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     segments: ops.Segments | None = None
     kernel: str = "sgmv"
@@ -308,14 +298,11 @@ class FrozenUpdate:
 
     @property
     def empty(self) -> bool:
-        return self.a_t is None and self.stacks is None
+        return self.stacks is None
 
     def add_(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """Add the rows' updates into ``out`` [N, d_out] (in place; it may be a column slice) for ``x`` [N, d_in],
         one token per row."""
-        if self.a_t is not None:
-            out.addmm_(torch.mm(x, self.a_t), self.b_t, alpha=self.scaling)  # [N, r] @ [r, d_out]
-            return
         if self.stacks is None or self.segments is None:
             return
         A, B, scale = self.stacks
