@@ -5,7 +5,8 @@ In one run, through the serving engine (greedy, ``ignore_eos``, the same prompts
 * ``single``: one request on one adapter, tokens/s of its generation (prefill included);
 * ``mixed``: 16 requests over 4 adapters submitted at once (one mixed batch), generated tokens/s;
 
-for the fp32 base, ``--quantize int8`` and ``--quantize int4`` (:mod:`loraplex.quant`), each with the engine's fast
+each on a fresh engine, after a 2-token warm-up on the same requests (as llama.cpp's contexts are warmed up), for
+the fp32 base, ``--quantize int8`` and ``--quantize int4`` (:mod:`loraplex.quant`), each with the engine's fast
 decode step (:mod:`loraplex.decode`), and int4 once more with transformers' forward for every step ("int4, HF
 step"), as ratios to fp32 measured in the same interleaved rounds (median of paired per-round ratios). Beside each figure: the weight bytes one decode
 step reads (every Linear's weight: codes + scales; embeddings are read one row per token) and the tokens/s bound
@@ -105,7 +106,7 @@ def tokens_per_second(engine: Engine, prompts: list[list[int]], choices: list[st
     return sum(len(f.token_ids) for f in finals) / dt
 
 
-def decode_split(plex: loraplex.Plex, ids: list[int], decoder: FastDecoder | None, steps: int = 8
+def decode_split(plex: loraplex.Plex, ids: list[int], decoder: FastDecoder | None, steps: int = 24
                  ) -> dict[str, float]:
     """Seconds per decode step of one row on adapter ``a0`` (median of ``steps``; the fast step when ``decoder``
     is given, else transformers' forward), and the part of it the base layers' matmuls take: each layer the step
@@ -138,7 +139,7 @@ def decode_split(plex: loraplex.Plex, ids: list[int], decoder: FastDecoder | Non
             layers = [m for m in model.modules() if module_dims(m) is not None]  # the bases inside the wrappers
         xs = [torch.randn(1, module_dims(m)[0]) for m in layers]  # type: ignore[index]
         mm = []
-        for _ in range(3):
+        for _ in range(5):
             t0 = time.perf_counter()
             for m, x in zip(layers, xs):
                 m(x)
@@ -295,6 +296,7 @@ def main() -> None:
         for kind, (p, c) in (("single", (single_ids, single_choice)), ("mixed", (mixed_ids, mixed_choice))):
             for v in order:
                 with engines[v]() as e:
+                    tokens_per_second(e, p, c, 2)  # each engine warmed up on its requests, as llama.cpp's contexts
                     res[v][kind].append(tokens_per_second(e, p, c, new))
         if lc_spec:
             for kind, tps in llama_cpp_process("time", lc_time).items():

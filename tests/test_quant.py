@@ -89,6 +89,20 @@ def test_kernel_equals_linear_on_the_dequantized_weight(scheme: str) -> None:
     if scheme == "int4":
         codes, _, _ = quantize_int4(lin.weight, 32)
         assert torch.equal(q.int4_codes(), codes)  # read back through the kernel's private layout
+    # the decode step's entry: the kernel alone on an input already in bfloat16, no bias, bfloat16 out
+    x = torch.randn(3, 128)
+    out = q.kernel_fn()(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and out.shape == (3, 64)
+    assert torch.equal(out.float(), q.matmul(x))  # the kernel call the forward makes, bias aside
+    assert torch.equal(out.float() + lin.bias.detach(), q(x))
+    assert torch.equal(q.kernel_matmul(x.bfloat16()), out)
+
+
+def test_kernel_entry_needs_a_packed_kernel() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(96, 40))  # 40 rows: not a shape the int4 kernel takes
+    quantize_model(model, "int4")
+    with pytest.raises(ValueError, match="needs a packed kernel; this layer runs 'reference'"):
+        model[0].kernel_fn()
 
 
 def test_unsupported_int4_shape_falls_back_to_the_reference_path(caplog: pytest.LogCaptureFixture) -> None:

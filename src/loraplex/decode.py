@@ -7,7 +7,9 @@ wrapped layers resolve the batch plan at every call. :class:`FastDecoder` comput
 modules with the plan resolved once (:meth:`FastDecoder.program`, per running batch):
 
 * projections that read the same input (q/k/v, gate/up) run as one quantized kernel call over a fused copy of
-  their codes (:func:`loraplex.quant.fuse_outputs`, weights held once), or layer by layer for float bases;
+  their codes (:func:`loraplex.quant.fuse_outputs`, weights held once), or layer by layer for float bases; the
+  kernel is called directly (:meth:`loraplex.quant.QuantizedLinear.kernel_fn`, resolved with the program) on the
+  input cast once, and o/down add their outputs and LoRA updates straight into the residual stream;
 * with up to :data:`STACKED_MAX_ADAPTERS` distinct adapters in the batch, each group's LoRA is one stacked update
   over the group's whole output (:func:`loraplex.ops.lora_columns`; the stacked factors are kept per group for the
   adapters last served, keyed by slot versions); past it, each target's own mixed-batch kernel adds its update
@@ -31,8 +33,8 @@ forward instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -101,10 +103,12 @@ class KVAppender:
     def __init__(self, min_spare: int = 32) -> None:
         self.min_spare = min_spare
         self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer index -> (keys, values) buffers
+        self._handed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer index -> the views last handed out
 
     def clear(self) -> None:
         """Drop the buffers (the batch they served has ended)."""
         self._buffers.clear()
+        self._handed.clear()
 
     def append(self, cache, index: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``index``'s keys and values [N, H, L + 1, D] after appending ``keys``/``values`` [N, H, 1, D]."""
@@ -114,8 +118,10 @@ class KVAppender:
         old_k, old_v = layer.keys, layer.values  # [N, H, L, D]
         n, h, length, d = old_k.shape
         buf = self._buffers.get(index)
-        if buf is None or not _is_prefix(old_k, buf[0]) or not _is_prefix(old_v, buf[1]) or \
-                buf[0].shape[2] <= length:
+        handed = self._handed.get(index)
+        ours = handed is not None and handed[0] is old_k and handed[1] is old_v  # untouched since the last step
+        if buf is None or buf[0].shape[2] <= length or \
+                not (ours or (_is_prefix(old_k, buf[0]) and _is_prefix(old_v, buf[1]))):
             cap = length + max(self.min_spare, length // 2)
             buf = (old_k.new_empty(n, h, cap, d), old_v.new_empty(n, h, cap, old_v.shape[-1]))
             buf[0][:, :, :length].copy_(old_k)
@@ -124,6 +130,7 @@ class KVAppender:
         buf[0][:, :, length:length + 1].copy_(keys)
         buf[1][:, :, length:length + 1].copy_(values)
         layer.keys, layer.values = buf[0][:, :, :length + 1], buf[1][:, :, :length + 1]
+        self._handed[index] = (layer.keys, layer.values)
         return layer.keys, layer.values
 
 
@@ -159,6 +166,14 @@ class _GroupProgram:
     fused: bool
     stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
     updates: tuple[tuple[FrozenUpdate, int, int], ...] = ()
+    #: when one packed quantized layer (no bias) computes the group's whole base output: its kernel
+    #: (:meth:`QuantizedLinear.kernel_fn`) and compute dtype, so the step casts the input once and calls it directly
+    kernel: tuple[Callable[[torch.Tensor], torch.Tensor], torch.dtype] | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        b = self.bases[0] if len(self.bases) == 1 else None
+        if isinstance(b, QuantizedLinear) and b.kernel != "reference" and b.bias is None:
+            object.__setattr__(self, "kernel", (b.kernel_fn(), b.compute_dtype))
 
 
 def _group_program(group: _Group, plan: BatchPlan, memo: dict[Any, torch.Tensor],
@@ -208,18 +223,38 @@ def _group_program(group: _Group, plan: BatchPlan, memo: dict[Any, torch.Tensor]
     return _GroupProgram(bases, fused, updates=tuple(spans))
 
 
-def _project(prog: _GroupProgram, x: torch.Tensor) -> torch.Tensor:
-    """The group's outputs side by side [N, sum widths] for ``x`` [N, d_in], LoRA updates added in place."""
+def _base_out(prog: _GroupProgram, x: torch.Tensor) -> torch.Tensor:
+    """The group's base outputs side by side [N, sum widths] for ``x`` [N, d_in]: in the packed kernel's compute
+    dtype when the group has one (:attr:`_GroupProgram.kernel`), else in ``x``'s dtype."""
+    if prog.kernel is not None:
+        fn, dtype = prog.kernel
+        return fn(x.to(dtype).contiguous())  # [N, W]
     if len(prog.bases) == 1:
-        y = prog.bases[0](x)  # [N, sum widths] (fused) or [N, width]
-    else:
-        y = torch.cat([b(x) for b in prog.bases], dim=-1)
+        return prog.bases[0](x)  # [N, W]
+    return torch.cat([b(x) for b in prog.bases], dim=-1)
+
+
+def _add_lora(prog: _GroupProgram, x: torch.Tensor, out: torch.Tensor) -> None:
+    """``out`` [N, W] += the rows' LoRA updates of the group for ``x`` [N, d_in]."""
     if prog.stacked is not None:
         a, b, weights = prog.stacked
-        ops.lora_columns(x, a, b, weights, y)
+        ops.lora_columns(x, a, b, weights, out)
     for upd, c0, c1 in prog.updates:
-        upd.add_(x, y[:, c0:c1])
+        upd.add_(x, out[:, c0:c1])
+
+
+def _project(prog: _GroupProgram, x: torch.Tensor) -> torch.Tensor:
+    """The group's outputs side by side [N, sum widths] in ``x``'s dtype, LoRA updates included."""
+    y = _base_out(prog, x).to(x.dtype)
+    _add_lora(prog, x, y)
     return y
+
+
+def _project_into(prog: _GroupProgram, x: torch.Tensor, h: torch.Tensor) -> None:
+    """``h`` [N, W] += the group's output for ``x`` (a residual branch: the base output is added in its own dtype,
+    then the LoRA updates straight into ``h``)."""
+    h.add_(_base_out(prog, x))
+    _add_lora(prog, x, h)
 
 
 @dataclass(frozen=True)
@@ -316,7 +351,7 @@ class FastDecoder:
         n = ids.shape[0]
         hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
         inner = self.inner
-        h = inner.embed_tokens(ids).reshape(n, -1)  # [N, d]
+        h = inner.embed_tokens(ids).reshape(n, -1).clone()  # [N, d], the residual stream, updated in place
         cos, sin = inner.rotary_emb(h, pos)  # [N, 1, hd] each
         half = hd // 2
         # rotate_half(v) = [-v2, v1] = roll(v, half) * [-1.., 1..]: the sign goes into sin once per step
@@ -332,11 +367,11 @@ class FastDecoder:
             v = qkv[:, (nh + nkv) * hd:].view(n, nkv, 1, hd)  # [N, nkv, 1, hd]
             keys, values = self.kv.append(cache, i, k, v)  # [N, nkv, L, hd] each
             a = F.scaled_dot_product_attention(q, keys, values, attn_mask=attend, scale=self.scaling)
-            h = h + _project(prog.o[i], a.reshape(n, nh * hd))
+            _project_into(prog.o[i], a.reshape(n, nh * hd), h)
             x = _rms_norm(layer.post_attention_layernorm, h)
-            gu = _project(prog.gate_up[i], x)  # [N, 2 d_ff]
+            gu = _project(prog.gate_up[i], x)  # [N, 2 d_ff], owned here
             d_ff = gu.shape[-1] // 2
-            h = h + _project(prog.down[i], F.silu(gu[:, :d_ff]) * gu[:, d_ff:])
+            _project_into(prog.down[i], F.silu(gu[:, :d_ff], inplace=True).mul_(gu[:, d_ff:]), h)  # [N, d_ff]
         return self.model.get_output_embeddings()(_rms_norm(inner.norm, h)).float()  # [N, V]
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -247,12 +247,24 @@ class QuantizedLinear(nn.Module):
         """``x @ W^T`` without bias, x [M, in] -> [M, out] in x's dtype (the kernel runs in ``compute_dtype``)."""
         if self.kernel == "reference":
             return F.linear(x, self.dequantize(x.dtype))
-        xc = x.to(self.compute_dtype).contiguous()  # [M, in]
+        return self.kernel_matmul(x.to(self.compute_dtype).contiguous()).to(x.dtype)
+
+    def kernel_matmul(self, xc: torch.Tensor) -> torch.Tensor:
+        """``xc @ W^T`` on the packed kernel, without bias: ``xc`` [M, in] contiguous in ``compute_dtype``, the
+        result [M, out] in ``compute_dtype``. The ``reference`` kernel has no packed codes and raises."""
+        return self.kernel_fn()(xc)
+
+    def kernel_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """:meth:`kernel_matmul` with this layer's current codes bound, for a caller that resolves it once and calls
+        it at every step (the decode step: no module attribute lookups per call). Valid while the buffers stay."""
         if self.kernel == "int8pack":  # each row alone: a row's output does not depend on the batch around it
-            y = torch.ops.aten._weight_int8pack_mm(xc, self.qweight, self.scales)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.qweight, int(self.group_size), self.scales_zeros)
-        return y.to(x.dtype)
+            op8, q, s = torch.ops.aten._weight_int8pack_mm.default, self.qweight, self.scales
+            return lambda xc: op8(xc, q, s)  # [M, in] -> [M, out]
+        if self.kernel == "int4pack":
+            op4, q, g, sz = (torch.ops.aten._weight_int4pack_mm_for_cpu.default, self.qweight, int(self.group_size),
+                             self.scales_zeros)
+            return lambda xc: op4(xc, q, g, sz)  # [M, in] -> [M, out]
+        raise ValueError(f"kernel_fn needs a packed kernel; this layer runs {self.kernel!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
         lead = x.shape[:-1]
