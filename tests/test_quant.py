@@ -21,8 +21,8 @@ import loraplex
 from conftest import MODEL_FACTORIES, VOCAB, make_peft_adapter, peft_model
 from loraplex.errors import LoraplexError
 from loraplex.modules import module_dims
-from loraplex.quant import (QuantizedLinear, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8,
-                            quantize_model, quantized_modules, scheme_of, weight_bytes)
+from loraplex.quant import (QuantizedLinear, cuda_int4_inner_k_tiles, dequantize_int4, dequantize_int8, kernel_for,
+                            quantize_int4, quantize_int8, quantize_model, quantized_modules, scheme_of, weight_bytes)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
 
@@ -105,6 +105,25 @@ def test_kernel_entry_needs_a_packed_kernel() -> None:
         model[0].kernel_fn()
 
 
+def test_packed_codes_moved_off_their_device_fail_with_a_clear_error() -> None:
+    q = QuantizedLinear.from_module(torch.nn.Linear(64, 32), "int4").to("meta")  # any device but the CPU
+    with pytest.raises(LoraplexError, match=r"packed for the int4pack kernel \(cpu\) but sit on meta.*quantize="):
+        q(torch.randn(2, 64, device="meta"))
+
+
+def test_kernel_choice_by_device_and_shape() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert kernel_for("int8", cpu, 40, 96, None) == "int8pack"
+    assert kernel_for("int4", cpu, 64, 576, 32) == "int4pack"
+    assert kernel_for("int4", cpu, 40, 96, 32) == "reference"  # out % 16
+    assert kernel_for("int8", cuda, 64, 576, None) == "reference"  # no CUDA int8 kernel: dequantize + matmul
+    assert kernel_for("int4", cuda, 960, 576, 32) == "int4pack-cuda"
+    assert kernel_for("int4", cuda, 44, 576, 32) == "reference"  # out % 8
+    # innerKTiles: the largest of 8, 4, 2 whose 16 * tiles divides in_features (576 = 9 * 64)
+    assert [cuda_int4_inner_k_tiles(64, k, 32) for k in (576, 1536, 96, 2048)] == [4, 8, 2, 8]
+    assert cuda_int4_inner_k_tiles(64, 100, 32) is None
+
+
 def test_unsupported_int4_shape_falls_back_to_the_reference_path(caplog: pytest.LogCaptureFixture) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(96, 40), torch.nn.Linear(40, 24))  # 40, 24: not multiples of 16
@@ -113,7 +132,7 @@ def test_unsupported_int4_shape_falls_back_to_the_reference_path(caplog: pytest.
         quantize_model(model, "int4")
     assert [m.kernel for m in model] == ["reference", "reference"]
     assert model[1].group_size == 20  # the largest divisor of 40 not above 32
-    assert "2 layer(s) have shapes the CPU kernel does not take" in caplog.text
+    assert "int4: 2 layer(s) run dequantize + matmul (a shape the kernel does not take" in caplog.text
     x = torch.randn(4, 96)
     torch.testing.assert_close(model(x), F.linear(F.linear(x, model[0].dequantize(), ref[0].bias),
                                                   model[1].dequantize(), ref[1].bias), atol=1e-5, rtol=1e-5)
@@ -260,14 +279,25 @@ def test_smollm2_held_out_perplexity_int8_within_1pct_int4_within_3pct() -> None
 # ------------------------------------------------------------------------------------------------ CUDA
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_cuda_quantized_layer_dequantizes_in_the_activation_dtype(scheme: str) -> None:
+def test_cuda_quantized_layer_equals_its_dequantized_weight(scheme: str) -> None:
+    """int8 on CUDA: dequantize + matmul in the activation dtype. int4 on compute capability >= 8.0: the tinygemm
+    kernel (bfloat16 activations), which passed its probe check, reads back the same codes as the CPU."""
     torch.manual_seed(0)
-    lin = torch.nn.Linear(256, 128).cuda()
+    lin = torch.nn.Linear(576, 192).cuda()
     q = QuantizedLinear.from_module(lin, scheme)
-    assert q.kernel == "reference" and q.device.type == "cuda"
-    x = torch.randn(5, 256, device="cuda")
-    torch.testing.assert_close(q(x), F.linear(x, q.dequantize(), lin.bias), atol=1e-4, rtol=1e-4)
+    fast = scheme == "int4" and torch.cuda.get_device_capability() >= (8, 0)
+    assert q.kernel == ("int4pack-cuda" if fast else "reference") and q.device.type == "cuda"
+    x = torch.randn(5, 576, device="cuda")
+    if fast:
+        ref = F.linear(x.bfloat16().float(), q.dequantize(), lin.bias)
+        torch.testing.assert_close(q(x), ref, atol=0.05, rtol=0.01)
+        codes, _, _ = quantize_int4(lin.weight, 32)
+        assert torch.equal(q.int4_codes(), codes)
+    else:
+        torch.testing.assert_close(q(x), F.linear(x, q.dequantize(), lin.bias), atol=1e-4, rtol=1e-4)
     assert (q.dequantize() - lin.weight).abs().max() < (0.02 if scheme == "int8" else 0.1)
+    with pytest.raises(LoraplexError, match="quantize on the device the model runs on"):
+        QuantizedLinear.from_module(lin.cpu(), "int4").cuda()(x)  # CPU-packed codes moved to the GPU
 
 
 # ------------------------------------------------------------------------------------------------ CLI and serving

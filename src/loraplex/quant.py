@@ -12,14 +12,18 @@ Schemes (W is [out, in], x is [..., in]):
   with ``q`` in [0, 15], ``s = (max - min) / 15``, ``z = min + 8 s`` (the affine form of llama.cpp's Q4_1: ``min +
   q s``). Kernel: ``aten._weight_int4pack_mm_for_cpu(x, packed, G, sz [in/G, out, 2])`` on the layout made by
   ``aten._convert_weight_to_int4pack_for_cpu``; it needs ``out % 16 == 0``, ``G`` in {32, 64, 128, 256} and
-  ``in % G == 0``.
+  ``in % G == 0``. On CUDA (compute capability >= 8.0) the same codes and scales run on
+  ``aten._weight_int4pack_mm`` (the tinygemm kernel) over ``aten._convert_weight_to_int4pack``'s layout (``out % 8
+  == 0``, ``in`` a multiple of 32); each layer checks the kernel against its dequantized weight on a probe input
+  when it is built and takes the reference path if the kernel is missing or disagrees.
 
-Both CPU kernels are vectorised for bfloat16 activations only (the float32 variants measure 10-40x slower than
+The kernels are vectorised for bfloat16 activations only (the CPU's float32 variants measure 10-40x slower than
 a float32 ``F.linear`` on this machine), so the kernel path casts the layer's input to bfloat16 and its output
 back: the scales are stored in bfloat16 and the quantization grid is computed against those rounded scales, so
 :meth:`QuantizedLinear.dequantize` returns exactly the weights the kernel multiplies by. Shapes a kernel does
-not take, and every non-CPU device, run the *reference* path ``F.linear(x, dequantize())`` in the activation
-dtype (:attr:`QuantizedLinear.kernel` says which; :func:`quantize_model` logs the fallbacks).
+not take, int8 off the CPU, and other devices run the *reference* path ``F.linear(x, dequantize())`` in the
+activation dtype (:attr:`QuantizedLinear.kernel` says which; :func:`quantize_model` logs the fallbacks). Packed
+codes belong to their device: a layer quantized on the CPU and moved to CUDA raises a clear error when called.
 Neither kernel has a derivative: a custom autograd function gives ``dL/dx = dL/dy @ W`` with the dequantized
 weight, so LoRA adapters train over a quantized base (QLoRA-style); the quantized weights never get gradients.
 """
@@ -34,9 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BITS", "INT4_GROUP_SIZES", "QuantizedLinear", "dequantize_int4", "dequantize_int8", "fuse_outputs",
-           "int4_kernel_fits", "quantize_int4", "quantize_int8", "quantize_model", "quantized_modules", "scheme_of",
-           "weight_bytes"]
+from loraplex.errors import LoraplexError
+
+__all__ = ["BITS", "INT4_GROUP_SIZES", "QuantizedLinear", "cuda_int4_inner_k_tiles", "dequantize_int4",
+           "dequantize_int8", "fuse_outputs", "int4_kernel_fits", "kernel_for", "quantize_int4", "quantize_int8",
+           "quantize_model", "quantized_modules", "scheme_of", "weight_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +109,57 @@ def int4_kernel_fits(out_features: int, in_features: int, group_size: int) -> bo
     return group_size in INT4_GROUP_SIZES and in_features % group_size == 0 and out_features % 16 == 0
 
 
+def cuda_int4_inner_k_tiles(out_features: int, in_features: int, group_size: int) -> int | None:
+    """The CUDA int4 kernel's ``innerKTiles`` for this shape (8, 4 or 2: the largest with ``in % (16 * tiles)
+    == 0``), or None when the kernel does not take it (``out % 8``, group sizes as on the CPU)."""
+    if group_size not in INT4_GROUP_SIZES or in_features % group_size or out_features % 8:
+        return None
+    return next((t for t in (8, 4, 2) if in_features % (16 * t) == 0), None)
+
+
+#: the device type each packed kernel's layout belongs to
+_KERNEL_DEVICE = {"int8pack": "cpu", "int4pack": "cpu", "int4pack-cuda": "cuda"}
+
+
+def kernel_for(scheme: str, device: torch.device, out_f: int, in_f: int, group: int | None) -> str:
+    """The kernel a layer of this scheme, shape and device runs: ``int8pack`` / ``int4pack`` (CPU),
+    ``int4pack-cuda`` (CUDA, subject to a probe check at construction), else ``reference``."""
+    if device.type == "cpu":
+        if scheme == "int8":
+            return "int8pack"
+        return "int4pack" if int4_kernel_fits(out_f, in_f, int(group)) else "reference"
+    if device.type == "cuda" and scheme == "int4" and cuda_int4_inner_k_tiles(out_f, in_f, int(group)):
+        return "int4pack-cuda"
+    return "reference"
+
+
+def _cuda_int4_kernel(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group: int
+                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(packed codes, scales_zeros [in/G, out, 2]) for the CUDA int4 kernel (``aten._weight_int4pack_mm``,
+    bfloat16, compute capability >= 8.0) from ``q`` [out, in] / ``s``, ``z`` [out, in/G] on ``w``'s CUDA device, or
+    None when the kernel is unavailable or its output on a probe input disagrees with the dequantized weight (the
+    caller then runs the reference path)."""
+    out_f, in_f = q.shape
+    tiles = cuda_int4_inner_k_tiles(out_f, in_f, group)
+    if tiles is None or torch.cuda.get_device_capability(w.device) < (8, 0):
+        return None
+    try:
+        nibbles = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).contiguous()  # [out, in/2], even k high
+        packed = torch.ops.aten._convert_weight_to_int4pack(nibbles, tiles)
+        sz = torch.stack([s, z], dim=-1).transpose(0, 1).contiguous()  # [in/G, out, 2]
+        gen = torch.Generator(device=w.device).manual_seed(0)
+        x = torch.randn(4, in_f, device=w.device, dtype=torch.bfloat16, generator=gen)  # [4, in]
+        got = torch.ops.aten._weight_int4pack_mm(x, packed, group, sz).float()  # [4, out]
+        ref = x.float() @ dequantize_int4(q, s, z, group).t()  # [4, out]
+    except RuntimeError as exc:
+        log.debug("int4 CUDA kernel unavailable for [%dx%d]: %s", out_f, in_f, exc)
+        return None
+    if (got - ref).abs().max() > 2 ** -6 * ref.abs().max() + 1e-3:
+        log.debug("int4 CUDA kernel disagrees with the dequantized weight on a probe input for [%dx%d]", out_f, in_f)
+        return None
+    return packed, sz
+
+
 def _int4_group_for(in_features: int, group_size: int) -> int:
     """``group_size`` if it divides ``in_features``, else the largest smaller kernel group size that does, else the
     largest divisor of ``in_features`` not above ``group_size`` (the reference path takes any)."""
@@ -133,7 +190,8 @@ class QuantizedLinear(nn.Module):
     """A frozen Linear with weight-only quantized weights: ``y = x W^T + b``, W from int8 or int4 codes.
 
     Attributes: ``in_features``, ``out_features``, ``scheme`` ("int8" | "int4"), ``group_size`` (int4),
-    ``kernel`` ("int8pack" | "int4pack" | "reference"), ``compute_dtype`` (what the kernel multiplies in),
+    ``kernel`` ("int8pack" | "int4pack" on the CPU, "int4pack-cuda" | "reference"), ``compute_dtype`` (what the
+    kernel multiplies in),
     ``dtype`` (the original weight's dtype: activations and LoRA adapters stay in it) and ``fan_in_fan_out``
     (True when it replaced a GPT-2 Conv1D, whose PEFT adapters say so).
 
@@ -165,12 +223,8 @@ class QuantizedLinear(nn.Module):
         if scheme not in BITS:
             raise ValueError(f"unknown quantization scheme {scheme!r}")
         out_f, in_f = w.shape
-        on_cpu = w.device.type == "cpu"
-        if scheme == "int8":
-            kernel, group = ("int8pack" if on_cpu else "reference"), None
-        else:
-            group = _int4_group_for(in_f, group_size)
-            kernel = "int4pack" if on_cpu and int4_kernel_fits(out_f, in_f, group) else "reference"
+        group = _int4_group_for(in_f, group_size) if scheme == "int4" else None
+        kernel = kernel_for(scheme, w.device, out_f, in_f, group)
         compute = torch.bfloat16 if kernel != "reference" else w.dtype
         layer = cls(in_f, out_f, scheme, group_size=group, kernel=kernel, dtype=w.dtype, compute_dtype=compute,
                     fan_in_fan_out=conv)
@@ -180,12 +234,19 @@ class QuantizedLinear(nn.Module):
                 layer.register_buffer("qweight", q.to(w.device))  # [out, in] int8
                 layer.register_buffer("scales", s.to(w.device))  # [out]
             else:
-                q, s, z = quantize_int4(w, group, compute)  # q [out, in] uint8; s, z [out, in/G]
+                q, s, z = quantize_int4(w, int(group), compute)  # q [out, in] uint8; s, z [out, in/G]
+                cuda = _cuda_int4_kernel(w, q, s, z, int(group)) if kernel == "int4pack-cuda" else None
+                if kernel == "int4pack-cuda" and cuda is None:  # unavailable or wrong here: the reference path
+                    layer.kernel, layer.compute_dtype = "reference", w.dtype
+                    q, s, z = quantize_int4(w, int(group), w.dtype)
                 if kernel == "int4pack":
                     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
                     layer.register_buffer("qweight", packed)  # kernel layout, [out, in/2] uint8
                     layer.register_buffer("scales_zeros", torch.stack([s, z], dim=-1).transpose(0, 1).contiguous())
                     # [in/G, out, 2]
+                elif cuda is not None:
+                    layer.register_buffer("qweight", cuda[0])  # the CUDA kernel's layout (int32)
+                    layer.register_buffer("scales_zeros", cuda[1])  # [in/G, out, 2]
                 else:
                     layer.register_buffer("qweight", q.to(w.device))  # [out, in] uint8 codes
                     layer.register_buffer("scales", s.to(w.device))  # [out, in/G]
@@ -232,7 +293,7 @@ class QuantizedLinear(nn.Module):
             k1 = min(k0 + step, self.in_features)
             eye = torch.zeros(k1 - k0, self.in_features, dtype=torch.bfloat16, device=self.device)
             eye[:, k0:k1] = torch.eye(k1 - k0, dtype=torch.bfloat16)
-            wt = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, g, self.scales_zeros)  # [k, out]
+            wt = self.kernel_fn()(eye)  # [k, out]
             cols = torch.arange(k0, k1, device=self.device) // g
             q = torch.round((wt.float().t() - z[:, cols]) / s[:, cols] + 8.0).clamp_(0, 15)  # [out, k]
             out[:, k0:k1] = q.to(torch.uint8)
@@ -257,12 +318,18 @@ class QuantizedLinear(nn.Module):
     def kernel_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """:meth:`kernel_matmul` with this layer's current codes bound, for a caller that resolves it once and calls
         it at every step (the decode step: no module attribute lookups per call). Valid while the buffers stay."""
+        want = _KERNEL_DEVICE.get(self.kernel)
+        if want is not None and self.qweight.device.type != want:
+            raise LoraplexError(f"this layer's codes are packed for the {self.kernel} kernel ({want}) but sit on "
+                                f"{self.qweight.device}: quantize on the device the model runs on "
+                                "(load(..., device=..., quantize=...))")
         if self.kernel == "int8pack":  # each row alone: a row's output does not depend on the batch around it
             op8, q, s = torch.ops.aten._weight_int8pack_mm.default, self.qweight, self.scales
             return lambda xc: op8(xc, q, s)  # [M, in] -> [M, out]
-        if self.kernel == "int4pack":
-            op4, q, g, sz = (torch.ops.aten._weight_int4pack_mm_for_cpu.default, self.qweight, int(self.group_size),
-                             self.scales_zeros)
+        if self.kernel in ("int4pack", "int4pack-cuda"):
+            op4 = (torch.ops.aten._weight_int4pack_mm_for_cpu.default if self.kernel == "int4pack"
+                   else torch.ops.aten._weight_int4pack_mm.default)
+            q, g, sz = self.qweight, int(self.group_size), self.scales_zeros
             return lambda xc: op4(xc, q, g, sz)  # [M, in] -> [M, out]
         raise ValueError(f"kernel_fn needs a packed kernel; this layer runs {self.kernel!r}")
 
@@ -302,7 +369,7 @@ def fuse_outputs(layers: list[QuantizedLinear]) -> QuantizedLinear | None:
     same = all(m.scheme == first.scheme and m.kernel == first.kernel and m.group_size == first.group_size
                and m.in_features == first.in_features and m.dtype == first.dtype
                and m.fan_in_fan_out == first.fan_in_fan_out and m.device == first.device for m in layers)
-    if not same or first.kernel == "reference" or len({m.bias is None for m in layers}) != 1:
+    if not same or first.kernel not in ("int8pack", "int4pack") or len({m.bias is None for m in layers}) != 1:
         return None
     if first.kernel == "int4pack" and any(m.out_features % INT4_PACK_ROWS for m in layers):
         return None
@@ -359,12 +426,14 @@ def quantize_model(model: nn.Module, bits: str | int, *, group_size: int = 32, l
     fallbacks = []
     for name, mod, this in todo:
         q = QuantizedLinear.from_module(mod, this, group_size=group_size)
-        if q.kernel == "reference" and mod.weight.device.type == "cpu":
+        device = mod.weight.device.type
+        if q.kernel == "reference" and (device == "cpu" or (device == "cuda" and this == "int4")):
             fallbacks.append(f"{name} [{q.out_features}x{q.in_features}]")
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, q)
     if fallbacks:
-        log.warning("%s: %d layer(s) have shapes the CPU kernel does not take and run dequantize + matmul: %s",
+        log.warning("%s: %d layer(s) run dequantize + matmul (a shape the kernel does not take; on CUDA, also a GPU "
+                    "below compute capability 8.0 or a kernel that failed its probe check): %s",
                     scheme, len(fallbacks), ", ".join(fallbacks[:8]) + (" ..." if len(fallbacks) > 8 else ""))
     return model
 
