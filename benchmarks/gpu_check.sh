@@ -40,7 +40,7 @@ step() {  # step NAME SECONDS COMMAND...
 }
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
            torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')" > "$OUT/summary.txt" 2>&1
-step cuda_tests 120 python3 -m pytest -q tests/test_cuda.py
+step cuda_tests 180 python3 -m pytest -q tests/test_cuda.py tests/test_quant.py -k cuda
 step mixed_batch 90 python3 benchmarks/mixed_batch.py --device $DEV --repeats 20 $QUICK
 step kernel_choice 45 python3 benchmarks/kernel_choice.py --device $DEV --repeats 20 $QUICK
 step moe 90 python3 benchmarks/moe.py --device $DEV --repeats 5 $QUICK

