@@ -266,7 +266,7 @@ def main() -> None:
         nbytes[v] = weight_bytes(plex.model)
         # an engine per measurement, closed after it: each worker keeps an OpenMP team while it lives, and more
         # teams than cores make every small op wait for a wake-up (loraplex.cputhreads)
-        engines[v] = functools.partial(Engine, plex, max_batch_size=16, batch_window_ms=20,
+        engines[v] = functools.partial(Engine, plex, max_batch_size=16, batch_window_ms=5,
                                        fast_decode=not v.endswith("-hf"), threads=threads)
     kernels = {v: sorted({m.kernel for m in quantized_modules(plexes[v].model).values()}) for v in timed}
     ids = [tok(p).input_ids for p in PROMPTS]

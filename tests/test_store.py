@@ -451,6 +451,10 @@ def test_classify_store_is_lazy_concurrent_first_requests_read_once(tmp_path, en
         with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=120) as client:
             cards = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
             assert cards["t3"]["x_loraplex_task"] == {"task": "classification", "labels": ENC_LABELS}
+            r = client.post("/v1/classify", json={"model": "base", "input": ENC_TEXTS[0]})  # no head, nothing read
+            err = r.json()["error"]
+            assert r.status_code == 400 and err["code"] == "no_task_head" and err["adapters_with_heads"] == []
+            assert "adapters of the store not read yet are not listed" in err["message"]
             assert store.reads == 0
 
             def ask(i: int) -> tuple[str, str, dict]:

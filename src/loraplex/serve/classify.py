@@ -167,7 +167,7 @@ def create_classify_app(plex: Plex, *, router: Any = None, registry: ModelRegist
             names = res.served_by
             what = (f"adapter {names[0]!r}" if len(names) == 1 else f"model {model!r}" if names else
                     f"the base model {model!r}")
-            raise classify_error(NoTaskHead(what, list(batcher.heads)))
+            raise classify_error(NoTaskHead(what, batcher.heads))
         return res.choice, list(res.served_by)
 
     async def run(request: Request, rows: list[tuple[list[int], Any, str, bool]]) -> list[Any]:
@@ -205,7 +205,7 @@ def create_classify_app(plex: Plex, *, router: Any = None, registry: ModelRegist
             n_tokens += len(ids)
             info = heads.get(res.head)
             if info is None or res.logits is None:  # the adapter was replaced by a headless one meanwhile
-                raise classify_error(NoTaskHead(f"adapter {res.head!r}", list(heads)))
+                raise classify_error(NoTaskHead(f"adapter {res.head!r}", heads))
             item: dict[str, Any] = {"object": "classification", "index": i, "task": info.task, "head": res.head}
             if info.task == "classification":
                 label, score, scores = sequence_scores(res.logits, info.labels, req.top_k)

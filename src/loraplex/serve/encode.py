@@ -45,12 +45,14 @@ AUTO = object()
 class NoTaskHead(AdapterError):
     """/v1/classify asked for an adapter (or the base model) that carries no task head."""
 
-    def __init__(self, what: str, with_heads: Sequence[str]) -> None:
+    def __init__(self, what: str, heads: Mapping[str, Any]) -> None:
         self.what = what
-        self.with_heads = sorted(with_heads)
+        self.with_heads = sorted(heads)
+        more = ("; adapters of the store not read yet are not listed (GET /v1/models shows each adapter's task)"
+                if isinstance(heads, TaskHeads) and heads.partial else "")
         super().__init__(f"{what} has no task head (no 'classifier' in modules_to_save with a task in "
                          f"loraplex_meta.json), so it cannot classify; adapters with heads: "
-                         f"{', '.join(self.with_heads) or '(none)'}")
+                         f"{', '.join(self.with_heads) or '(none)'}{more}")
 
 
 class EncoderMetrics(ServeMetrics):
@@ -117,6 +119,12 @@ class TaskHeads(Mapping):
             if meta.get("task") is not None:
                 return TaskInfo.from_meta(meta, name)
         raise KeyError(name)
+
+    @property
+    def partial(self) -> bool:
+        """Whether iterating may miss heads: adapters of an attached store are known by their meta only once asked
+        for by name."""
+        return self.plex.store is not None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.installed)
