@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import loraplex
-from loraplex.distributed import AdapterStore, StoreCatalog, adapters_of, model_id_for
+from loraplex.distributed import AdapterStore, RaySettings, StoreCatalog, adapters_of, model_id_for
 from loraplex.distributed.adapters import AdapterSet
 from loraplex.distributed.asgi import SSEStamper, stamp_json
 from loraplex.errors import AdapterError, UnknownAdapterError
@@ -182,6 +182,30 @@ def test_serve_cli_ray_needs_a_store(store):
 # --------------------------------------------------------------------------- on Ray Serve
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'loraplex[ray]')")
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'loraplex[ray]')")
+
+
+def test_replicas_load_a_quantized_base(store):
+    """``loraplex serve --ray --quantize int4``: every replica quantizes its base (checked on the replica class
+    itself, without a cluster); an unknown scheme fails when the settings are made, naming the choices."""
+    from typer.testing import CliRunner
+
+    from loraplex.cli import app
+    from loraplex.distributed.deployments import ReplicaCore
+    from loraplex.quant import quantized_modules
+
+    settings = RaySettings(base=str(store["base"]), store=AdapterStore.of(store["root"]), quantize="4")
+    assert settings.quantize == "int4"
+    core = ReplicaCore(settings, "r0")
+    try:
+        layers = quantized_modules(core.plex.model)
+        assert layers and {m.scheme for n, m in layers.items() if n != "lm_head"} == {"int4"}
+    finally:
+        core.engine.close()
+    with pytest.raises(ValueError, match="quantize must be 'int8'"):
+        RaySettings(base=str(store["base"]), quantize="int3")
+    res = CliRunner().invoke(app, ["serve", "--ray", "--base", str(store["base"]), "--adapters-dir",
+                                   str(store["root"]), "--quantize", "fp8"])
+    assert res.exit_code == 2 and "quantize must be 'int8' (8 bits), 'int4' (4 bits) or None" in res.stderr
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,8 @@ class ReplicaCore:
         self.settings, self.replica_id = settings, replica_id
         self.plex = loraplex.load(settings.base, device=device,
                                   dtype=getattr(torch, settings.dtype) if settings.dtype else None,
-                                  max_slots=settings.max_slots, trust_pickle=settings.trust_pickle)
+                                  max_slots=settings.max_slots, trust_pickle=settings.trust_pickle,
+                                  quantize=settings.quantize)
         self.engine = Engine(self.plex, max_batch_size=settings.max_batch_size,
                              batch_window_ms=settings.batch_window_ms, max_queue=settings.max_queue,
                              max_prompt_tokens=settings.max_prompt_tokens, max_tokens_cap=settings.max_tokens_cap)

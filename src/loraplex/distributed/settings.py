@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from loraplex.distributed.store import AdapterStore
+from loraplex.quant import scheme_of
 
 
 @dataclass
@@ -28,6 +29,7 @@ class RaySettings:
     seed: int = 0
     device: str | None = None
     dtype: str | None = None
+    quantize: str | None = None  # "int8" | "int4": each replica's base weight-only quantized (loraplex.quant)
     max_slots: int = 32
     trust_pickle: bool = False
     max_batch_size: int = 16
@@ -43,6 +45,7 @@ class RaySettings:
     unload_timeout: float = 60.0
 
     def __post_init__(self) -> None:
+        self.quantize = scheme_of(self.quantize)  # an unknown scheme fails here, not in every replica
         if self.replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {self.replicas}")
         if self.max_adapters_per_replica < 1:

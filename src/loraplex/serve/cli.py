@@ -150,7 +150,8 @@ def serve(
     rescan_seconds: float = typer.Option(5.0, "--rescan-seconds", min=0.0,
                                          help="Rescan --adapters-dir for new, removed and replaced adapters every "
                                               "N seconds (0: no periodic rescans; a request for an unknown name "
-                                              "still finds a new folder)."),
+                                              "still finds a new folder). --ray's store looks names up on disk "
+                                              "at every request instead."),
     device: Optional[str] = typer.Option(None, "--device"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16, float16."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow adapter_model.bin (pickle) files."),
@@ -190,7 +191,7 @@ def serve(
                      max_adapters_per_replica=max_adapters_per_replica, replica_gpus=replica_gpus, device=device,
                      dtype=dtype, max_slots=max_slots, trust_pickle=trust_pickle, max_batch_size=max_batch_size,
                      batch_window_ms=batch_window_ms, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
-                     max_tokens_cap=max_tokens_cap)
+                     max_tokens_cap=max_tokens_cap, quantize=quantize)
         return
     try:
         if config is not None:
