@@ -150,6 +150,15 @@ class _Group:
     fused: QuantizedLinear | None
     generic: bool = False  # some module is neither (a module per adapter, ...): each runs its own forward
 
+    def bases(self) -> list[nn.Module]:
+        """What computes the group's base outputs: the fused layer, else each module's base layer (a generic
+        group's modules themselves, LoRA included)."""
+        if self.generic:
+            return list(self.modules)
+        if self.fused is not None:
+            return [self.fused]
+        return [m.base if isinstance(m, MultiLoraLinear) else m for m in self.modules]
+
 
 #: distinct adapters in a batch up to which each projection group's LoRA runs as one stacked update
 #: (:func:`loraplex.ops.lora_columns`: every row pays for every adapter's columns); past it, each layer's own
@@ -159,12 +168,11 @@ STACKED_MAX_ADAPTERS = 8
 
 @dataclass(frozen=True)
 class _GroupProgram:
-    """A group's work in one step: its base layers (one fused, or one per module) and the rows' LoRA updates,
+    """A group's work in one step: its base layers (:meth:`_Group.bases`) and the rows' LoRA updates,
     either ``stacked`` (``(a, b, weights)`` for :func:`loraplex.ops.lora_columns` over the group's whole output)
     or per module (``updates``: update, first and last column of the group's output)."""
 
     bases: list[nn.Module]
-    fused: bool
     stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
     updates: tuple[tuple[FrozenUpdate, int, int], ...] = ()
     #: when one packed quantized layer (no bias) computes the group's whole base output: its kernel
@@ -183,14 +191,12 @@ def _group_program(group: _Group, plan: BatchPlan, memo: dict[Any, torch.Tensor]
     """``group``'s program for ``plan`` (not all-base); ``memo`` shares row weights between groups of one layout,
     ``stacks`` keeps each group's stacked factors for the last set of adapters it served (keyed by the slots and
     their versions), so a batch that changes rows but not adapters reuses them."""
+    bases = group.bases()
     if group.generic:
-        return _GroupProgram(list(group.modules), False)
+        return _GroupProgram(bases)
     mods = group.modules
     if any(isinstance(m, MultiLoraLinear) and m.needs_forward(plan) for m in mods):
         return None
-    bases = [group.fused] if group.fused is not None else [m.base if isinstance(m, MultiLoraLinear) else m
-                                                           for m in mods]
-    fused = group.fused is not None
     slots = [s for s, _, _ in plan.segments.bounds]
     if len(slots) <= STACKED_MAX_ADAPTERS:
         gkey = tuple(id(m) for m in mods)
@@ -201,7 +207,7 @@ def _group_program(group: _Group, plan: BatchPlan, memo: dict[Any, torch.Tensor]
             factors = [[m.slot_factors(s) if isinstance(m, MultiLoraLinear) else None for m in mods] for s in slots]
             if not any(f is not None for per in factors for f in per):
                 stacks.pop(gkey, None)
-                return _GroupProgram(bases, fused)
+                return _GroupProgram(bases)
             kept = (key, *ops.stack_columns(factors, group.widths))
             stacks[gkey] = kept
         _, a, b, cols = kept
@@ -214,14 +220,14 @@ def _group_program(group: _Group, plan: BatchPlan, memo: dict[Any, torch.Tensor]
                 memo[wkey] = ops.column_weights(plan.pair_rows, pair_index, plan.pair_weights.detach(), cols,
                                                 plan.n_rows).to(device=a.device, dtype=a.dtype)  # [N, C]
             weights = memo[wkey]
-        return _GroupProgram(bases, fused, stacked=(a, b, weights))
+        return _GroupProgram(bases, stacked=(a, b, weights))
     spans, col = [], 0
     for m, width in zip(mods, group.widths):
         upd = m.frozen_update(plan) if isinstance(m, MultiLoraLinear) else FrozenUpdate()
         if not upd.empty:
             spans.append((upd, col, col + width))
         col += width
-    return _GroupProgram(bases, fused, updates=tuple(spans))
+    return _GroupProgram(bases, updates=tuple(spans))
 
 
 def _base_out(prog: _GroupProgram, x: torch.Tensor) -> torch.Tensor:
@@ -334,7 +340,7 @@ class FastDecoder:
         memo: dict[Any, torch.Tensor] = {}
         for groups in self._current_groups():
             for k, g in enumerate(groups):
-                p = (_base_program(g) if base
+                p = (_GroupProgram(g.bases()) if base
                      else _group_program(g, plan, memo, self._stacks))  # type: ignore[arg-type]
                 if p is None:
                     return None
@@ -392,10 +398,3 @@ def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attend
         scores.masked_fill_(attend.logical_not(), float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1), values)  # [N, H, g, D]
 
-
-def _base_program(group: _Group) -> _GroupProgram:
-    if group.generic:
-        return _GroupProgram(list(group.modules), False)
-    if group.fused is not None:
-        return _GroupProgram([group.fused], True)
-    return _GroupProgram([m.base if isinstance(m, MultiLoraLinear) else m for m in group.modules], False)
