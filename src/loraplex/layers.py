@@ -231,15 +231,8 @@ class MultiLoraLinear(WrappedModule):
             if r == 0:
                 return None
             return ops.lora_single(x3, A[slot, :r], B[slot, :, :r], self.lora_scale[slot], out=inplace)
-        seg = plan.segments
-        kernel = self.kernel
-        if kernel == "auto":
-            kernel = ops.choose_kernel(seg, x3.shape[1])
-        if kernel == "bgmv":
-            return ops.lora_bgmv(x3, A, B, self.lora_scale, seg, out=inplace)
-        if kernel == "segbmm":
-            return ops.lora_segbmm(x3, A, B, self.lora_scale, seg, out=inplace)
-        return ops.lora_sgmv(x3, A, B, self.lora_scale, seg, out=inplace, ranks=self.slot_rank)
+        return ops.lora_mixed(x3, A, B, self.lora_scale, plan.segments, self.kernel, out=inplace,
+                              ranks=self.slot_rank)
 
     def _embedding_forward(self, ids: torch.Tensor, y: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
         """Embedding rows: ``g_row * (E[ids] + s A[:, ids]^T B^T)`` (times the base's ``embed_scale`` when it has
@@ -307,12 +300,7 @@ class FrozenUpdate:
             return
         A, B, scale = self.stacks
         x3, out3 = x.to(A.dtype).unsqueeze(1), out.unsqueeze(1)  # [N, 1, d_in], [N, 1, d_out] (views)
-        if self.kernel == "bgmv":
-            res = ops.lora_bgmv(x3, A, B, scale, self.segments, out=out3)
-        elif self.kernel == "segbmm":
-            res = ops.lora_segbmm(x3, A, B, scale, self.segments, out=out3)
-        else:
-            res = ops.lora_sgmv(x3, A, B, scale, self.segments, out=out3, ranks=self.ranks)
+        res = ops.lora_mixed(x3, A, B, scale, self.segments, self.kernel, out=out3, ranks=self.ranks)
         if res is not out3:
             out.copy_(res.squeeze(1))
 

@@ -195,6 +195,20 @@ def lora_segbmm(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.
     return _add_rows(out, upd, None if seg.pad_identity else seg.pad_rows, n)
 
 
+def lora_mixed(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, seg: Segments, kernel: str,
+               out: torch.Tensor | None = None, ranks: list[int] | None = None) -> torch.Tensor:
+    """The rows' LoRA updates on ``seg`` through ``kernel`` ("bgmv" | "segbmm" | "sgmv", or "auto":
+    :func:`choose_kernel` for ``x``'s tokens per row), added into ``out`` [N, L, d_out] as the kernels do;
+    ``ranks`` (sgmv) skips padded rank columns."""
+    if kernel == "auto":
+        kernel = choose_kernel(seg, x.shape[1])
+    if kernel == "bgmv":
+        return lora_bgmv(x, A, B, scale, seg, out=out)
+    if kernel == "segbmm":
+        return lora_segbmm(x, A, B, scale, seg, out=out)
+    return lora_sgmv(x, A, B, scale, seg, out=out, ranks=ranks)
+
+
 def _add_rows(out: torch.Tensor | None, upd: torch.Tensor, rows: torch.Tensor | None, n: int) -> torch.Tensor:
     """``out`` [N, L, d_out] plus ``upd`` [P, L, d_out] added at ``rows`` [P] (None: P == N in row order); in place
     when autograd is off, a new tensor otherwise (``out`` None: zeros)."""
@@ -233,7 +247,7 @@ def stack_columns(factors: list[list[tuple[torch.Tensor, torch.Tensor, float] | 
         (x @ a)[:, cols_k] @ b[cols_k] == concat_j(scaling_kj * x A_kj^T B_kj^T)     # adapter k alone
     """
     first = next(f for per in factors for f in per if f is not None)
-    d_in, dtype, device = first[0].shape[1], first[0].dtype, first[0].device
+    dtype, device = first[0].dtype, first[0].device
     a_parts, b_parts, cols = [], [], []
     for per in factors:
         blocks = []  # one per output: B^T [r, d_out_j], or [0, d_out_j] where the adapter leaves it alone
