@@ -275,7 +275,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             if d < 0:
                 raise ValueError(f"tensor {key!r}: negative dimension in shape {shape}")
             numel *= d
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         if not 0 <= begin <= end <= data_len or end - begin != numel * itemsize:
             raise ValueError(f"tensor {key!r}: data_offsets {[begin, end]} do not hold {entry['dtype']} {shape} "
                              f"inside the {data_len} data bytes")
